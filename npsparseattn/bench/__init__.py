@@ -1,0 +1,11 @@
+"""Benchmarks behind ``npsparseattn bench <name>``, one module per operation.
+
+Each module provides ``add_arguments(parser)`` and ``run(args) -> dict``; the
+CLI adds ``--json`` and a progress bar (``args.progress``) to all of them.
+"""
+
+from __future__ import annotations
+
+from npsparseattn.bench import attention
+
+BENCHMARKS = {"attention": attention}

@@ -1,0 +1,95 @@
+"""Timing, FLOP counts and the same-run matrix-product baseline for benchmarks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+
+def attention_flops(batch: int, heads: int, seq_q: int, seq_k: int, dim: int, *, causal: bool) -> float:
+    """Forward FLOPs ``4 * B * H * Lq * Lk * D`` (two GEMMs), halved for causal."""
+    flops = 4.0 * batch * heads * seq_q * seq_k * dim
+    return flops / 2 if causal else flops
+
+
+BACKWARD_FLOP_RATIO = 2.5  # five GEMMs against two, the FlashAttention convention
+
+
+def best_time(fn: Callable[[], Any], *, repeat: int = 3, warmup: int = 1) -> float:
+    """Smallest wall time of ``repeat`` calls after ``warmup`` untimed calls, in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_rate(dtype: Any = np.float32, *, size: int = 2048, repeat: int = 3) -> float:
+    """GFLOP/s of a square ``size`` x ``size`` NumPy matrix product: the machine's GEMM rate.
+
+    Measured in the same run as the kernel it is compared with, so both see the
+    same clock, cores and neighbours.
+    """
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size)).astype(dtype)
+    b = rng.standard_normal((size, size)).astype(dtype)
+    return 2.0 * size**3 / best_time(lambda: a @ b, repeat=repeat) / 1e9
+
+
+def dense_numpy_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool) -> np.ndarray:
+    """Textbook attention in the input dtype: full (L, L) scores, softmax, product.
+
+    The baseline a NumPy user writes; needs ``2 * 4 * H * Lq * Lk`` bytes for
+    float32 scores and probabilities.
+    """
+    scale = q.dtype.type(1.0 / np.sqrt(q.shape[-1]))
+    s = (q @ k.swapaxes(-1, -2)) * scale
+    if causal:
+        lq, lk = s.shape[-2:]
+        s[..., np.triu(np.ones((lq, lk), dtype=bool), k=lk - lq + 1)] = -np.inf
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    return s @ v
+
+
+def dense_numpy_bytes(heads: int, seq_q: int, seq_k: int, itemsize: int = 4) -> int:
+    """Bytes :func:`dense_numpy_attention` holds at its peak (scores + a temporary)."""
+    return 2 * itemsize * heads * seq_q * seq_k
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``'1.5 KiB'``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A plain-text table with right-aligned columns."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+    return "\n".join(lines)
+
+
+def progress(items: list, desc: str):
+    """Iterate ``items`` with a progress bar (tqdm when installed, else one line per step)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        total = len(items)
+        for i, item in enumerate(items, 1):
+            print(f"[{desc} {i}/{total}] {item}", flush=True)
+            yield item
+        return
+    yield from tqdm(items, desc=desc, unit="config")

@@ -1,0 +1,24 @@
+"""numba CPU kernels (backend ``"numba"``), one module per operation.
+
+Importing this package registers the CPU implementations with the dispatcher;
+the kernels themselves compile on first use and are cached on disk.
+"""
+
+from __future__ import annotations
+
+from npsparseattn._dispatch import Implementation, register
+from npsparseattn.cpu import adapters
+
+CPU_DTYPES = ("float16", "float32", "float64")
+
+register(
+    "attention",
+    Implementation(
+        name="numba",
+        kinds=("numpy",),
+        dtypes=CPU_DTYPES,
+        forward=adapters.attention_forward,
+        backward=adapters.attention_backward,
+        priority=10,
+    ),
+)

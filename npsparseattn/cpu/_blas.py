@@ -1,0 +1,119 @@
+"""BLAS GEMM callable from numba-compiled code, and single-threaded BLAS scopes.
+
+The CPU kernels multiply small tiles with the BLAS that SciPy ships
+(``scipy.linalg.cython_blas``).  The function address is passed to the kernels
+as an ordinary integer argument and called through :func:`gemm`, an LLVM
+intrinsic, so the compiled kernels contain no process-specific constant and can
+be cached on disk (a ``ctypes`` function object would make numba refuse to
+cache).
+
+All matrices are row-major tiles addressed by raw pointers: a tile starts at a
+byte address and its rows are ``ld`` elements apart, with unit stride inside a
+row.  That covers slices of arbitrarily strided arrays whose last axis is
+contiguous, so no copy is needed for transposed (B, L, H, D) inputs.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import get_cython_function_address, intrinsic
+
+_N = 78  # ord("N"): no transpose
+_T = 84  # ord("T"): transpose
+
+
+@intrinsic
+def _fortran_gemm(typingctx, fn, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    """Call the Fortran-convention ``?gemm`` at address ``fn``.
+
+    ``ta``/``tb`` are character codes, ``a``/``b``/``c`` byte addresses, the
+    rest values; every argument is passed by reference as Fortran expects.
+    """
+    sig = types.void(fn, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+
+    def codegen(context, builder, signature, args):
+        argtys = signature.args
+        i8p = ir.IntType(8).as_pointer()
+
+        def by_ref(pos, as_type):
+            slot = cgutils.alloca_once(builder, context.get_value_type(as_type))
+            builder.store(context.cast(builder, args[pos], argtys[pos], as_type), slot)
+            return builder.bitcast(slot, i8p)
+
+        def address(pos):
+            return builder.inttoptr(args[pos], i8p)
+
+        real = argtys[6]
+        refs = [
+            by_ref(1, types.int8),
+            by_ref(2, types.int8),
+            by_ref(3, types.int32),
+            by_ref(4, types.int32),
+            by_ref(5, types.int32),
+            by_ref(6, real),
+            address(7),
+            by_ref(8, types.int32),
+            address(9),
+            by_ref(10, types.int32),
+            by_ref(11, real),
+            address(12),
+            by_ref(13, types.int32),
+        ]
+        fnty = ir.FunctionType(ir.VoidType(), [i8p] * 13)
+        builder.call(builder.inttoptr(args[0], fnty.as_pointer()), refs)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def gemm_nt(fn, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    """Row-major ``C[m, n] = alpha * A[m, k] @ B[n, k].T + beta * C``."""
+    _fortran_gemm(fn, _T, _N, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc)
+
+
+@njit(inline="always")
+def gemm_nn(fn, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    """Row-major ``C[m, n] = alpha * A[m, k] @ B[k, n] + beta * C``."""
+    _fortran_gemm(fn, _N, _N, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc)
+
+
+@njit(inline="always")
+def gemm_tn(fn, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    """Row-major ``C[m, n] = alpha * A[k, m].T @ B[k, n] + beta * C``."""
+    _fortran_gemm(fn, _N, _T, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc)
+
+
+def gemm_address(dtype: np.dtype) -> int:
+    """Address of SciPy's ``sgemm`` (float32) or ``dgemm`` (float64)."""
+    name = {np.dtype(np.float32): "sgemm", np.dtype(np.float64): "dgemm"}[np.dtype(dtype)]
+    return get_cython_function_address("scipy.linalg.cython_blas", name)
+
+
+_controller_lock = threading.Lock()
+_controller = None
+
+
+@contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """Limit every loaded BLAS to one thread while numba threads run tiles.
+
+    BLAS threads spawned inside numba's ``prange`` workers compete with those
+    workers for the same cores; that costs about 2x on a small machine.
+    """
+    global _controller
+    with _controller_lock:
+        if _controller is None:
+            import scipy.linalg.cython_blas  # noqa: F401  (load SciPy's BLAS first)
+            from threadpoolctl import ThreadpoolController
+
+            _controller = ThreadpoolController()
+    with _controller.limit(limits=1, user_api="blas"):
+        yield

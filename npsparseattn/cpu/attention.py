@@ -1,0 +1,272 @@
+"""Tiled exact attention on the CPU (numba), forward and backward.
+
+Forward (FlashAttention-2 order): one parallel task per (batch, query head,
+query tile).  Each task walks the key tiles that its rows can see, computes the
+score tile with one GEMM, updates the online softmax, and accumulates
+``P @ V`` with a second GEMM.  Extra memory is one score tile and one output
+accumulator per task: O(tile), never O(Lq * Lk).
+
+Backward, two passes, both recomputing ``P = exp(scale*S - lse)`` tile by tile:
+
+* pass 1, one task per (batch, key head, key tile): ``dV += P^T dO`` and
+  ``dK += scale * dS^T Q`` over every query head of the GQA group;
+* pass 2, one task per (batch, query head, query tile): ``dQ += scale * dS K``.
+
+Splitting dQ from dK/dV keeps every accumulator private to one task (no
+atomics, deterministic results) for two extra GEMMs per tile pair.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import get_num_threads, njit, prange
+
+from npsparseattn.cpu._blas import gemm_address, gemm_nn, gemm_nt, gemm_tn, single_threaded_blas
+from npsparseattn.cpu._tiles import (
+    FASTMATH,
+    LOG2E,
+    UNBOUNDED,
+    finish_rows,
+    like,
+    online_softmax_tile,
+    probabilities_tile,
+    row_address,
+    row_stride,
+    score_grad_tile,
+    visible_keys,
+    visible_queries,
+)
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _forward_kernel(q, k, v, out, lse, scale, off, left, right, bq, bk, gemm):
+    n_batch, hq, lq, d = q.shape
+    group = hq // k.shape[1]
+    lk = k.shape[2]
+    dv = v.shape[3]
+    n_qt = (lq + bq - 1) // bq
+    c = like(scale * LOG2E, q)
+    one = like(1.0, q)
+    zero = like(0.0, q)
+    ldq, ldk, ldv = row_stride(q), row_stride(k), row_stride(v)
+    for task in prange(n_batch * hq * n_qt):
+        t = task % n_qt
+        h = (task // n_qt) % hq
+        b = task // (n_qt * hq)
+        hk = h // group
+        i0 = t * bq
+        m = min(bq, lq - i0)
+        s = np.empty((bq, bk), q.dtype)
+        acc = np.zeros((bq, dv), q.dtype)
+        row_max = np.full(bq, -np.inf, q.dtype)
+        row_sum = np.zeros(bq, q.dtype)
+        klo = visible_keys(i0, off, left, right, lk)[0]
+        khi = visible_keys(i0 + m - 1, off, left, right, lk)[1]
+        qp = row_address(q, b, h, i0)
+        for j0 in range(klo, khi, bk):
+            n = min(bk, khi - j0)
+            gemm_nt(gemm, m, n, d, c, qp, ldq, row_address(k, b, hk, j0), ldk, zero, s.ctypes.data, bk)
+            online_softmax_tile(s, m, n, i0, j0, off, left, right, lk, row_max, row_sum, acc)
+            gemm_nn(gemm, m, dv, n, one, s.ctypes.data, bk, row_address(v, b, hk, j0), ldv, one, acc.ctypes.data, dv)
+        finish_rows(acc, row_max, row_sum, m, out, lse, b, h, i0)
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _row_dot_kernel(dout, out, delta):
+    """``delta[b, h, i] = sum_c dout[b, h, i, c] * out[b, h, i, c]`` in delta's dtype."""
+    n_batch, hq, lq, dv = out.shape
+    for bh in prange(n_batch * hq):
+        b = bh // hq
+        h = bh % hq
+        for i in range(lq):
+            total = like(0.0, delta)
+            for c in range(dv):
+                total += like(dout[b, h, i, c], delta) * like(out[b, h, i, c], delta)
+            delta[b, h, i] = total
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _backward_kv_kernel(dout, q, k, v, lse2, delta, dk, dv_out, scale, off, left, right, bq, bk, gemm):
+    n_batch, hq, lq, d = q.shape
+    hk_count = k.shape[1]
+    group = hq // hk_count
+    lk = k.shape[2]
+    dv = v.shape[3]
+    n_kt = (lk + bk - 1) // bk
+    c = like(scale * LOG2E, q)
+    sc = like(scale, q)
+    one = like(1.0, q)
+    zero = like(0.0, q)
+    ldq, ldk, ldv, ldo = row_stride(q), row_stride(k), row_stride(v), row_stride(dout)
+    for task in prange(n_batch * hk_count * n_kt):
+        t = task % n_kt
+        hk = (task // n_kt) % hk_count
+        b = task // (n_kt * hk_count)
+        j0 = t * bk
+        n = min(bk, lk - j0)
+        s = np.empty((bq, bk), q.dtype)
+        dp = np.empty((bq, bk), q.dtype)
+        acc_k = np.zeros((bk, d), q.dtype)
+        acc_v = np.zeros((bk, dv), q.dtype)
+        kp = row_address(k, b, hk, j0)
+        vp = row_address(v, b, hk, j0)
+        ilo, ihi = visible_queries(j0, j0 + n, off, left, right, lq)
+        for h in range(hk * group, (hk + 1) * group):
+            for i0 in range(ilo, ihi, bq):
+                m = min(bq, ihi - i0)
+                qp = row_address(q, b, h, i0)
+                op = row_address(dout, b, h, i0)
+                gemm_nt(gemm, m, n, d, c, qp, ldq, kp, ldk, zero, s.ctypes.data, bk)
+                probabilities_tile(s, m, n, i0, j0, off, left, right, lk, lse2[b, h])
+                gemm_tn(gemm, n, dv, m, one, s.ctypes.data, bk, op, ldo, one, acc_v.ctypes.data, dv)
+                gemm_nt(gemm, m, n, dv, one, op, ldo, vp, ldv, zero, dp.ctypes.data, bk)
+                score_grad_tile(s, dp, m, n, i0, delta[b, h])
+                gemm_tn(gemm, n, d, m, sc, dp.ctypes.data, bk, qp, ldq, one, acc_k.ctypes.data, d)
+        for r in range(n):
+            for col in range(d):
+                dk[b, hk, j0 + r, col] = acc_k[r, col]
+            for col in range(dv):
+                dv_out[b, hk, j0 + r, col] = acc_v[r, col]
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _backward_q_kernel(dout, q, k, v, lse2, delta, dq, scale, off, left, right, bq, bk, gemm):
+    n_batch, hq, lq, d = q.shape
+    group = hq // k.shape[1]
+    lk = k.shape[2]
+    dv = v.shape[3]
+    n_qt = (lq + bq - 1) // bq
+    c = like(scale * LOG2E, q)
+    sc = like(scale, q)
+    one = like(1.0, q)
+    zero = like(0.0, q)
+    ldq, ldk, ldv, ldo = row_stride(q), row_stride(k), row_stride(v), row_stride(dout)
+    for task in prange(n_batch * hq * n_qt):
+        t = task % n_qt
+        h = (task // n_qt) % hq
+        b = task // (n_qt * hq)
+        hk = h // group
+        i0 = t * bq
+        m = min(bq, lq - i0)
+        s = np.empty((bq, bk), q.dtype)
+        dp = np.empty((bq, bk), q.dtype)
+        acc = np.zeros((bq, d), q.dtype)
+        qp = row_address(q, b, h, i0)
+        op = row_address(dout, b, h, i0)
+        klo = visible_keys(i0, off, left, right, lk)[0]
+        khi = visible_keys(i0 + m - 1, off, left, right, lk)[1]
+        for j0 in range(klo, khi, bk):
+            n = min(bk, khi - j0)
+            kp = row_address(k, b, hk, j0)
+            gemm_nt(gemm, m, n, d, c, qp, ldq, kp, ldk, zero, s.ctypes.data, bk)
+            probabilities_tile(s, m, n, i0, j0, off, left, right, lk, lse2[b, h])
+            gemm_nt(gemm, m, n, dv, one, op, ldo, row_address(v, b, hk, j0), ldv, zero, dp.ctypes.data, bk)
+            score_grad_tile(s, dp, m, n, i0, delta[b, h])
+            gemm_nn(gemm, m, d, n, sc, dp.ctypes.data, bk, kp, ldk, one, acc.ctypes.data, d)
+        for r in range(m):
+            for col in range(d):
+                dq[b, h, i0 + r, col] = acc[r, col]
+
+
+def _bound(value: int | None) -> int:
+    return UNBOUNDED if value is None else int(value)
+
+
+def _tile(length: int, preferred: int, parallel_units: int) -> int:
+    """Tile edge: ``preferred``, halved (down to 32) until there are enough tasks."""
+    tile = preferred
+    while tile > 32 and parallel_units * -(-length // tile) < 4 * get_num_threads():
+        tile //= 2
+    return max(1, min(tile, length))
+
+
+def forward(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    *,
+    scale: float,
+    offset: int,
+    left: int | None,
+    right: int | None,
+    out: np.ndarray | None = None,
+    lse: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tiled attention forward on canonical 4-D arrays.
+
+    Parameters
+    ----------
+    q : (B, Hq, Lq, D), k : (B, Hk, Lk, D), v : (B, Hk, Lk, Dv)
+        float32 or float64, one dtype, unit stride on the last axis.
+    scale : float
+        Multiplies ``q @ k.T``.
+    offset : int
+        Query ``i`` is aligned with key ``i + offset`` (``Lk - Lq`` for
+        bottom-right alignment).
+    left, right : int or None
+        Query ``i`` sees key ``j`` iff ``i+offset-left <= j <= i+offset+right``;
+        ``None`` is unbounded.
+    out, lse : arrays, optional
+        Buffers to write into: (B, Hq, Lq, Dv) and (B, Hq, Lq), input dtype.
+
+    Returns
+    -------
+    out : (B, Hq, Lq, Dv) and lse : (B, Hq, Lq), both in the input dtype.
+    """
+    n_batch, hq, lq, _ = q.shape
+    lk = k.shape[2]
+    out = np.empty((n_batch, hq, lq, v.shape[3]), q.dtype) if out is None else out
+    lse = np.empty((n_batch, hq, lq), q.dtype) if lse is None else lse
+    if lq == 0:
+        return out, lse
+    bq = _tile(lq, 256, n_batch * hq)
+    bk = max(1, min(256, lk))
+    with single_threaded_blas():
+        _forward_kernel(q, k, v, out, lse, scale, offset, _bound(left), _bound(right), bq, bk, gemm_address(q.dtype))
+    return out, lse
+
+
+def backward(
+    dout: np.ndarray,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    out: np.ndarray,
+    lse: np.ndarray,
+    *,
+    scale: float,
+    offset: int,
+    left: int | None,
+    right: int | None,
+    grads: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tiled attention backward on canonical 4-D arrays.
+
+    ``dout`` and ``out`` are (B, Hq, Lq, Dv), ``lse`` is (B, Hq, Lq); the other
+    arguments are those of :func:`forward`; ``grads`` optionally gives the
+    ``(dq, dk, dv)`` buffers to write.  Returns ``(dq, dk, dv)`` shaped like
+    ``q``, ``k``, ``v``; ``dk``/``dv`` are summed over each GQA group.
+    """
+    n_batch, hq, lq, _ = q.shape
+    hk, lk = k.shape[1], k.shape[2]
+    dtype = q.dtype
+    if grads is None:
+        grads = (np.empty(q.shape, dtype), np.empty(k.shape, dtype), np.empty(v.shape, dtype))
+    dq, dk, dv = grads
+    if lq == 0 or lk == 0:
+        for g in grads:
+            g[...] = 0
+        return dq, dk, dv
+    delta = np.empty((n_batch, hq, lq), dtype)
+    lse2 = np.ascontiguousarray(lse, dtype=dtype) * dtype.type(LOG2E)
+    left_b, right_b = _bound(left), _bound(right)
+    gemm = gemm_address(dtype)
+    with single_threaded_blas():
+        _row_dot_kernel(dout, out, delta)
+        bk = _tile(lk, 128, n_batch * hk)
+        bq = max(1, min(128, lq))
+        _backward_kv_kernel(dout, q, k, v, lse2, delta, dk, dv, scale, offset, left_b, right_b, bq, bk, gemm)
+        bq = _tile(lq, 128, n_batch * hq)
+        bk = max(1, min(128, lk))
+        _backward_q_kernel(dout, q, k, v, lse2, delta, dq, scale, offset, left_b, right_b, bq, bk, gemm)
+    return dq, dk, dv

@@ -1,0 +1,131 @@
+"""Exact attention: ``attention`` and ``attention_backward`` (public API)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from npsparseattn._checks import attention_problem, check_backend, gradient_inputs
+from npsparseattn._dispatch import select
+
+Window = tuple[int | None, int | None]
+
+
+def attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    causal: bool = False,
+    window: Window | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> Any:
+    """Exact softmax attention, tiled with an online softmax (O(L) extra memory).
+
+    ``out[..., h, i, :] = sum_j softmax_j(scale * q[..., h, i, :] . k[..., g(h), j, :]) v[..., g(h), j, :]``
+    over the keys ``j`` that query ``i`` can see.
+
+    Parameters
+    ----------
+    q : array, shape (*batch, Hq, Lq, D), (Hq, Lq, D) or (Lq, D)
+    k : array, shape (*batch, Hk, Lk, D) with ``Hq % Hk == 0``
+        Grouped-query attention: query head ``h`` uses key head
+        ``g(h) = h // (Hq // Hk)``; ``Hk == 1`` is multi-query attention.
+    v : array, shape (*batch, Hk, Lk, Dv)
+        ``Dv`` may differ from ``D``.
+    causal : bool
+        Query ``i`` sees key ``j`` iff ``j <= i + (Lk - Lq)``.  The diagonal
+        is aligned bottom-right, as in flash-attn >= 2.1: with ``Lq=2, Lk=5``::
+
+            keys     0 1 2 3 4
+            query 0  x x x x .
+            query 1  x x x x x
+
+    window : (left, right) or None
+        Query ``i`` sees keys ``i+(Lk-Lq)-left <= j <= i+(Lk-Lq)+right``;
+        ``None`` on a side is unbounded.  ``causal=True`` sets ``right=0``.
+    scale : float, optional
+        Score multiplier, default ``1/sqrt(D)``.
+    return_lse : bool
+        Also return ``lse`` (*batch, Hq, Lq): natural log of the softmax
+        denominator, float32 (float64 for float64 inputs); ``-inf`` for a
+        query that sees no key (its output row is 0).
+    backend : str
+        ``"auto"`` (fastest implementation that fits), ``"numba"`` (CPU) or
+        ``"reference"`` (dense float64 oracle, O(Lq*Lk) memory).
+
+    Returns
+    -------
+    out : array, shape (*batch, Hq, Lq, Dv), dtype of ``q``
+    lse : array, shape (*batch, Hq, Lq), only if ``return_lse``
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import npsparseattn as nsa
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.standard_normal((2, 8, 100, 64), dtype=np.float32)  # (B, Hq, L, D)
+    >>> k = rng.standard_normal((2, 2, 100, 64), dtype=np.float32)  # GQA: 2 KV heads
+    >>> v = rng.standard_normal((2, 2, 100, 32), dtype=np.float32)
+    >>> out, lse = nsa.attention(q, k, v, causal=True, return_lse=True)
+    >>> out.shape, lse.shape
+    ((2, 8, 100, 32), (2, 8, 100))
+    """
+    check_backend(backend)
+    problem = attention_problem(q, k, v, causal=causal, window=window, scale=scale)
+    impl = select("attention", problem, backend)
+    out, lse = impl.forward(problem)
+    out = problem.restore(out)
+    return (out, problem.restore(lse)) if return_lse else out
+
+
+def attention_backward(
+    dout: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    *,
+    causal: bool = False,
+    window: Window | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[Any, Any, Any]:
+    """Gradients of :func:`attention` (FlashAttention-2 backward).
+
+    Recomputes the probabilities tile by tile from ``lse``:
+    ``P = exp(scale*q.k - lse)``, ``dV = P^T dO``,
+    ``dS = P * (dO V^T - rowsum(dO * O))``, ``dQ = scale * dS K``,
+    ``dK = scale * dS^T Q``.
+
+    Parameters
+    ----------
+    dout : array, shape (*batch, Hq, Lq, Dv)
+        Gradient of the loss with respect to ``out``.
+    q, k, v : arrays as for :func:`attention`
+    out, lse : the forward's ``out`` and ``lse`` (``return_lse=True``)
+    causal, window, scale, backend : as for the forward call
+
+    Returns
+    -------
+    dq : array shaped like ``q``
+    dk, dv : arrays shaped like ``k`` and ``v``, summed over each GQA group
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import npsparseattn as nsa
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((4, 50, 16)) for _ in range(3))
+    >>> out, lse = nsa.attention(q, k, v, causal=True, return_lse=True)
+    >>> dq, dk, dv = nsa.attention_backward(np.ones_like(out), q, k, v, out, lse, causal=True)
+    >>> dq.shape == q.shape and dk.shape == k.shape
+    True
+    """
+    check_backend(backend)
+    problem = attention_problem(q, k, v, causal=causal, window=window, scale=scale)
+    grads = gradient_inputs(problem, dout, out, lse)
+    impl = select("attention", problem, backend)
+    return tuple(problem.restore(g) for g in impl.backward(problem, grads))
