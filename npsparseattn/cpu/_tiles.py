@@ -54,6 +54,18 @@ def visible_queries(j0, j1, off, left, right, n_queries):
 
 
 @njit(inline="always")
+def zigzag(t, n):
+    """Tile visited at position ``t`` of ``n``: 0, n-1, 1, n-2, ...
+
+    numba's ``prange`` hands each thread a contiguous block of iterations.
+    Under a causal mask the cost of query tile ``t`` grows with ``t``, so
+    contiguous blocks of tiles in order are unbalanced; pairing cheap tiles
+    with expensive ones makes every block cost about the same.
+    """
+    return t // 2 if t % 2 == 0 else n - 1 - t // 2
+
+
+@njit(inline="always")
 def row_address(arr, b, h, i):
     """Byte address of ``arr[b, h, i, 0]`` for a 4-D array."""
     s = arr.strides

@@ -35,6 +35,7 @@ from npsparseattn.cpu._tiles import (
     score_grad_tile,
     visible_keys,
     visible_queries,
+    zigzag,
 )
 
 
@@ -50,7 +51,7 @@ def _forward_kernel(q, k, v, out, lse, scale, off, left, right, bq, bk, gemm):
     zero = like(0.0, q)
     ldq, ldk, ldv = row_stride(q), row_stride(k), row_stride(v)
     for task in prange(n_batch * hq * n_qt):
-        t = task % n_qt
+        t = zigzag(task % n_qt, n_qt)
         h = (task // n_qt) % hq
         b = task // (n_qt * hq)
         hk = h // group
@@ -99,7 +100,7 @@ def _backward_kv_kernel(dout, q, k, v, lse2, delta, dk, dv_out, scale, off, left
     zero = like(0.0, q)
     ldq, ldk, ldv, ldo = row_stride(q), row_stride(k), row_stride(v), row_stride(dout)
     for task in prange(n_batch * hk_count * n_kt):
-        t = task % n_kt
+        t = zigzag(task % n_kt, n_kt)
         hk = (task // n_kt) % hk_count
         b = task // (n_kt * hk_count)
         j0 = t * bk
@@ -142,7 +143,7 @@ def _backward_q_kernel(dout, q, k, v, lse2, delta, dq, scale, off, left, right, 
     zero = like(0.0, q)
     ldq, ldk, ldv, ldo = row_stride(q), row_stride(k), row_stride(v), row_stride(dout)
     for task in prange(n_batch * hq * n_qt):
-        t = task % n_qt
+        t = zigzag(task % n_qt, n_qt)
         h = (task // n_qt) % hq
         b = task // (n_qt * hq)
         hk = h // group
