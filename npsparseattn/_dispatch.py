@@ -147,8 +147,6 @@ def select(op: str, problem: Any, backend: str) -> Implementation:
     it that allows auto selection; a name picks that backend or raises
     :class:`BackendError` with its reasons.
     """
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     impls = implementations(op)
     if backend != "auto":
         if backend not in KNOWN_BACKENDS:
