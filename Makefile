@@ -4,9 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.npsparseattn-installed
-EXTRAS ?= test,mpi,plot,bench
+EXTRAS ?= test,mpi,plot,bench,docs
 
-.PHONY: demo test lint bench clean-cache
+.PHONY: demo test lint bench docs asv-smoke clean-cache
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +21,20 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check npsparseattn tests
-	$(BIN)/ruff format --check npsparseattn tests
+	$(BIN)/ruff check npsparseattn tests asv_benchmarks docs/conf.py
+	$(BIN)/ruff format --check npsparseattn tests asv_benchmarks docs/conf.py
 
 bench: $(STAMP)
 	$(BIN)/npsparseattn bench attention
+
+# The documentation site; Sphinx warnings are errors.
+docs: $(STAMP)
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+
+# Every asv benchmark once at a small size, in the current environment (no results kept).
+asv-smoke: $(STAMP)
+	cd asv_benchmarks && $(abspath $(BIN))/asv machine --yes >/dev/null
+	cd asv_benchmarks && NPSPARSEATTN_ASV_QUICK=1 $(abspath $(BIN))/asv run --python=same --quick --dry-run --show-stderr
 
 # numba caches compiled kernels next to their source and checks only that
 # file's time stamp: after editing a helper module, drop the cache.

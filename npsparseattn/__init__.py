@@ -4,6 +4,17 @@ Public API
 ----------
 attention, attention_backward
     Tiled exact attention (online softmax, O(L) memory), forward and backward.
+block_sparse_attention, block_sparse_attention_backward
+    Exact attention restricted to the blocks of a CSR layout, forward and backward.
+lsh_attention, lsh_attention_backward, lsh_buckets, lsh_sort
+    Reformer LSH attention (shared-QK, hashed into buckets, chunked), forward
+    and backward, with the hashing and the sort plan exposed.
+layouts
+    BlockLayout and its builders (dense, causal, sliding_window, strided, fixed,
+    longformer, bigbird, topk, from_* / to_scipy, union, intersect, stack).
+ring_attention, ring_attention_backward, shard, unshard
+    Exact attention over a sequence sharded across MPI ranks or GPUs (K/V travel
+    a ring); communicators in ``npsparseattn.distributed``.
 available_backends
     Which implementations exist for an operation and why one can't run here.
 reference
@@ -13,9 +24,12 @@ reference
 from __future__ import annotations
 
 from npsparseattn import cpu as _cpu  # noqa: F401  (registers the numba backend)
-from npsparseattn import reference
+from npsparseattn import layouts, reference
 from npsparseattn._dispatch import BackendError, implementations
+from npsparseattn.block_sparse import block_sparse_attention, block_sparse_attention_backward
 from npsparseattn.exact import attention, attention_backward
+from npsparseattn.lsh import lsh_attention, lsh_attention_backward, lsh_buckets, lsh_sort
+from npsparseattn.ring import ring_attention, ring_attention_backward, shard, unshard
 
 __version__ = "0.1.0"
 
@@ -35,5 +49,16 @@ __all__ = [
     "attention",
     "attention_backward",
     "available_backends",
+    "block_sparse_attention",
+    "block_sparse_attention_backward",
+    "layouts",
+    "lsh_attention",
+    "lsh_attention_backward",
+    "lsh_buckets",
+    "lsh_sort",
     "reference",
+    "ring_attention",
+    "ring_attention_backward",
+    "shard",
+    "unshard",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``npsparseattn demo | bench <operation>``.
+"""Command line: ``npsparseattn demo | layout <builder> | bench <operation>``.
 
 Run ``npsparseattn --help`` or ``npsparseattn <command> --help`` for details.
 """
@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from npsparseattn import __version__, demo
-from npsparseattn.bench import BENCHMARKS
+from npsparseattn import __version__, demo, layout_cli
+from npsparseattn.bench import BENCHMARKS, plot
 from npsparseattn.bench.common import progress
 
 
@@ -32,6 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_arguments(demo_parser)
 
+    layout_parser = commands.add_parser(
+        "layout",
+        help="build a block-sparse layout, print it and draw it to a PNG",
+        description=layout_cli.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    layout_cli.add_arguments(layout_parser)
+
     bench_parser = commands.add_parser("bench", help="benchmark an operation against the same-run GEMM rate")
     benches = bench_parser.add_subparsers(dest="benchmark", required=True, metavar="OPERATION")
     for name, module in BENCHMARKS.items():
@@ -43,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         module.add_arguments(sub)
         sub.add_argument("--json", type=Path, help="also write the results to this JSON file")
+        plot.add_arguments(sub)
     return parser
 
 
@@ -52,8 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         demo.run(args)
         return 0
+    if args.command == "layout":
+        layout_cli.run(args)
+        return 0
     args.progress = progress
     result = BENCHMARKS[args.benchmark].run(args)
+    if args.plot:
+        result["scaling"] = plot.run(args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
         print(f"results written to {args.json}")

@@ -4,7 +4,10 @@ For each sequence length (and causal setting) it reports, measured side by side
 in one run: forward and backward time and GFLOP/s, the GFLOP/s of a square
 float32 NumPy matrix product (the BLAS rate of this machine), their ratio, the
 time of textbook dense NumPy attention where it fits in memory, the peak extra
-memory of the forward, and the error against the float64 reference on a slice.
+memory of the forward (in total and per token), tokens per second, the energy
+per token where a GPU run can be metered through NVML, and the error against
+the float64 reference on a slice.  ``--plot out.png`` adds the scaling chart
+(time against length for dense NumPy, tiled, block-sparse and LSH attention).
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from npsparseattn.bench.common import (
     BACKWARD_FLOP_RATIO,
     attention_flops,
     best_time,
+    bytes_per_token,
     dense_numpy_attention,
     dense_numpy_bytes,
     format_bytes,
     format_table,
     matmul_rate,
 )
+from npsparseattn.bench.energy import energy_per_token, format_energy_per_token
 from npsparseattn.bench.memory import measure_peak
 from npsparseattn.exact import attention, attention_backward
 
@@ -83,6 +88,10 @@ def measure(
         "memory_method": peak.method,
         "tokens_per_s": batch * seq / fwd,
     }
+    row["extra_bytes_per_token"] = bytes_per_token(row["forward_extra_bytes"], batch * seq)
+    row["energy_j_per_token"], row["energy_note"] = energy_per_token(
+        lambda: attention(q, k, v, causal=causal), "numpy", batch * seq
+    )
     if backward:
         dout = rng.standard_normal(out.shape).astype(dtype)
         bwd = best_time(lambda: attention_backward(dout, q, k, v, out, lse, causal=causal), repeat=repeat)
@@ -105,11 +114,13 @@ def memory_check(seq: int, dim: int, dtype: str) -> dict:
     q, k, v = _inputs(rng, 1, 1, seq, dim, dtype)
     attention(q[..., :512, :], k[..., :512, :], v[..., :512, :], causal=True)
     (out, lse), peak = measure_peak(lambda: attention(q, k, v, causal=True, return_lse=True))
+    extra = max(peak.extra_bytes - out.nbytes - lse.nbytes, 0)
     return {
         "seq": seq,
         "dim": dim,
         "dtype": dtype,
-        "extra_bytes": max(peak.extra_bytes - out.nbytes - lse.nbytes, 0),
+        "extra_bytes": extra,
+        "extra_bytes_per_token": bytes_per_token(extra, seq),
         "dense_numpy_bytes": dense_numpy_bytes(1, seq, seq, np.dtype(dtype).itemsize),
         "memory_method": peak.method,
     }
@@ -143,7 +154,8 @@ def run(args: argparse.Namespace) -> dict:
         result["memory"] = mem
         print(
             f"\npeak extra memory, causal L={mem['seq']} H=1 D={mem['dim']} {mem['dtype']}: "
-            f"{format_bytes(mem['extra_bytes'])} beyond inputs and output "
+            f"{format_bytes(mem['extra_bytes'])} beyond inputs and output, "
+            f"{mem['extra_bytes_per_token']:.1f} B/token "
             f"(dense NumPy would hold {format_bytes(mem['dense_numpy_bytes'])}; measured by {mem['memory_method']})"
         )
     return result
@@ -152,7 +164,7 @@ def run(args: argparse.Namespace) -> dict:
 def render(records: list[dict]) -> str:
     """The table printed by ``bench attention``."""
     headers = ["L", "causal", "fwd ms", "fwd GF/s", "fwd/GEMM", "bwd ms", "bwd GF/s", "bwd/GEMM",
-               "GEMM GF/s", "dense ms", "extra mem", "tok/s", "rel err"]  # fmt: skip
+               "GEMM GF/s", "dense ms", "extra mem", "B/tok", "tok/s", "J/tok", "rel err"]  # fmt: skip
     rows = []
     for r in records:
         rows.append(
@@ -168,7 +180,9 @@ def render(records: list[dict]) -> str:
                 f"{r['gemm_gflops']:.1f}",
                 f"{r['dense_numpy_s'] * 1e3:.1f}" if "dense_numpy_s" in r else "too big",
                 format_bytes(r["forward_extra_bytes"]),
+                f"{r['extra_bytes_per_token']:.0f}",
                 f"{r['tokens_per_s']:.3g}",
+                format_energy_per_token(r["energy_j_per_token"], r["energy_note"]),
                 f"{r['max_rel_error']:.1e}",
             ]
         )

@@ -30,6 +30,30 @@ def best_time(fn: Callable[[], Any], *, repeat: int = 3, warmup: int = 1) -> flo
     return min(times)
 
 
+def adaptive_time(fn: Callable[[], Any], *, budget: float = 1.0, repeat: int = 3) -> float:
+    """Wall time of ``fn()`` in seconds: one call, or the best of ``repeat`` if one is cheap.
+
+    For sweeps whose points range from milliseconds to many seconds: a call
+    that takes less than ``budget / repeat`` seconds is repeated and the best
+    time is kept; a slower one is timed once.  Warm up (compile) before.
+    """
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    if first * repeat >= budget:
+        return first
+    return min(first, best_time(fn, repeat=repeat - 1, warmup=0))
+
+
+def bytes_per_token(extra_bytes: float, tokens: int) -> float:
+    """Extra memory per token of a call: ``extra_bytes / tokens`` (0 for no tokens).
+
+    >>> bytes_per_token(4096, 1024)
+    4.0
+    """
+    return extra_bytes / tokens if tokens else 0.0
+
+
 def matmul_rate(dtype: Any = np.float32, *, size: int = 2048, repeat: int = 3) -> float:
     """GFLOP/s of a square ``size`` x ``size`` NumPy matrix product: the machine's GEMM rate.
 

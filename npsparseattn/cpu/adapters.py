@@ -28,14 +28,15 @@ def kernel_array(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return x
 
 
-def _inputs(problem: AttentionProblem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def kernel_inputs(problem: AttentionProblem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``q``, ``k``, ``v`` of a problem ready for the kernels (see :func:`kernel_array`)."""
     dt = compute_dtype(problem.dtype)
     return kernel_array(problem.q, dt), kernel_array(problem.k, dt), kernel_array(problem.v, dt)
 
 
 def attention_forward(problem: AttentionProblem) -> tuple[np.ndarray, np.ndarray]:
     """``(out, lse)`` in canonical form: out in the input dtype, lse float32/float64."""
-    q, k, v = _inputs(problem)
+    q, k, v = kernel_inputs(problem)
     out, lse = dense.forward(
         q, k, v, scale=problem.scale, offset=problem.offset, left=problem.left, right=problem.right
     )
@@ -44,7 +45,7 @@ def attention_forward(problem: AttentionProblem) -> tuple[np.ndarray, np.ndarray
 
 def attention_backward(problem: AttentionProblem, grads: Gradients) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(dq, dk, dv)`` in canonical form and the input dtype."""
-    q, k, v = _inputs(problem)
+    q, k, v = kernel_inputs(problem)
     dt = q.dtype
     dq, dk, dv = dense.backward(
         kernel_array(grads.dout, dt),

@@ -21,18 +21,14 @@ from __future__ import annotations
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-from npsparseattn.cpu._blas import gemm_address, gemm_nn, gemm_nt, gemm_tn, single_threaded_blas
+from npsparseattn.cpu._blas import gemm_address, single_threaded_blas
+from npsparseattn.cpu._steps import backward_kv_step, backward_q_step, forward_step, store_rows
 from npsparseattn.cpu._tiles import (
     FASTMATH,
     LOG2E,
     UNBOUNDED,
     finish_rows,
     like,
-    online_softmax_tile,
-    probabilities_tile,
-    row_address,
-    row_stride,
-    score_grad_tile,
     visible_keys,
     visible_queries,
     zigzag,
@@ -41,39 +37,31 @@ from npsparseattn.cpu._tiles import (
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _forward_kernel(q, k, v, out, lse, scale, off, left, right, bq, bk, gemm):
-    n_batch, hq, lq, d = q.shape
+    n_batch, hq, lq, _ = q.shape
     group = hq // k.shape[1]
     lk = k.shape[2]
-    dv = v.shape[3]
     n_qt = (lq + bq - 1) // bq
     c = like(scale * LOG2E, q)
-    one = like(1.0, q)
-    zero = like(0.0, q)
-    ldq, ldk, ldv = row_stride(q), row_stride(k), row_stride(v)
     for task in prange(n_batch * hq * n_qt):
         t = zigzag(task % n_qt, n_qt)
         h = (task // n_qt) % hq
         b = task // (n_qt * hq)
-        hk = h // group
         i0 = t * bq
         m = min(bq, lq - i0)
         s = np.empty((bq, bk), q.dtype)
-        acc = np.zeros((bq, dv), q.dtype)
+        acc = np.zeros((bq, v.shape[3]), q.dtype)
         row_max = np.full(bq, -np.inf, q.dtype)
         row_sum = np.zeros(bq, q.dtype)
         klo = visible_keys(i0, off, left, right, lk)[0]
         khi = visible_keys(i0 + m - 1, off, left, right, lk)[1]
-        qp = row_address(q, b, h, i0)
         for j0 in range(klo, khi, bk):
             n = min(bk, khi - j0)
-            gemm_nt(gemm, m, n, d, c, qp, ldq, row_address(k, b, hk, j0), ldk, zero, s.ctypes.data, bk)
-            online_softmax_tile(s, m, n, i0, j0, off, left, right, lk, row_max, row_sum, acc)
-            gemm_nn(gemm, m, dv, n, one, s.ctypes.data, bk, row_address(v, b, hk, j0), ldv, one, acc.ctypes.data, dv)
+            forward_step(gemm, q, k, v, b, h, h // group, i0, m, j0, n, off, left, right, c, s, acc, row_max, row_sum)
         finish_rows(acc, row_max, row_sum, m, out, lse, b, h, i0)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _row_dot_kernel(dout, out, delta):
+def row_dot_kernel(dout, out, delta):
     """``delta[b, h, i] = sum_c dout[b, h, i, c] * out[b, h, i, c]`` in delta's dtype."""
     n_batch, hq, lq, dv = out.shape
     for bh in prange(n_batch * hq):
@@ -87,18 +75,14 @@ def _row_dot_kernel(dout, out, delta):
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _backward_kv_kernel(dout, q, k, v, lse2, delta, dk, dv_out, scale, off, left, right, bq, bk, gemm):
+def _backward_kv_kernel(dout, q, k, v, lse2, delta, dk, dv, scale, off, left, right, bq, bk, gemm):
     n_batch, hq, lq, d = q.shape
     hk_count = k.shape[1]
     group = hq // hk_count
     lk = k.shape[2]
-    dv = v.shape[3]
     n_kt = (lk + bk - 1) // bk
     c = like(scale * LOG2E, q)
     sc = like(scale, q)
-    one = like(1.0, q)
-    zero = like(0.0, q)
-    ldq, ldk, ldv, ldo = row_stride(q), row_stride(k), row_stride(v), row_stride(dout)
     for task in prange(n_batch * hk_count * n_kt):
         t = zigzag(task % n_kt, n_kt)
         hk = (task // n_kt) % hk_count
@@ -108,26 +92,17 @@ def _backward_kv_kernel(dout, q, k, v, lse2, delta, dk, dv_out, scale, off, left
         s = np.empty((bq, bk), q.dtype)
         dp = np.empty((bq, bk), q.dtype)
         acc_k = np.zeros((bk, d), q.dtype)
-        acc_v = np.zeros((bk, dv), q.dtype)
-        kp = row_address(k, b, hk, j0)
-        vp = row_address(v, b, hk, j0)
+        acc_v = np.zeros((bk, v.shape[3]), q.dtype)
         ilo, ihi = visible_queries(j0, j0 + n, off, left, right, lq)
         for h in range(hk * group, (hk + 1) * group):
             for i0 in range(ilo, ihi, bq):
                 m = min(bq, ihi - i0)
-                qp = row_address(q, b, h, i0)
-                op = row_address(dout, b, h, i0)
-                gemm_nt(gemm, m, n, d, c, qp, ldq, kp, ldk, zero, s.ctypes.data, bk)
-                probabilities_tile(s, m, n, i0, j0, off, left, right, lk, lse2[b, h])
-                gemm_tn(gemm, n, dv, m, one, s.ctypes.data, bk, op, ldo, one, acc_v.ctypes.data, dv)
-                gemm_nt(gemm, m, n, dv, one, op, ldo, vp, ldv, zero, dp.ctypes.data, bk)
-                score_grad_tile(s, dp, m, n, i0, delta[b, h])
-                gemm_tn(gemm, n, d, m, sc, dp.ctypes.data, bk, qp, ldq, one, acc_k.ctypes.data, d)
-        for r in range(n):
-            for col in range(d):
-                dk[b, hk, j0 + r, col] = acc_k[r, col]
-            for col in range(dv):
-                dv_out[b, hk, j0 + r, col] = acc_v[r, col]
+                backward_kv_step(
+                    gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, off, left, right, c, sc, s, dp,
+                    acc_k, acc_v,
+                )  # fmt: skip
+        store_rows(acc_k, dk, b, hk, j0, n)
+        store_rows(acc_v, dv, b, hk, j0, n)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -135,41 +110,30 @@ def _backward_q_kernel(dout, q, k, v, lse2, delta, dq, scale, off, left, right, 
     n_batch, hq, lq, d = q.shape
     group = hq // k.shape[1]
     lk = k.shape[2]
-    dv = v.shape[3]
     n_qt = (lq + bq - 1) // bq
     c = like(scale * LOG2E, q)
     sc = like(scale, q)
-    one = like(1.0, q)
-    zero = like(0.0, q)
-    ldq, ldk, ldv, ldo = row_stride(q), row_stride(k), row_stride(v), row_stride(dout)
     for task in prange(n_batch * hq * n_qt):
         t = zigzag(task % n_qt, n_qt)
         h = (task // n_qt) % hq
         b = task // (n_qt * hq)
-        hk = h // group
         i0 = t * bq
         m = min(bq, lq - i0)
         s = np.empty((bq, bk), q.dtype)
         dp = np.empty((bq, bk), q.dtype)
         acc = np.zeros((bq, d), q.dtype)
-        qp = row_address(q, b, h, i0)
-        op = row_address(dout, b, h, i0)
         klo = visible_keys(i0, off, left, right, lk)[0]
         khi = visible_keys(i0 + m - 1, off, left, right, lk)[1]
         for j0 in range(klo, khi, bk):
             n = min(bk, khi - j0)
-            kp = row_address(k, b, hk, j0)
-            gemm_nt(gemm, m, n, d, c, qp, ldq, kp, ldk, zero, s.ctypes.data, bk)
-            probabilities_tile(s, m, n, i0, j0, off, left, right, lk, lse2[b, h])
-            gemm_nt(gemm, m, n, dv, one, op, ldo, row_address(v, b, hk, j0), ldv, zero, dp.ctypes.data, bk)
-            score_grad_tile(s, dp, m, n, i0, delta[b, h])
-            gemm_nn(gemm, m, d, n, sc, dp.ctypes.data, bk, kp, ldk, one, acc.ctypes.data, d)
-        for r in range(m):
-            for col in range(d):
-                dq[b, h, i0 + r, col] = acc[r, col]
+            backward_q_step(
+                gemm, dout, q, k, v, lse2, delta, b, h, h // group, i0, m, j0, n, off, left, right, c, sc, s, dp, acc
+            )
+        store_rows(acc, dq, b, h, i0, m)
 
 
-def _bound(value: int | None) -> int:
+def window_bound(value: int | None) -> int:
+    """A window bound for the kernels: ``None`` (unbounded) becomes :data:`UNBOUNDED`."""
     return UNBOUNDED if value is None else int(value)
 
 
@@ -223,7 +187,9 @@ def forward(
     bq = _tile(lq, 256, n_batch * hq)
     bk = max(1, min(256, lk))
     with single_threaded_blas():
-        _forward_kernel(q, k, v, out, lse, scale, offset, _bound(left), _bound(right), bq, bk, gemm_address(q.dtype))
+        _forward_kernel(
+            q, k, v, out, lse, scale, offset, window_bound(left), window_bound(right), bq, bk, gemm_address(q.dtype)
+        )
     return out, lse
 
 
@@ -260,10 +226,10 @@ def backward(
         return dq, dk, dv
     delta = np.empty((n_batch, hq, lq), dtype)
     lse2 = np.ascontiguousarray(lse, dtype=dtype) * dtype.type(LOG2E)
-    left_b, right_b = _bound(left), _bound(right)
+    left_b, right_b = window_bound(left), window_bound(right)
     gemm = gemm_address(dtype)
     with single_threaded_blas():
-        _row_dot_kernel(dout, out, delta)
+        row_dot_kernel(dout, out, delta)
         bk = _tile(lk, 128, n_batch * hk)
         bq = max(1, min(128, lq))
         _backward_kv_kernel(dout, q, k, v, lse2, delta, dk, dv, scale, offset, left_b, right_b, bq, bk, gemm)

@@ -1,0 +1,1 @@
+"""asv benchmarks of npsparseattn, one module per operation (see ../README.md)."""

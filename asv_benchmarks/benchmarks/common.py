@@ -1,0 +1,103 @@
+"""What the benchmark modules share: sizes, backends, arrays, stream sync, rates.
+
+Backends are a benchmark parameter (``numba``, ``numba-cuda``, ``cupy``).  A
+backend that cannot run here makes ``setup`` raise ``SkipNotImplemented``
+with the reason, which asv reports as a skipped benchmark (SciPy's
+``XPBenchmark`` pattern).  GPU work is synchronised inside the timed call,
+and ``setup`` runs every kernel once so that numba compilation (or loading
+its cache) is never timed.
+
+``NPSPARSEATTN_ASV_QUICK=1`` shrinks every parameter grid to one small size
+for the CI smoke run (``make asv-smoke``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from asv_runner.benchmarks.mark import SkipNotImplemented
+
+import npsparseattn as nsa
+from npsparseattn.bench.common import best_time
+
+QUICK = os.environ.get("NPSPARSEATTN_ASV_QUICK", "0") not in ("", "0")
+BACKENDS = ["numba", "numba-cuda", "cupy"]
+MATMUL_SIZE = 512 if QUICK else 2048
+GPU_BACKENDS = ("numba-cuda", "cupy")
+
+
+def sizes(full: list, quick: list) -> list:
+    """``quick`` under ``NPSPARSEATTN_ASV_QUICK=1``, else ``full``."""
+    return quick if QUICK else full
+
+
+def unavailable(backend: str, op: str) -> list[str]:
+    """Why ``backend`` cannot run ``op`` on this machine (empty: it can)."""
+    reasons = []
+    if backend not in nsa.available_backends(op):
+        reasons.append(f"npsparseattn has no {backend} implementation of {op} in this release")
+    if backend in GPU_BACKENDS:
+        try:
+            import cupy
+
+            if cupy.cuda.runtime.getDeviceCount() == 0:
+                reasons.append("no CUDA GPU")
+        except ImportError:
+            reasons.append("CuPy is not installed")
+        except RuntimeError as exc:
+            reasons.append(f"no CUDA GPU ({exc})")
+    return reasons
+
+
+class Backend:
+    """Arrays and synchronisation for one backend; skips the benchmark if it cannot run.
+
+    ``op`` is the registered operation whose kernels the benchmark runs;
+    ``label`` names the benchmarked function in the skip message (default ``op``).
+    """
+
+    def __init__(self, name: str, op: str, label: str | None = None) -> None:
+        reasons = unavailable(name, op)
+        if reasons:
+            raise SkipNotImplemented(f"{label or op} on {name}: " + "; ".join(reasons))
+        self.name = name
+        self.gpu = name in GPU_BACKENDS
+        if self.gpu:
+            import cupy
+
+            self.xp = cupy
+        else:
+            self.xp = np
+
+    def random(self, rng: np.random.Generator, shape: tuple[int, ...], dtype: str = "float32") -> Any:
+        """Standard-normal array on this backend's device."""
+        return self.xp.asarray(rng.standard_normal(shape).astype(dtype))
+
+    def sync(self) -> None:
+        """Wait for queued GPU work (no-op on the CPU)."""
+        if self.gpu:
+            self.xp.cuda.get_current_stream().synchronize()
+
+    def timed(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """``fn`` followed by a stream synchronisation: what a benchmark may time."""
+
+        def call():
+            result = fn()
+            self.sync()
+            return result
+
+        return call
+
+    def matmul_gflops(self, dtype: str = "float32", size: int = MATMUL_SIZE) -> float:
+        """GFLOP/s of a square matrix product on this backend's device, measured now."""
+        rng = np.random.default_rng(0)
+        a = self.random(rng, (size, size), dtype)
+        b = self.random(rng, (size, size), dtype)
+        return 2.0 * size**3 / best_time(self.timed(lambda: a @ b), repeat=3) / 1e9
+
+    def gflops(self, fn: Callable[[], Any], flops: float) -> float:
+        """GFLOP/s of ``fn`` (best of three synchronised calls)."""
+        return flops / best_time(self.timed(fn), repeat=3) / 1e9

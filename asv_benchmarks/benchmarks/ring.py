@@ -1,0 +1,123 @@
+"""Ring attention (``npsparseattn.ring_attention``) in one process, and its merge/shard path.
+
+asv runs every benchmark in a single process, so the ring here has one rank
+(``MPIComm()`` on ``MPI.COMM_WORLD`` outside ``mpiexec``): that times the
+ring's own machinery (argument agreement across ranks, the block schedule,
+the exact ``lse`` merge) around the tiled kernels, and
+``track_*_overhead`` divides it by plain :func:`npsparseattn.attention` on the
+same inputs.  Multi-rank scaling needs ``mpiexec`` and is measured by
+``mpiexec -n P npsparseattn bench ring``.  Without mpi4py the ring benchmarks
+are skipped with the reason.
+"""
+
+# ruff: noqa: RUF012  (asv reads params and param_names from class attributes)
+from __future__ import annotations
+
+import numpy as np
+from asv_runner.benchmarks.mark import SkipNotImplemented
+
+import npsparseattn as nsa
+from npsparseattn.bench.common import best_time
+
+from .common import BACKENDS, Backend, sizes
+
+HEADS = 4
+DIM = 64
+
+
+def single_rank_comm():
+    """A one-rank ring (``MPI.COMM_WORLD`` of this process), or skip the benchmark saying why."""
+    from npsparseattn.distributed import MPIComm
+
+    try:
+        comm = MPIComm()
+    except ImportError as exc:
+        raise SkipNotImplemented(f"ring attention needs MPI: {exc}") from exc
+    if comm.size != 1:
+        raise SkipNotImplemented(f"asv times a one-rank ring; this process is one of {comm.size} MPI ranks")
+    return comm
+
+
+class RingSingleRank:
+    params = [
+        sizes([2048, 8192], [512]),
+        sizes([False, True], [True]),
+        sizes(["zigzag", "contiguous"], ["zigzag"]),
+        BACKENDS,
+    ]
+    param_names = ["seq", "causal", "layout", "backend"]
+    timeout = 600
+
+    def setup(self, seq, causal, layout, backend):
+        self.backend = Backend(backend, "attention", label="ring_attention (per-block attention kernels)")
+        self.comm = single_rank_comm()
+        rng = np.random.default_rng(seq)
+        shape = (1, HEADS, seq, DIM)
+        self.q, self.k, self.v = (self.backend.random(rng, shape) for _ in range(3))
+        self.dout = self.backend.random(rng, shape)
+        self.causal = causal
+        self.kwargs = {"causal": causal, "layout": layout, "backend": backend}
+        small = [self.backend.random(rng, (1, HEADS, 128, DIM)) for _ in range(4)]
+        out, lse = nsa.ring_attention(*small[:3], self.comm, return_lse=True, **self.kwargs)
+        nsa.ring_attention_backward(small[3], *small[:3], out, lse, self.comm, **self.kwargs)
+        self.out, self.lse = nsa.ring_attention(self.q, self.k, self.v, self.comm, return_lse=True, **self.kwargs)
+        self.backend.sync()
+
+    def forward(self):
+        return nsa.ring_attention(self.q, self.k, self.v, self.comm, **self.kwargs)
+
+    def backward(self):
+        return nsa.ring_attention_backward(
+            self.dout, self.q, self.k, self.v, self.out, self.lse, self.comm, **self.kwargs
+        )
+
+    def time_forward(self, *params):
+        self.backend.timed(self.forward)()
+
+    def time_backward(self, *params):
+        self.backend.timed(self.backward)()
+
+    def peakmem_forward(self, *params):
+        self.backend.timed(self.forward)()
+
+    def track_forward_overhead(self, *params):
+        ring = best_time(self.backend.timed(self.forward), repeat=3)
+        plain = best_time(self.backend.timed(lambda: nsa.attention(self.q, self.k, self.v, causal=self.causal)))
+        return ring / plain
+
+    track_forward_overhead.unit = "ring time / attention time"
+
+
+class MergeStates:
+    """The exact ``(out, lse)`` merge every ring step performs, in float32."""
+
+    params = [sizes([4096, 32768], [1024]), sizes([64, 128], [64])]
+    param_names = ["seq", "dim"]
+
+    def setup(self, seq, dim):
+        rng = np.random.default_rng(0)
+        self.out = rng.standard_normal((HEADS, seq, dim)).astype(np.float32)
+        self.lse = rng.standard_normal((HEADS, seq)).astype(np.float32)
+        self.block_out = rng.standard_normal((HEADS, seq, dim)).astype(np.float32)
+        self.block_lse = rng.standard_normal((HEADS, seq)).astype(np.float32)
+
+    def time_merge(self, seq, dim):
+        nsa.ring.merge_states(self.out, self.lse, self.block_out, self.block_lse)
+
+
+class Shard:
+    """Cutting a sequence into zigzag/contiguous shards and putting it back together."""
+
+    params = [sizes([32768], [1024]), [2, 8], ["zigzag", "contiguous"]]
+    param_names = ["seq", "world", "layout"]
+
+    def setup(self, seq, world, layout):
+        self.x = np.random.default_rng(0).standard_normal((HEADS, seq, DIM)).astype(np.float32)
+        self.shards = [nsa.shard(self.x, r, world, layout) for r in range(world)]
+
+    def time_shard(self, seq, world, layout):
+        for rank in range(world):
+            nsa.shard(self.x, rank, world, layout)
+
+    def time_unshard(self, seq, world, layout):
+        nsa.unshard(self.shards, layout)

@@ -1,0 +1,141 @@
+"""Block-sparse attention: ``block_sparse_attention`` and its backward (public API)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from npsparseattn._checks import AttentionProblem, attention_problem, check_backend, gradient_inputs
+from npsparseattn._dispatch import select
+from npsparseattn.layouts import BlockLayout
+
+Window = tuple[int | None, int | None]
+
+
+def check_layout(layout: Any, problem: AttentionProblem) -> BlockLayout:
+    """``layout`` is a :class:`BlockLayout` made for these ``q``/``k``: ``seq == (Lq, Lk)``, heads 1 or Hq."""
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(
+            f"layout must be an npsparseattn.layouts.BlockLayout (see npsparseattn.layouts), "
+            f"got {type(layout).__name__}"
+        )
+    if layout.seq != (problem.seq_q, problem.seq_k):
+        raise ValueError(
+            f"layout is for seq (Lq, Lk) = {layout.seq} but q has Lq={problem.seq_q} and k has Lk={problem.seq_k}"
+        )
+    if layout.heads not in (1, problem.n_heads):
+        raise ValueError(
+            f"layout has {layout.heads} heads but q has {problem.n_heads} query heads; a layout serves every "
+            f"head (heads=1) or gives one pattern per query head (heads={problem.n_heads})"
+        )
+    return layout
+
+
+def block_sparse_attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    layout: BlockLayout,
+    *,
+    causal: bool = False,
+    window: Window | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> Any:
+    """Exact attention restricted to the stored blocks of a layout; cost grows with the stored blocks.
+
+    Query ``i`` attends key ``j`` iff the block pair ``(i // bq, j // bk)``
+    is stored in ``layout`` (for the query's head) **and** the ``causal`` /
+    ``window`` element masks allow the pair; those have the meaning of
+    :func:`npsparseattn.attention` (bottom-right alignment, offset
+    ``Lk - Lq``), so with ``layouts.dense`` this *is* ``attention``::
+
+        block_sparse_attention(q, k, v, layouts.dense(seq, block), causal=c, window=w)
+            == attention(q, k, v, causal=c, window=w)
+
+    Parameters
+    ----------
+    q : array, shape (*batch, Hq, Lq, D), (Hq, Lq, D) or (Lq, D)
+    k : array, shape (*batch, Hk, Lk, D), ``Hq % Hk == 0`` (grouped-query attention)
+    v : array, shape (*batch, Hk, Lk, Dv)
+    layout : BlockLayout
+        ``layout.seq == (Lq, Lk)``; ``layout.heads`` is 1 (one pattern for
+        every head) or Hq (one per query head).  Build one with
+        :mod:`npsparseattn.layouts`.
+    causal, window, scale :
+        As :func:`npsparseattn.attention`, applied inside the stored blocks.
+    return_lse : bool
+        Also return ``lse`` (*batch, Hq, Lq).
+    backend : str
+        ``"auto"``, ``"numba"`` (CPU) or ``"reference"`` (dense float64 oracle).
+
+    Returns
+    -------
+    out : array (*batch, Hq, Lq, Dv), dtype of ``q``; rows that see no key are 0
+    lse : array (*batch, Hq, Lq), ``-inf`` for those rows, only if ``return_lse``
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import npsparseattn as nsa
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((1, 4, 1000, 64), dtype=np.float32) for _ in range(3))
+    >>> layout = nsa.layouts.bigbird(1000, 64, seed=0)   # window + global + random blocks
+    >>> out = nsa.block_sparse_attention(q, k, v, layout)
+    >>> out.shape
+    (1, 4, 1000, 64)
+    """
+    check_backend(backend)
+    problem = attention_problem(q, k, v, causal=causal, window=window, scale=scale)
+    check_layout(layout, problem)
+    impl = select("block_sparse_attention", problem, backend)
+    out, lse = impl.forward(problem, layout)
+    out = problem.restore(out)
+    return (out, problem.restore(lse)) if return_lse else out
+
+
+def block_sparse_attention_backward(
+    dout: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    layout: BlockLayout,
+    *,
+    causal: bool = False,
+    window: Window | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[Any, Any, Any]:
+    """Gradients ``(dq, dk, dv)`` of :func:`block_sparse_attention` (FlashAttention-2 scheme).
+
+    Parameters
+    ----------
+    dout : array (*batch, Hq, Lq, Dv), gradient of the loss with respect to ``out``
+    q, k, v, layout : as for the forward call
+    out, lse : the forward's results (``return_lse=True``)
+    causal, window, scale, backend : as for the forward call
+
+    Returns
+    -------
+    dq shaped like ``q``; dk, dv shaped like ``k``, ``v`` (summed over each GQA group)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import npsparseattn as nsa
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((2, 300, 32)) for _ in range(3))
+    >>> layout = nsa.layouts.sliding_window(300, 32, (64, 0))
+    >>> out, lse = nsa.block_sparse_attention(q, k, v, layout, causal=True, return_lse=True)
+    >>> dq, dk, dv = nsa.block_sparse_attention_backward(np.ones_like(out), q, k, v, out, lse, layout, causal=True)
+    >>> dq.shape == q.shape and dk.shape == k.shape
+    True
+    """
+    check_backend(backend)
+    problem = attention_problem(q, k, v, causal=causal, window=window, scale=scale)
+    check_layout(layout, problem)
+    grads = gradient_inputs(problem, dout, out, lse)
+    impl = select("block_sparse_attention", problem, backend)
+    return tuple(problem.restore(g) for g in impl.backward(problem, grads, layout))
