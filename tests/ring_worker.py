@@ -205,7 +205,12 @@ class DyingComm(MPIComm):
         return transfer
 
 
-def mode_fault(kind: str) -> None:
+def mode_fault(kind: str, path: str) -> None:
+    """Rank 1 dies or stalls; each survivor writes its outcome to ``<path>.<rank>``.
+
+    A file per rank, not a line on stdout: the launcher merges the ranks'
+    output streams and may cut one rank's line with another's traceback.
+    """
     timeout = float(os.environ["RING_TEST_TIMEOUT"])
     comm = (DyingComm if kind == "fault-exit-mid" else MPIComm)(timeout=timeout)
     rng = np.random.default_rng(3)
@@ -221,10 +226,13 @@ def mode_fault(kind: str) -> None:
         nsa.ring_attention(*mine, comm, causal=True)
     except RingError as err:
         elapsed = time.monotonic() - start
-        print(f"RESULT rank={comm.rank} error={type(err).__name__} elapsed={elapsed:.2f} message={err}", flush=True)
+        result = dict(rank=comm.rank, error=type(err).__name__, elapsed=elapsed, message=str(err))
+        with open(f"{path}.{comm.rank}", "w") as f:
+            json.dump(result, f)
         time.sleep(timeout + 1.0)  # let the other survivors fail too before the first abort ends the job
         raise
-    print(f"RESULT rank={comm.rank} finished", flush=True)
+    with open(f"{path}.{comm.rank}", "w") as f:
+        json.dump(dict(rank=comm.rank, error=None), f)
 
 
 def mode_nccl_bootstrap(path: str) -> None:
@@ -268,7 +276,7 @@ def mode_nccl_bootstrap(path: str) -> None:
 def main() -> None:
     mode, path = sys.argv[1], sys.argv[2]
     if mode.startswith("fault"):
-        mode_fault(mode)
+        mode_fault(mode, path)
     elif mode == "nccl-bootstrap":
         mode_nccl_bootstrap(path)
     else:

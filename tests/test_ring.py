@@ -162,10 +162,12 @@ def test_invalid_arguments_on_one_rank_fail_every_rank(error_reports, name, own_
         )
 
 
-def _fault_results(output: str) -> dict[int, tuple[str, float, str]]:
+def _fault_results(path) -> dict[int, tuple[str, float, str]]:
+    """The outcome each surviving rank wrote to ``<path>.<rank>``."""
     found = {}
-    for m in re.finditer(r"RESULT rank=(\d+) error=(\w+) elapsed=([\d.]+) message=(.*)", output):
-        found[int(m.group(1))] = (m.group(2), float(m.group(3)), m.group(4))
+    for file in path.parent.glob(path.name + ".*"):
+        r = json.loads(file.read_text())
+        found[r["rank"]] = (r["error"], r.get("elapsed"), r.get("message"))
     return found
 
 
@@ -181,10 +183,12 @@ def _fault_results(output: str) -> dict[int, tuple[str, float, str]]:
         ("fault-stall", ()),
     ],
 )
-def test_dead_or_stalled_peer_ends_with_an_error_not_a_hang(warm_kernels, mode, flags):
+def test_dead_or_stalled_peer_ends_with_an_error_not_a_hang(warm_kernels, tmp_path, mode, flags):
     limit = 60
-    rc, output, wall = mpirun(3, mode, "-", flags=flags, limit=limit, env={"RING_TEST_TIMEOUT": str(FAULT_TIMEOUT)})
-    results = _fault_results(output)
+    path = tmp_path / "fault"
+    env = {"RING_TEST_TIMEOUT": str(FAULT_TIMEOUT)}
+    rc, output, wall = mpirun(3, mode, str(path), flags=flags, limit=limit, env=env)
+    results = _fault_results(path)
     assert rc != 0, output[-3000:]
     assert set(results) == {0, 2}, output[-3000:]  # both survivors failed with a ring error
     for rank, (kind, elapsed, message) in results.items():
