@@ -54,16 +54,27 @@ def bytes_per_token(extra_bytes: float, tokens: int) -> float:
     return extra_bytes / tokens if tokens else 0.0
 
 
+SETTLE_SECONDS = 0.25
+
+
 def matmul_rate(dtype: Any = np.float32, *, size: int = 2048, repeat: int = 3) -> float:
     """GFLOP/s of a square ``size`` x ``size`` NumPy matrix product: the machine's GEMM rate.
 
     Measured in the same run as the kernel it is compared with, so both see the
-    same clock, cores and neighbours.
+    same clock, cores and neighbours.  Waits :data:`SETTLE_SECONDS` before and
+    after: thread pools (OpenBLAS's, numba's OpenMP workers) keep spinning for
+    a while after their work, and whatever is timed in that window loses a
+    core to them (measured: a causal L=1024 forward took 17 ms instead of 10
+    right after a product, and a product ran at 100 instead of 180 GFLOP/s
+    right after a kernel).
     """
     rng = np.random.default_rng(0)
     a = rng.standard_normal((size, size)).astype(dtype)
     b = rng.standard_normal((size, size)).astype(dtype)
-    return 2.0 * size**3 / best_time(lambda: a @ b, repeat=repeat) / 1e9
+    time.sleep(SETTLE_SECONDS)
+    rate = 2.0 * size**3 / best_time(lambda: a @ b, repeat=repeat) / 1e9
+    time.sleep(SETTLE_SECONDS)
+    return rate
 
 
 def dense_numpy_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, causal: bool) -> np.ndarray:
