@@ -152,8 +152,16 @@ def attention_backward(
 ) -> tuple[Any, Any, Any]:
     """Float64 gradients ``(dq, dk, dv)`` of dense attention for upstream ``dout``.
 
-    ``dout`` has the shape of the forward output; results have the shapes of
-    ``q``, ``k``, ``v`` (dk/dv summed over each GQA group).
+    ``dout`` has the shape of the forward output, (..., Hq, Lq, Dv); results
+    have the shapes of ``q``, ``k``, ``v`` (dk/dv summed over each GQA group).
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.standard_normal((4, 6, 8))  # (Hq, Lq, D)
+    >>> k, v = rng.standard_normal((2, 2, 6, 8))  # (Hk, Lk, D): GQA, 2 query heads per key head
+    >>> dq, dk, dv = attention_backward(np.ones((4, 6, 8)), q, k, v, causal=True)
+    >>> dq.shape, dk.shape, dv.dtype
+    ((4, 6, 8), (2, 6, 8), dtype('float64'))
     """
     problem = attention_problem(q, k, v, causal=causal, window=window, scale=scale)
     dq, dk, dv = dense_backward(problem, output_like(problem, dout, "dout"))
@@ -206,7 +214,20 @@ def block_sparse_attention_backward(
     window: tuple[int | None, int | None] | None = None,
     scale: float | None = None,
 ) -> tuple[Any, Any, Any]:
-    """Float64 gradients ``(dq, dk, dv)`` of :func:`block_sparse_attention` for upstream ``dout``."""
+    """Float64 gradients ``(dq, dk, dv)`` of :func:`block_sparse_attention` for upstream ``dout``.
+
+    ``dout`` has the shape of the forward output, (..., Hq, Lq, Dv); results
+    have the shapes of ``q``, ``k``, ``v``.
+
+    >>> import numpy as np
+    >>> from npsparseattn import layouts
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 2, 64, 8))  # (H, L, D) each
+    >>> layout = layouts.sliding_window(64, block=16, window=16)
+    >>> dq, dk, dv = block_sparse_attention_backward(np.ones((2, 64, 8)), q, k, v, layout, causal=True)
+    >>> dq.shape, dv.shape
+    ((2, 64, 8), (2, 64, 8))
+    """
     problem = attention_problem(q, k, v, causal=causal, window=window, scale=scale)
     mask = block_sparse_mask(problem, check_layout(layout, problem))
     dq, dk, dv = dense_backward(problem, output_like(problem, dout, "dout"), mask)
