@@ -13,14 +13,14 @@ from __future__ import annotations
 import numpy as np
 
 import npsparseattn as nsa
-from npsparseattn.bench.common import BACKWARD_FLOP_RATIO, attention_flops
+from npsparseattn.bench.common import attention_flops
 
-from .common import BACKENDS, Backend, sizes
+from .common import BACKENDS, Backend, forward_backward_suite, sizes
 
 HEADS = 4
 
 
-class Attention:
+class Attention(forward_backward_suite("GFLOP/s")):
     params = [sizes([1024, 4096], [256]), sizes([64, 128], [64]), sizes([False, True], [True]), BACKENDS]
     param_names = ["seq", "dim", "causal", "backend"]
     timeout = 600
@@ -44,35 +44,3 @@ class Attention:
 
     def backward(self):
         return nsa.attention_backward(self.dout, self.q, self.k, self.v, self.out, self.lse, **self.kwargs)
-
-    def time_forward(self, *params):
-        self.backend.timed(self.forward)()
-
-    def time_backward(self, *params):
-        self.backend.timed(self.backward)()
-
-    def peakmem_forward(self, *params):
-        self.backend.timed(self.forward)()
-
-    def peakmem_backward(self, *params):
-        self.backend.timed(self.backward)()
-
-    def track_forward_gflops(self, *params):
-        return self.backend.gflops(self.forward, self.flops)
-
-    track_forward_gflops.unit = "GFLOP/s"
-
-    def track_backward_gflops(self, *params):
-        return self.backend.gflops(self.backward, BACKWARD_FLOP_RATIO * self.flops)
-
-    track_backward_gflops.unit = "GFLOP/s"
-
-    def track_forward_vs_matmul(self, *params):
-        return self.backend.gflops(self.forward, self.flops) / self.backend.matmul_gflops()
-
-    track_forward_vs_matmul.unit = "fraction of matmul GFLOP/s"
-
-    def track_backward_vs_matmul(self, *params):
-        return self.backend.gflops(self.backward, BACKWARD_FLOP_RATIO * self.flops) / self.backend.matmul_gflops()
-
-    track_backward_vs_matmul.unit = "fraction of matmul GFLOP/s"

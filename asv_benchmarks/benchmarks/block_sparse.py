@@ -14,9 +14,8 @@ import numpy as np
 
 import npsparseattn as nsa
 from npsparseattn import layouts
-from npsparseattn.bench.common import BACKWARD_FLOP_RATIO
 
-from .common import BACKENDS, Backend, sizes
+from .common import BACKENDS, Backend, forward_backward_suite, sizes
 
 HEADS = 4
 DIM = 64
@@ -33,7 +32,7 @@ def random_layout(seq: int, density: float, causal: bool, seed: int = 0) -> layo
     return layouts.from_block_mask(mask, BLOCK, (seq, seq))
 
 
-class BlockSparseAttention:
+class BlockSparseAttention(forward_backward_suite("GFLOP/s (stored blocks)")):
     params = [sizes([2048, 8192], [512]), sizes([0.05, 0.25, 1.0], [0.25]), sizes([False, True], [True]), BACKENDS]
     param_names = ["seq", "density", "causal", "backend"]
     timeout = 600
@@ -64,38 +63,6 @@ class BlockSparseAttention:
         return nsa.block_sparse_attention_backward(
             self.dout, self.q, self.k, self.v, self.out, self.lse, self.layout, **self.kwargs
         )
-
-    def time_forward(self, *params):
-        self.backend.timed(self.forward)()
-
-    def time_backward(self, *params):
-        self.backend.timed(self.backward)()
-
-    def peakmem_forward(self, *params):
-        self.backend.timed(self.forward)()
-
-    def peakmem_backward(self, *params):
-        self.backend.timed(self.backward)()
-
-    def track_forward_gflops(self, *params):
-        return self.backend.gflops(self.forward, self.flops)
-
-    track_forward_gflops.unit = "GFLOP/s (stored blocks)"
-
-    def track_backward_gflops(self, *params):
-        return self.backend.gflops(self.backward, BACKWARD_FLOP_RATIO * self.flops)
-
-    track_backward_gflops.unit = "GFLOP/s (stored blocks)"
-
-    def track_forward_vs_matmul(self, *params):
-        return self.backend.gflops(self.forward, self.flops) / self.backend.matmul_gflops()
-
-    track_forward_vs_matmul.unit = "fraction of matmul GFLOP/s"
-
-    def track_backward_vs_matmul(self, *params):
-        return self.backend.gflops(self.backward, BACKWARD_FLOP_RATIO * self.flops) / self.backend.matmul_gflops()
-
-    track_backward_vs_matmul.unit = "fraction of matmul GFLOP/s"
 
 
 class LayoutBuild:

@@ -21,7 +21,7 @@ import numpy as np
 from asv_runner.benchmarks.mark import SkipNotImplemented
 
 import npsparseattn as nsa
-from npsparseattn.bench.common import best_time
+from npsparseattn.bench.common import BACKWARD_FLOP_RATIO, best_time
 
 QUICK = os.environ.get("NPSPARSEATTN_ASV_QUICK", "0") not in ("", "0")
 BACKENDS = ["numba", "numba-cuda", "cupy"]
@@ -101,3 +101,50 @@ class Backend:
     def gflops(self, fn: Callable[[], Any], flops: float) -> float:
         """GFLOP/s of ``fn`` (best of three synchronised calls)."""
         return flops / best_time(self.timed(fn), repeat=3) / 1e9
+
+
+def forward_backward_suite(flops_unit: str) -> type:
+    """Base class of a kernel's benchmarks: time, peak memory and rates of ``forward``/``backward``.
+
+    A subclass's ``setup`` sets ``self.backend`` (a :class:`Backend`),
+    ``self.flops`` (forward FLOPs, counted as ``flops_unit`` says) and defines
+    ``forward()`` and ``backward()``.  The backward is counted as
+    ``BACKWARD_FLOP_RATIO`` times the forward.  The class is made by a
+    function so that asv, which collects every class in a benchmark module,
+    never sees a base without ``setup``.
+    """
+
+    class ForwardBackward:
+        def time_forward(self, *params):
+            self.backend.timed(self.forward)()
+
+        def time_backward(self, *params):
+            self.backend.timed(self.backward)()
+
+        def peakmem_forward(self, *params):
+            self.backend.timed(self.forward)()
+
+        def peakmem_backward(self, *params):
+            self.backend.timed(self.backward)()
+
+        def track_forward_gflops(self, *params):
+            return self.backend.gflops(self.forward, self.flops)
+
+        track_forward_gflops.unit = flops_unit
+
+        def track_backward_gflops(self, *params):
+            return self.backend.gflops(self.backward, BACKWARD_FLOP_RATIO * self.flops)
+
+        track_backward_gflops.unit = flops_unit
+
+        def track_forward_vs_matmul(self, *params):
+            return self.backend.gflops(self.forward, self.flops) / self.backend.matmul_gflops()
+
+        track_forward_vs_matmul.unit = "fraction of matmul GFLOP/s"
+
+        def track_backward_vs_matmul(self, *params):
+            return self.backend.gflops(self.backward, BACKWARD_FLOP_RATIO * self.flops) / self.backend.matmul_gflops()
+
+        track_backward_vs_matmul.unit = "fraction of matmul GFLOP/s"
+
+    return ForwardBackward

@@ -14,16 +14,15 @@ from __future__ import annotations
 import numpy as np
 
 from npsparseattn import lsh
-from npsparseattn.bench.common import BACKWARD_FLOP_RATIO
 
-from .common import BACKENDS, Backend, sizes
+from .common import BACKENDS, Backend, forward_backward_suite, sizes
 
 HEADS = 4
 DIM = 64
 CHUNK = 64
 
 
-class LSHAttention:
+class LSHAttention(forward_backward_suite("GFLOP/s (chunked attention)")):
     params = [sizes([4096, 16384], [512]), sizes([1, 4], [2]), sizes([False, True], [True]), BACKENDS]
     param_names = ["seq", "n_hashes", "causal", "backend"]
     timeout = 600
@@ -55,38 +54,6 @@ class LSHAttention:
 
     def backward(self):
         return lsh.lsh_attention_backward(self.dout, self.qk, self.v, self.out, self.lse, **self.kwargs)
-
-    def time_forward(self, *params):
-        self.backend.timed(self.forward)()
-
-    def time_backward(self, *params):
-        self.backend.timed(self.backward)()
-
-    def peakmem_forward(self, *params):
-        self.backend.timed(self.forward)()
-
-    def peakmem_backward(self, *params):
-        self.backend.timed(self.backward)()
-
-    def track_forward_gflops(self, *params):
-        return self.backend.gflops(self.forward, self.flops)
-
-    track_forward_gflops.unit = "GFLOP/s (chunked attention)"
-
-    def track_backward_gflops(self, *params):
-        return self.backend.gflops(self.backward, BACKWARD_FLOP_RATIO * self.flops)
-
-    track_backward_gflops.unit = "GFLOP/s (chunked attention)"
-
-    def track_forward_vs_matmul(self, *params):
-        return self.backend.gflops(self.forward, self.flops) / self.backend.matmul_gflops()
-
-    track_forward_vs_matmul.unit = "fraction of matmul GFLOP/s"
-
-    def track_backward_vs_matmul(self, *params):
-        return self.backend.gflops(self.backward, BACKWARD_FLOP_RATIO * self.flops) / self.backend.matmul_gflops()
-
-    track_backward_vs_matmul.unit = "fraction of matmul GFLOP/s"
 
 
 class Hashing:
