@@ -25,6 +25,20 @@ from npsparseattn._dispatch import common_kind
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
+def is_int(value: Any) -> bool:
+    """True for a Python or NumPy integer that is not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def check_int(value: Any, name: str, minimum: int) -> int:
+    """``value`` is an int (not a bool) and at least ``minimum``."""
+    if not is_int(value):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
 def check_flag(value: Any, name: str) -> bool:
     """``value`` must be a Python or NumPy bool."""
     if not isinstance(value, (bool, np.bool_)):
@@ -47,7 +61,7 @@ def check_scale(scale: Any, head_dim: int) -> float:
 def _window_side(value: Any, side: str) -> int | None:
     if value is None:
         return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+    if not is_int(value):
         raise TypeError(f"window {side} bound must be a non-negative int or None, got {value!r}")
     if value < 0:
         raise ValueError(f"window {side} bound must be >= 0 (None for unbounded), got {value}")

@@ -25,14 +25,13 @@ routing), :func:`from_block_mask`, :func:`from_token_mask`,
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Sequence
 from os import PathLike
 from typing import Any
 
 import numpy as np
 
-from npsparseattn._checks import check_window
+from npsparseattn._checks import check_flag, check_int, check_window, is_int
 
 Pair = int | tuple[int, int]
 Window = int | tuple[int | None, int | None] | None
@@ -40,22 +39,14 @@ Window = int | tuple[int | None, int | None] | None
 _CHUNK_CELLS = 1 << 20  # block-grid cells evaluated at once by the pattern builders
 
 
-def _int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def _pair(value: Any, name: str, minimum: int) -> tuple[int, int]:
     """An int (used for queries and keys) or a pair ``(query, key)`` of ints >= ``minimum``."""
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
             raise TypeError(f"{name} must be an int or a pair (query, key) of ints, got {value!r}")
-        return _int(value[0], f"{name}[0]", minimum), _int(value[1], f"{name}[1]", minimum)
-    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
-        size = _int(value, name, minimum)
+        return check_int(value[0], f"{name}[0]", minimum), check_int(value[1], f"{name}[1]", minimum)
+    if is_int(value):
+        size = check_int(value, name, minimum)
         return size, size
     raise TypeError(f"{name} must be an int or a pair (query, key) of ints, got {value!r}")
 
@@ -114,7 +105,7 @@ class BlockLayout:
     def __init__(self, indptr: Any, indices: Any, block: Pair, seq: Pair, heads: int = 1) -> None:
         block = _pair(block, "block", 1)
         seq = _pair(seq, "seq", 0)
-        heads = _int(heads, "heads", 1)
+        heads = check_int(heads, "heads", 1)
         indptr = _index_array(indptr, "indptr")
         indices = _index_array(indices, "indices")
         _check_csr(indptr, indices, block, seq, heads)
@@ -253,7 +244,7 @@ class BlockLayout:
 
     def _coarse(self, head: int, cells: int) -> tuple[np.ndarray, int]:
         """Fraction of stored blocks in square groups of ``f`` x ``f`` blocks, at most ``cells`` per side."""
-        head = _int(head, "head", 0)
+        head = check_int(head, "head", 0)
         if head >= self._heads:
             raise ValueError(f"head must be < heads={self._heads}, got {head}")
         nqb, nkb = self.n_query_blocks, self.n_key_blocks
@@ -281,7 +272,7 @@ class BlockLayout:
         ###.
         ####
         """
-        width = _int(width, "width", 1)
+        width = check_int(width, "width", 1)
         frac, f = self._coarse(head, width)
         (bq, bk), nqb, nkb = self._block, self.n_query_blocks, self.n_key_blocks
         per_head = self.nnz if self._heads == 1 else int(self._indptr[(head + 1) * nqb] - self._indptr[head * nqb])
@@ -432,7 +423,7 @@ class _Grid:
             raise TypeError(f"global_blocks must be a sequence of key block numbers, got {global_blocks!r}")
         flags = np.zeros(self.nkb, dtype=bool)
         for g in global_blocks:
-            g = _int(g, "global_blocks entry", -self.nkb if self.nkb else -(1 << 62))
+            g = check_int(g, "global_blocks entry", -self.nkb if self.nkb else -(1 << 62))
             if not self.nkb:
                 continue
             if g >= self.nkb:
@@ -459,8 +450,8 @@ class _Grid:
 
 def _window(window: Window) -> tuple[int | None, int | None]:
     """An int ``w`` (``(w, w)``), a pair ``(left, right)`` with ``None`` unbounded, or ``None`` (no limit)."""
-    if isinstance(window, numbers.Integral) and not isinstance(window, (bool, np.bool_)):
-        w = _int(window, "window", 0)
+    if is_int(window):
+        w = check_int(window, "window", 0)
         return w, w
     return check_window(window, False)
 
@@ -542,9 +533,8 @@ def strided(seq: Pair, block: Pair, stride: int, *, causal: bool = True) -> Bloc
     .#..####
     """
     grid = _Grid(seq, block)
-    length = _int(stride, "stride", 1) * grid.bk
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal must be True or False, got {causal!r}")
+    length = check_int(stride, "stride", 1) * grid.bk
+    check_flag(causal, "causal")
 
     def rule(r0: int, r1: int) -> np.ndarray:
         _, j0, j1 = grid.keys()
@@ -580,12 +570,11 @@ def fixed(seq: Pair, block: Pair, stride: int, *, summary: int = 1, causal: bool
     ..#..###
     """
     grid = _Grid(seq, block)
-    stride = _int(stride, "stride", 1)
-    summary = _int(summary, "summary", 0)
+    stride = check_int(stride, "stride", 1)
+    summary = check_int(summary, "summary", 0)
     if summary > stride:
         raise ValueError(f"summary must be <= stride ({stride} blocks per segment), got {summary}")
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal must be True or False, got {causal!r}")
+    check_flag(causal, "causal")
     length = stride * grid.bk
 
     def rule(r0: int, r1: int) -> np.ndarray:
@@ -654,10 +643,10 @@ def bigbird(
     ########
     """
     grid = _Grid(seq, block)
-    random_blocks = _int(random_blocks, "random_blocks", 0)
-    heads = _int(heads, "heads", 1)
+    random_blocks = check_int(random_blocks, "random_blocks", 0)
+    heads = check_int(heads, "heads", 1)
     if seed is not None:
-        _int(seed, "seed", 0)
+        check_int(seed, "seed", 0)
     base = grid.from_rule(grid.window_and_global((grid.bk, grid.bk) if window is None else window, global_blocks))
     rng = np.random.default_rng(seed)
     counts, indices = [], []
@@ -750,7 +739,7 @@ def from_scipy(matrix: Any, block: Pair, seq: Pair | None = None, *, heads: int 
 
     if not sp.issparse(matrix):
         raise TypeError(f"matrix must be a scipy.sparse matrix or array, got {type(matrix).__name__}")
-    heads = _int(heads, "heads", 1)
+    heads = check_int(heads, "heads", 1)
     bq, bk = _pair(block, "block", 1)
     rows, nkb = matrix.shape
     if rows % heads:
@@ -912,9 +901,8 @@ def topk(q: np.ndarray, k: np.ndarray, block: Pair, top_k: int, *, causal: bool 
     """
     q, k = _routing_inputs(q, k)
     bq, bk = _pair(block, "block", 1)
-    top_k = _int(top_k, "top_k", 1)
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal must be True or False, got {causal!r}")
+    top_k = check_int(top_k, "top_k", 1)
+    check_flag(causal, "causal")
     grid = _Grid((q.shape[1], k.shape[1]), (bq, bk))
     group = q.shape[0] // k.shape[0]
     q_means = _block_means(q, bq)

@@ -21,7 +21,6 @@ per layer).  From ``seed`` they are drawn as
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +31,10 @@ from npsparseattn._checks import (
     check_backend,
     check_dtypes,
     check_flag,
+    check_int,
     check_ndim,
     gradient_inputs,
+    is_int,
     to_4d,
 )
 from npsparseattn._dispatch import BackendError, common_kind, select
@@ -88,15 +89,6 @@ class LSHProblem:
         return self.dense.restore(x)
 
 
-def _count(value: Any, name: str, minimum: int) -> int:
-    """``value`` is an int (not a bool) and at least ``minimum``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def bucket_factors(n_buckets: Any) -> tuple[int, ...]:
     """``8`` -> ``(8,)``; ``(4, 8)`` -> ``(4, 8)``; every factor an even int >= 2.
 
@@ -106,7 +98,7 @@ def bucket_factors(n_buckets: Any) -> tuple[int, ...]:
     if isinstance(n_buckets, (tuple, list)):
         if not n_buckets:
             raise ValueError("n_buckets must be an even int or a non-empty tuple of even ints, got ()")
-        factors = tuple(_count(f, "every factor of n_buckets", 2) for f in n_buckets)
+        factors = tuple(check_int(f, "every factor of n_buckets", 2) for f in n_buckets)
         odd = [f for f in factors if f % 2]
         if odd:
             raise ValueError(
@@ -114,7 +106,7 @@ def bucket_factors(n_buckets: Any) -> tuple[int, ...]:
                 f"got n_buckets={tuple(n_buckets)!r} with odd factor {odd[0]}"
             )
     else:
-        factors = (_count(n_buckets, "n_buckets", 2),)
+        factors = (check_int(n_buckets, "n_buckets", 2),)
         if factors[0] % 2:
             raise ValueError(f"n_buckets must be even (argmax over [xR, -xR] gives an even count), got {factors[0]}")
     if math.prod(factors) >= _INT32_LIMIT:
@@ -125,7 +117,7 @@ def bucket_factors(n_buckets: Any) -> tuple[int, ...]:
 def _check_seed(seed: Any) -> int | None:
     if seed is None:
         return None
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+    if not is_int(seed):
         raise TypeError(f"seed must be a non-negative int or None, got {seed!r}")
     if seed < 0:
         raise ValueError(f"seed must be a non-negative int or None, got {seed}")
@@ -146,9 +138,9 @@ def lsh_rotations(head_dim: int, n_buckets: NBuckets, *, n_hashes: int = 1, seed
     >>> lsh_rotations(64, (4, 8), n_hashes=2, seed=0).shape
     (64, 2, 6)
     """
-    head_dim = _count(head_dim, "head_dim", 1)
+    head_dim = check_int(head_dim, "head_dim", 1)
     factors = bucket_factors(n_buckets)
-    n_hashes = _count(n_hashes, "n_hashes", 1)
+    n_hashes = check_int(n_hashes, "n_hashes", 1)
     seed = _check_seed(seed)
     return np.random.default_rng(seed).standard_normal(_rotation_shape(head_dim, n_hashes, factors))
 
@@ -209,10 +201,10 @@ def lsh_problem(
     if qk.shape[-1] < 1 or v.shape[-1] < 1:
         raise ValueError(f"head dimensions must be >= 1: qk {tuple(qk.shape)}, v {tuple(v.shape)}")
     factors = bucket_factors(n_buckets)
-    n_hashes = _count(n_hashes, "n_hashes", 1)
-    chunk_size = _count(chunk_size, "chunk_size", 1)
-    chunks_before = _count(chunks_before, "chunks_before", 0)
-    chunks_after = _count(chunks_after, "chunks_after", 0)
+    n_hashes = check_int(n_hashes, "n_hashes", 1)
+    chunk_size = check_int(chunk_size, "chunk_size", 1)
+    chunks_before = check_int(chunks_before, "chunks_before", 0)
+    chunks_after = check_int(chunks_after, "chunks_after", 0)
     length = qk.shape[-2]
     if length % chunk_size:
         raise ValueError(
@@ -297,7 +289,7 @@ def lsh_buckets(
     if x.shape[-1] < 1:
         raise ValueError(f"x must have a last axis D >= 1, got shape {tuple(x.shape)}")
     factors = bucket_factors(n_buckets)
-    n_hashes = _count(n_hashes, "n_hashes", 1)
+    n_hashes = check_int(n_hashes, "n_hashes", 1)
     rot = _resolve_rotations(rotations, seed, x.shape[-1], n_hashes, factors)
     _numpy_only(kind, "lsh_buckets")
     lead, length, d = tuple(x.shape[:-2]), x.shape[-2], x.shape[-1]

@@ -37,7 +37,14 @@ from typing import Any
 
 import numpy as np
 
-from npsparseattn._checks import AttentionProblem, attention_problem, check_backend, check_flag, gradient_inputs
+from npsparseattn._checks import (
+    AttentionProblem,
+    attention_problem,
+    check_backend,
+    check_flag,
+    gradient_inputs,
+    is_int,
+)
 from npsparseattn._dispatch import BackendError, array_module, common_kind
 from npsparseattn.cpu import attention as tiled
 from npsparseattn.distributed.agree import Field, RankArgumentError, agree
@@ -60,7 +67,7 @@ def check_layout(layout: Any) -> str:
 
 def _check_world(rank: Any, world: Any) -> tuple[int, int]:
     for name, value in (("world", world), ("rank", rank)):
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        if not is_int(value):
             raise TypeError(f"{name} must be an int, got {value!r}")
     if world < 1:
         raise ValueError(f"world must be >= 1, got {world}")
@@ -105,7 +112,7 @@ def shard_lengths(length: int, world: int, layout: str = "zigzag") -> list[int]:
 
 
 def _axis(x: Any, axis: Any) -> int:
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
+    if not is_int(axis):
         raise TypeError(f"axis must be an int, got {axis!r}")
     if not -x.ndim <= axis < x.ndim:
         raise ValueError(f"axis {axis} is out of range for an array with {x.ndim} axes")

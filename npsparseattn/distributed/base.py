@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from npsparseattn._checks import is_int
+
 TIMEOUT_ENV = "NPSPARSEATTN_RING_TIMEOUT"
 DEFAULT_TIMEOUT = 300.0
 REDUCE_OPS = ("sum", "min", "max")
@@ -185,7 +187,7 @@ def check_reduce(values: Any, op: Any) -> np.ndarray:
 
 def check_tag(tag: Any) -> int:
     """An int in ``[0, 8)``."""
-    if isinstance(tag, (bool, np.bool_)) or not isinstance(tag, (int, np.integer)) or not 0 <= tag < 8:
+    if not is_int(tag) or not 0 <= tag < 8:
         raise ValueError(f"tag must be an int in [0, 8), got {tag!r}")
     return int(tag)
 

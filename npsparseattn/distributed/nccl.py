@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from npsparseattn._checks import is_int
 from npsparseattn.distributed.base import Communicator, Transfer, check_shift_arrays, check_tag
 from npsparseattn.distributed.mpi import MPIComm
 
@@ -169,7 +170,7 @@ def share_unique_id(mpi: MPIComm, nccl: Any) -> tuple[int, ...]:
 def select_device(mpi: MPIComm, n_devices: int, device: int | None) -> int:
     """This rank's GPU: ``device`` if given, else its rank on the node; clear errors when there are too few."""
     if device is not None:
-        if isinstance(device, bool) or not isinstance(device, (int, np.integer)):
+        if not is_int(device):
             raise TypeError(f"device must be an int or None, got {device!r}")
         if not 0 <= device < n_devices:
             raise ValueError(f"device must be in [0, {n_devices}) (GPUs visible to rank {mpi.rank}), got {device}")
