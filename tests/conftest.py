@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import types
 import zlib
 
 import numpy as np
@@ -49,3 +51,26 @@ def random_qkv(rng, *, batch=(), hq=2, hk=None, lq=33, lk=None, d=16, dv=None, d
 def rng(request) -> np.random.Generator:
     """A generator seeded from the test's name: fresh data per test, reproducible runs."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+class FakeCupyArray:
+    """Stands in for ``cupy.ndarray`` so GPU-array handling can be tested without CuPy."""
+
+    def __init__(self, x: np.ndarray):
+        self._x = x
+        self.shape, self.dtype, self.ndim = x.shape, x.dtype, x.ndim
+
+    def reshape(self, shape):
+        return FakeCupyArray(self._x.reshape(shape))
+
+    def __getitem__(self, item):
+        return FakeCupyArray(self._x[item])
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    """A ``cupy`` module in ``sys.modules`` whose ``ndarray`` is :class:`FakeCupyArray`."""
+    module = types.ModuleType("cupy")
+    module.ndarray = FakeCupyArray
+    monkeypatch.setitem(sys.modules, "cupy", module)
+    return module

@@ -4,36 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
-from conftest import random_qkv
+from conftest import FakeCupyArray, random_qkv
 
 import npsparseattn as nsa
 from npsparseattn import _dispatch
-
-
-class _FakeCupyArray:
-    """Stands in for ``cupy.ndarray`` so kind detection can be tested without CuPy."""
-
-    def __init__(self, x: np.ndarray):
-        self._x = x
-        self.shape, self.dtype, self.ndim = x.shape, x.dtype, x.ndim
-
-    def reshape(self, shape):
-        return _FakeCupyArray(self._x.reshape(shape))
-
-    def __getitem__(self, item):
-        return _FakeCupyArray(self._x[item])
-
-
-@pytest.fixture
-def fake_cupy(monkeypatch):
-    module = types.ModuleType("cupy")
-    module.ndarray = _FakeCupyArray
-    monkeypatch.setitem(sys.modules, "cupy", module)
-    return module
 
 
 def test_import_needs_no_gpu_packages():
@@ -76,11 +53,11 @@ def test_gpu_backend_not_built(rng, backend):
 def test_mixed_numpy_and_cupy_names_both(fake_cupy, rng):
     q, k, v = random_qkv(rng, hq=2, lq=8, d=4)
     with pytest.raises(TypeError, match=r"q is a NumPy array but v is a CuPy array; pass all arrays"):
-        nsa.attention(q, k, _FakeCupyArray(v))
+        nsa.attention(q, k, FakeCupyArray(v))
 
 
 def test_cupy_arrays_with_auto_explain_every_backend(fake_cupy, rng):
-    q, k, v = (_FakeCupyArray(x) for x in random_qkv(rng, hq=2, lq=8, d=4))
+    q, k, v = (FakeCupyArray(x) for x in random_qkv(rng, hq=2, lq=8, d=4))
     with pytest.raises(nsa.BackendError) as info:
         nsa.attention(q, k, v)
     message = str(info.value)
@@ -90,7 +67,7 @@ def test_cupy_arrays_with_auto_explain_every_backend(fake_cupy, rng):
 
 
 def test_forced_backend_reports_its_reasons(fake_cupy, rng):
-    q, k, v = (_FakeCupyArray(x) for x in random_qkv(rng, hq=2, lq=8, d=4))
+    q, k, v = (FakeCupyArray(x) for x in random_qkv(rng, hq=2, lq=8, d=4))
     with pytest.raises(nsa.BackendError, match=r"backend 'numba' cannot run attention: takes NumPy arrays, got CuPy"):
         nsa.attention(q, k, v, backend="numba")
 

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-import types
-
 import numpy as np
 import pytest
-from conftest import TOL, random_array, rel_err
+from conftest import TOL, FakeCupyArray, random_array, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.special import logsumexp
@@ -458,25 +455,8 @@ def test_bad_backward_inputs(qkv, which, error, message):
     assert message in str(info.value)
 
 
-class _FakeCupyArray:
-    """Stands in for ``cupy.ndarray`` so the GPU refusal can be tested without CuPy."""
-
-    def __init__(self, x: np.ndarray):
-        self._x = x
-        self.shape, self.dtype, self.ndim = x.shape, x.dtype, x.ndim
-
-    def reshape(self, shape):
-        return _FakeCupyArray(self._x.reshape(shape))
-
-    def __getitem__(self, item):
-        return _FakeCupyArray(self._x[item])
-
-
-def test_cupy_arrays_are_refused_with_reasons(monkeypatch, qkv):
-    fake = types.ModuleType("cupy")
-    fake.ndarray = _FakeCupyArray
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    qk, v = (_FakeCupyArray(x) for x in qkv)
+def test_cupy_arrays_are_refused_with_reasons(fake_cupy, qkv):
+    qk, v = (FakeCupyArray(x) for x in qkv)
     with pytest.raises(nsa.BackendError) as info:
         lsh_attention(qk, v, n_buckets=4, chunk_size=8, seed=0)
     assert "numba: takes NumPy arrays, got CuPy" in str(info.value)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TOL, random_qkv
+from conftest import TOL, FakeCupyArray, random_qkv
 from ring_worker import case_list
 
 import npsparseattn as nsa
@@ -320,21 +320,8 @@ def test_q_and_k_lengths_must_match(rng):
         nsa.ring_attention(q, k, v, SoloComm())
 
 
-class _FakeCupyArray:
-    def __init__(self, x):
-        self._x = x
-        self.shape, self.dtype, self.ndim = x.shape, x.dtype, x.ndim
-
-    def reshape(self, shape):
-        return _FakeCupyArray(self._x.reshape(shape))
-
-    def __getitem__(self, item):
-        return _FakeCupyArray(self._x[item])
-
-
-def test_cupy_arrays_refuse_without_a_gpu_kernel(monkeypatch, rng):
-    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(ndarray=_FakeCupyArray))
-    q, k, v = (_FakeCupyArray(x) for x in random_qkv(rng, hq=2, lq=8, d=4))
+def test_cupy_arrays_refuse_without_a_gpu_kernel(fake_cupy, rng):
+    q, k, v = (FakeCupyArray(x) for x in random_qkv(rng, hq=2, lq=8, d=4))
     with pytest.raises(nsa.BackendError, match=r"no GPU attention kernel yet for CuPy arrays .*backend='reference'"):
         nsa.ring_attention(q, k, v, SoloComm())
     with pytest.raises(TypeError, match=r"SoloComm moves numpy arrays but q, k, v are cupy arrays"):
