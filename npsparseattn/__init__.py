@@ -15,33 +15,28 @@ layouts
 ring_attention, ring_attention_backward, shard, unshard
     Exact attention over a sequence sharded across MPI ranks or GPUs (K/V travel
     a ring); communicators in ``npsparseattn.distributed``.
-available_backends
-    Which implementations exist for an operation and why one can't run here.
+available_backends, register_backend, BackendError
+    The backend registry: which implementations exist for an operation, how
+    to add one (a module per operation on the kernel contract of
+    :mod:`npsparseattn.problems`), the error that explains a refusal.
 reference
     Dense float64 oracle (module).
+
+Importing the package imports no backend: the registry imports a backend's
+module the first time it is chosen (so neither numba nor CuPy is loaded
+until a kernel runs).
 """
 
 from __future__ import annotations
 
-from npsparseattn import cpu as _cpu  # noqa: F401  (registers the numba backend)
 from npsparseattn import layouts, reference
-from npsparseattn._dispatch import BackendError, implementations
+from npsparseattn._dispatch import BackendError, available_backends, register_backend
 from npsparseattn.block_sparse import block_sparse_attention, block_sparse_attention_backward
 from npsparseattn.exact import attention, attention_backward
-from npsparseattn.lsh import lsh_attention, lsh_attention_backward, lsh_buckets, lsh_sort
-from npsparseattn.ring import ring_attention, ring_attention_backward, shard, unshard
+from npsparseattn.lsh import lsh_attention, lsh_attention_backward, lsh_buckets, lsh_rotations, lsh_sort
+from npsparseattn.ring import merge_states, ring_attention, ring_attention_backward, shard, unshard
 
 __version__ = "0.1.0"
-
-
-def available_backends(op: str = "attention") -> list[str]:
-    """Names of the implementations registered for ``op``, in auto-selection order.
-
-    >>> available_backends("attention")
-    ['numba', 'reference']
-    """
-    return [impl.name for impl in implementations(op)]
-
 
 __all__ = [
     "BackendError",
@@ -55,8 +50,11 @@ __all__ = [
     "lsh_attention",
     "lsh_attention_backward",
     "lsh_buckets",
+    "lsh_rotations",
     "lsh_sort",
+    "merge_states",
     "reference",
+    "register_backend",
     "ring_attention",
     "ring_attention_backward",
     "shard",

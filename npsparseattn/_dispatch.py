@@ -1,143 +1,195 @@
-"""Array-kind detection and the per-operation backend registry.
+"""The backend registry: which module implements each operation, and how one is chosen.
 
-Every operation (``"attention"``, ``"block_sparse_attention"``, ...) keeps a
-list of :class:`Implementation` objects in priority order.  An implementation
-explains why it cannot take a call (:meth:`Implementation.unsupported`);
-``backend="auto"`` takes the first one with no reasons, and when none fits the
-error lists every implementation with its reasons (the xformers pattern).
+The registry is a table of rows ``(operation, backend, module, priority,
+auto)``.  A row names its module by import path; the module is imported the
+first time the row is consulted, so ``import npsparseattn`` imports no
+backend (no numba, no CuPy, no ``numba.cuda``).  The module states, next to
+its kernels, what it takes and refuses (the kernel contract of
+:mod:`npsparseattn.problems`); :meth:`Implementation.unsupported` turns that
+into a list of reasons.  ``backend="auto"`` takes the first row, in priority
+order, that allows automatic choice and has no reasons against the problem;
+when none fits, the error lists every row with its reasons (the xformers
+habit).  A named backend is taken or refused with its reasons.
 
-CuPy is never imported here: an array is recognised as CuPy only if the
-``cupy`` module is already in ``sys.modules`` (the array-api-compat pattern),
-so ``import npsparseattn`` needs NumPy and numba only.
+``ring_attention`` runs the ``attention`` kernels block by block, so it is an
+alias of ``attention`` here.  Adding a backend is one module per operation
+plus one :func:`register_backend` call (or one row in :data:`_TABLE`).
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import importlib
+from dataclasses import dataclass
+from functools import cached_property
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-KNOWN_BACKENDS = ("numba", "numba-cuda", "cupy", "reference")
-GPU_BACKENDS = ("numba-cuda", "cupy")
+from npsparseattn._arrays import KIND_NAMES
+
+OPERATIONS = (
+    "attention",
+    "block_sparse_attention",
+    "lsh_buckets",
+    "lsh_sort",
+    "lsh_attention",
+    "ring_attention",
+)
+ALIASES = {"ring_attention": "attention"}  # ring attention runs the attention kernels block by block
 
 
 class BackendError(ValueError):
     """No implementation can take the call (or the one asked for cannot)."""
 
 
-def is_cupy_array(x: Any) -> bool:
-    """True for a ``cupy.ndarray``, without importing CuPy."""
-    cupy = sys.modules.get("cupy")
-    return cupy is not None and isinstance(x, cupy.ndarray)
-
-
-def array_kind(x: Any, name: str) -> str:
-    """``"numpy"`` or ``"cupy"``; ``TypeError`` naming ``name`` for anything else."""
-    if isinstance(x, np.ndarray):
-        return "numpy"
-    if is_cupy_array(x):
-        return "cupy"
-    raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(x).__module__}.{type(x).__qualname__}")
-
-
-def common_kind(**arrays: Any) -> str:
-    """The array kind shared by all ``arrays``; ``TypeError`` naming two that differ."""
-    kinds = {name: array_kind(x, name) for name, x in arrays.items()}
-    first_name, first_kind = next(iter(kinds.items()))
-    for name, kind in kinds.items():
-        if kind != first_kind:
-            raise TypeError(
-                f"{first_name} is a {_KIND_NAMES[first_kind]} array but {name} is a "
-                f"{_KIND_NAMES[kind]} array; pass all arrays as NumPy (CPU) or all as CuPy (GPU)"
-            )
-    return first_kind
-
-
-_KIND_NAMES = {"numpy": "NumPy", "cupy": "CuPy"}
-
-
-def array_module(kind: str) -> ModuleType:
-    """The array module (``numpy`` or ``cupy``) for an array kind."""
-    if kind == "cupy":
-        import cupy
-
-        return cupy
-    return np
-
-
 @dataclass(frozen=True)
-class Implementation:
-    """One backend's implementation of one operation.
+class Row:
+    """One backend's implementation of one operation: the module that holds its kernels.
 
-    Parameters
-    ----------
-    name : str
-        Backend name, one of :data:`KNOWN_BACKENDS`.
-    kinds : tuple of str
-        Array kinds accepted (``"numpy"``, ``"cupy"``).
-    dtypes : tuple of str
-        Input dtypes accepted, by name.
-    forward, backward : callable
-        Called with the validated problem (and gradient inputs for backward).
-    auto : bool
-        Whether ``backend="auto"`` may choose it (the dense float64 reference
-        may not: it is the test oracle, O(L^2) in memory).
-    environment : callable, optional
-        Returns a reason string when the machine lacks something (no GPU,
-        package missing), else ``None``.  Called only when kind and dtype fit.
-    extra : callable, optional
-        Returns a list of further reasons for a given problem.
-    priority : int
-        Lower is tried first by ``backend="auto"`` (CPU kernels 10, CuPy 20,
-        numba-cuda 30, reference 100).
+    ``priority``: lower is tried first by ``backend="auto"`` (CPU kernels 10,
+    CuPy 20, numba-cuda 30, reference 100).  ``auto=False``: only taken when
+    named (the dense float64 reference is the test oracle, O(L^2) in memory).
     """
 
-    name: str
-    kinds: tuple[str, ...]
-    dtypes: tuple[str, ...]
-    forward: Callable[..., Any]
-    backward: Callable[..., Any]
+    op: str
+    backend: str
+    module: str
+    priority: int
     auto: bool = True
-    environment: Callable[[], str | None] | None = None
-    extra: Callable[[Any], list[str]] | None = field(default=None)
-    priority: int = 50
+
+
+_TABLE: list[Row] = [
+    Row("attention", "numba", "npsparseattn.cpu.exact", 10),
+    Row("attention", "reference", "npsparseattn.reference.exact", 100, auto=False),
+    Row("block_sparse_attention", "numba", "npsparseattn.cpu.block_sparse", 10),
+    Row("block_sparse_attention", "reference", "npsparseattn.reference.block_sparse", 100, auto=False),
+    Row("lsh_buckets", "numba", "npsparseattn.cpu.lsh_hash", 10),
+    Row("lsh_buckets", "reference", "npsparseattn.reference.lsh_hash", 100, auto=False),
+    Row("lsh_sort", "numba", "npsparseattn.cpu.lsh_sort", 10),
+    Row("lsh_sort", "reference", "npsparseattn.reference.lsh_sort", 100, auto=False),
+    Row("lsh_attention", "numba", "npsparseattn.cpu.lsh", 10),
+    Row("lsh_attention", "reference", "npsparseattn.reference.lsh", 100, auto=False),
+]
+
+
+class Implementation:
+    """A registry row with its module, imported on first use."""
+
+    def __init__(self, row: Row):
+        self.row = row
+
+    @property
+    def name(self) -> str:
+        return self.row.backend
+
+    @property
+    def auto(self) -> bool:
+        return self.row.auto
+
+    @cached_property
+    def module(self) -> ModuleType:
+        """The backend module (imported now if it was not yet)."""
+        return importlib.import_module(self.row.module)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(self.module.KINDS)
+
+    @property
+    def dtypes(self) -> tuple[str, ...]:
+        return tuple(self.module.DTYPES)
+
+    @property
+    def tolerance(self) -> dict[str, float]:
+        return dict(self.module.TOLERANCE)
+
+    @property
+    def strided_rows(self) -> bool:
+        return bool(self.module.STRIDED_ROWS)
+
+    def compute_dtype(self, dtype: Any) -> np.dtype:
+        """The dtype this backend's kernels read for inputs of ``dtype``."""
+        return np.dtype(self.module.compute_dtype(dtype))
 
     def unsupported(self, problem: Any) -> list[str]:
         """Reasons this implementation cannot take ``problem`` (empty: it can)."""
         reasons = []
         if problem.kind not in self.kinds:
-            wanted = " or ".join(_KIND_NAMES[k] for k in self.kinds)
-            reasons.append(f"takes {wanted} arrays, got {_KIND_NAMES[problem.kind]}")
+            wanted = " or ".join(KIND_NAMES[k] for k in self.kinds)
+            reasons.append(f"takes {wanted} arrays, got {KIND_NAMES[problem.kind]}")
         if problem.dtype.name not in self.dtypes:
             reasons.append(f"dtype {problem.dtype.name} not supported (supports {', '.join(self.dtypes)})")
-        if not reasons and self.environment is not None:
-            missing = self.environment()
-            if missing:
-                reasons.append(missing)
-        if not reasons and self.extra is not None:
-            reasons.extend(self.extra(problem))
+        if not reasons:
+            reasons.extend(self.module.unsupported(problem))
         return reasons
 
+    def __repr__(self) -> str:
+        return f"Implementation({self.row.op!r}, {self.name!r}, module={self.row.module!r})"
 
-_REGISTRY: dict[str, list[Implementation]] = {}
+
+_LOADED: dict[Row, Implementation] = {}
 
 
-def register(op: str, impl: Implementation) -> None:
-    """Add ``impl`` to the implementations of ``op``, kept sorted by priority."""
-    impls = _REGISTRY.setdefault(op, [])
-    if any(existing.name == impl.name for existing in impls):
-        raise ValueError(f"backend {impl.name!r} is already registered for {op}")
-    impls.append(impl)
-    impls.sort(key=lambda existing: existing.priority)
+def check_operation(op: Any) -> str:
+    """``op`` is a known operation name; ``ValueError`` listing them otherwise."""
+    if op not in OPERATIONS:
+        raise ValueError(f"unknown operation {op!r}; the operations are {', '.join(map(repr, OPERATIONS))}")
+    return op
 
 
 def implementations(op: str) -> list[Implementation]:
-    """The registered implementations of ``op`` in priority order."""
-    return list(_REGISTRY.get(op, []))
+    """The implementations of ``op`` in auto-selection order (modules not imported yet)."""
+    kernel_op = ALIASES.get(check_operation(op), op)
+    rows = sorted((row for row in _TABLE if row.op == kernel_op), key=lambda row: row.priority)
+    return [_LOADED.setdefault(row, Implementation(row)) for row in rows]
+
+
+def backend_names() -> list[str]:
+    """Every backend name in the table, in first-seen priority order."""
+    names: list[str] = []
+    for row in sorted(_TABLE, key=lambda row: row.priority):
+        if row.backend not in names:
+            names.append(row.backend)
+    return names
+
+
+def available_backends(op: str = "attention") -> list[str]:
+    """Names of the backends registered for ``op``, in auto-selection order.
+
+    Every operation answers (``"ring_attention"`` runs the ``"attention"``
+    kernels); an unknown name is a ``ValueError`` listing the operations.
+    Whether one can run given inputs here: call with ``backend=<name>``; the
+    :class:`BackendError` names every reason it cannot.
+
+    >>> available_backends("attention")
+    ['numba', 'reference']
+    """
+    return [impl.name for impl in implementations(op)]
+
+
+def register_backend(op: str, backend: str, module: str, *, priority: int = 50, auto: bool = True) -> None:
+    """Add the implementation of ``op`` by ``backend``, whose kernels live in ``module`` (an import path).
+
+    The module follows the kernel contract of :mod:`npsparseattn.problems`;
+    it is imported the first time the registry consults it.  For example,
+    ``register_backend("attention", "mine", "mypackage.attention", priority=5)``
+    makes ``backend="mine"`` call ``mypackage.attention.forward`` (and
+    ``backward``), and ``backend="auto"`` try it first.  Each name is taken
+    once per operation:
+
+    >>> register_backend("attention", "numba", "npsparseattn.cpu.exact")
+    Traceback (most recent call last):
+    ValueError: backend 'numba' is already registered for attention
+    """
+    kernel_op = check_operation(op)
+    if kernel_op in ALIASES:
+        raise ValueError(f"{op} runs the {ALIASES[op]} kernels; register the backend for {ALIASES[op]!r}")
+    if not isinstance(backend, str) or not backend or backend == "auto":
+        raise ValueError(f"backend must be a non-empty name other than 'auto', got {backend!r}")
+    if any(row.op == op and row.backend == backend for row in _TABLE):
+        raise ValueError(f"backend {backend!r} is already registered for {op}")
+    _TABLE.append(Row(op, backend, module, priority, auto))
 
 
 def select(op: str, problem: Any, backend: str) -> Implementation:
@@ -149,22 +201,17 @@ def select(op: str, problem: Any, backend: str) -> Implementation:
     """
     impls = implementations(op)
     if backend != "auto":
-        if backend not in KNOWN_BACKENDS:
-            raise BackendError(
-                f"backend must be 'auto' or one of {', '.join(map(repr, KNOWN_BACKENDS))}, got {backend!r}"
-            )
+        known = backend_names()
+        if backend not in known:
+            raise BackendError(f"backend must be 'auto' or one of {', '.join(map(repr, known))}, got {backend!r}")
         for impl in impls:
             if impl.name == backend:
                 reasons = impl.unsupported(problem)
                 if reasons:
                     raise BackendError(f"backend {backend!r} cannot run {op}: " + "; ".join(reasons))
                 return impl
-        have = ", ".join(impl.name for impl in impls) or "none"
-        kind = "GPU kernels" if backend in GPU_BACKENDS else "an implementation"
-        raise BackendError(
-            f"backend {backend!r} has no {op} in this release ({kind} for it are not built yet); "
-            f"available for {op}: {have}"
-        )
+        have = ", ".join(impl.name for impl in impls)
+        raise BackendError(f"backend {backend!r} has no {op}; available for {op}: {have}")
     lines = []
     for impl in impls:
         reasons = impl.unsupported(problem)

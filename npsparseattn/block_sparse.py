@@ -4,30 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from npsparseattn._checks import AttentionProblem, attention_problem, check_backend, gradient_inputs
+from npsparseattn._checks import check_backend, check_flag
 from npsparseattn._dispatch import select
+from npsparseattn._glue import cast_grads, cast_outputs, kernel_inputs, kernel_lse
 from npsparseattn.layouts import BlockLayout
+from npsparseattn.problems import attention_problem, check_layout, gradient_inputs
 
 Window = tuple[int | None, int | None]
-
-
-def check_layout(layout: Any, problem: AttentionProblem) -> BlockLayout:
-    """``layout`` is a :class:`BlockLayout` made for these ``q``/``k``: ``seq == (Lq, Lk)``, heads 1 or Hq."""
-    if not isinstance(layout, BlockLayout):
-        raise TypeError(
-            f"layout must be an npsparseattn.layouts.BlockLayout (see npsparseattn.layouts), "
-            f"got {type(layout).__name__}"
-        )
-    if layout.seq != (problem.seq_q, problem.seq_k):
-        raise ValueError(
-            f"layout is for seq (Lq, Lk) = {layout.seq} but q has Lq={problem.seq_q} and k has Lk={problem.seq_k}"
-        )
-    if layout.heads not in (1, problem.n_heads):
-        raise ValueError(
-            f"layout has {layout.heads} heads but q has {problem.n_heads} query heads; a layout serves every "
-            f"head (heads=1) or gives one pattern per query head (heads={problem.n_heads})"
-        )
-    return layout
 
 
 def block_sparse_attention(
@@ -67,7 +50,9 @@ def block_sparse_attention(
     return_lse : bool
         Also return ``lse`` (*batch, Hq, Lq).
     backend : str
-        ``"auto"``, ``"numba"`` (CPU) or ``"reference"`` (dense float64 oracle).
+        ``"auto"`` or a name from ``available_backends("block_sparse_attention")``:
+        ``"numba"`` (CPU), ``"reference"`` (dense float64 oracle), the GPU
+        backends where installed.
 
     Returns
     -------
@@ -86,12 +71,13 @@ def block_sparse_attention(
     (1, 4, 1000, 64)
     """
     check_backend(backend)
-    problem = attention_problem(q, k, v, causal=causal, window=window, scale=scale)
-    check_layout(layout, problem)
-    impl = select("block_sparse_attention", problem, backend)
-    out, lse = impl.forward(problem, layout)
-    out = problem.restore(out)
-    return (out, problem.restore(lse)) if return_lse else out
+    return_lse = check_flag(return_lse, "return_lse")
+    p = attention_problem(q, k, v, causal=causal, window=window, scale=scale)
+    check_layout(layout, p)
+    impl = select("block_sparse_attention", p, backend)
+    out, lse = impl.module.forward(*kernel_inputs(impl, p.dtype, p.q, p.k, p.v), layout, **p.visibility())
+    out, lse = cast_outputs(p.dtype, out, lse)
+    return (p.restore(out), p.restore(lse)) if return_lse else p.restore(out)
 
 
 def block_sparse_attention_backward(
@@ -134,8 +120,11 @@ def block_sparse_attention_backward(
     True
     """
     check_backend(backend)
-    problem = attention_problem(q, k, v, causal=causal, window=window, scale=scale)
-    check_layout(layout, problem)
-    grads = gradient_inputs(problem, dout, out, lse)
-    impl = select("block_sparse_attention", problem, backend)
-    return tuple(problem.restore(g) for g in impl.backward(problem, grads, layout))
+    p = attention_problem(q, k, v, causal=causal, window=window, scale=scale)
+    check_layout(layout, p)
+    g = gradient_inputs(p, dout, out, lse)
+    impl = select("block_sparse_attention", p, backend)
+    dout_k, q_k, k_k, v_k, out_k = kernel_inputs(impl, p.dtype, g.dout, p.q, p.k, p.v, g.out)
+    lse_k = kernel_lse(impl, p.dtype, g.lse)
+    grads = impl.module.backward(dout_k, q_k, k_k, v_k, out_k, lse_k, layout, **p.visibility())
+    return tuple(p.restore(x) for x in cast_grads(p.dtype, grads))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from npsparseattn._checks import attention_problem, check_backend, gradient_inputs
+from npsparseattn._checks import check_backend, check_flag
 from npsparseattn._dispatch import select
+from npsparseattn._glue import cast_grads, cast_outputs, kernel_inputs, kernel_lse
+from npsparseattn.problems import attention_problem, gradient_inputs
 
 Window = tuple[int | None, int | None]
 
@@ -52,8 +54,10 @@ def attention(
         denominator, float32 (float64 for float64 inputs); ``-inf`` for a
         query that sees no key (its output row is 0).
     backend : str
-        ``"auto"`` (fastest implementation that fits), ``"numba"`` (CPU) or
-        ``"reference"`` (dense float64 oracle, O(Lq*Lk) memory).
+        ``"auto"`` (the first registered implementation that fits), or a
+        name from :func:`npsparseattn.available_backends`: ``"numba"``
+        (CPU), ``"reference"`` (dense float64 oracle, O(Lq*Lk) memory), the
+        GPU backends where installed.
 
     Returns
     -------
@@ -73,11 +77,12 @@ def attention(
     ((2, 8, 100, 32), (2, 8, 100))
     """
     check_backend(backend)
-    problem = attention_problem(q, k, v, causal=causal, window=window, scale=scale)
-    impl = select("attention", problem, backend)
-    out, lse = impl.forward(problem)
-    out = problem.restore(out)
-    return (out, problem.restore(lse)) if return_lse else out
+    return_lse = check_flag(return_lse, "return_lse")
+    p = attention_problem(q, k, v, causal=causal, window=window, scale=scale)
+    impl = select("attention", p, backend)
+    out, lse = impl.module.forward(*kernel_inputs(impl, p.dtype, p.q, p.k, p.v), **p.visibility())
+    out, lse = cast_outputs(p.dtype, out, lse)
+    return (p.restore(out), p.restore(lse)) if return_lse else p.restore(out)
 
 
 def attention_backward(
@@ -125,7 +130,9 @@ def attention_backward(
     True
     """
     check_backend(backend)
-    problem = attention_problem(q, k, v, causal=causal, window=window, scale=scale)
-    grads = gradient_inputs(problem, dout, out, lse)
-    impl = select("attention", problem, backend)
-    return tuple(problem.restore(g) for g in impl.backward(problem, grads))
+    p = attention_problem(q, k, v, causal=causal, window=window, scale=scale)
+    g = gradient_inputs(p, dout, out, lse)
+    impl = select("attention", p, backend)
+    dout_k, q_k, k_k, v_k, out_k = kernel_inputs(impl, p.dtype, g.dout, p.q, p.k, p.v, g.out)
+    grads = impl.module.backward(dout_k, q_k, k_k, v_k, out_k, kernel_lse(impl, p.dtype, g.lse), **p.visibility())
+    return tuple(p.restore(x) for x in cast_grads(p.dtype, grads))

@@ -1,7 +1,7 @@
 """Reformer LSH attention: hashing, sort plan and chunked shared-QK attention (public API).
 
 The semantics are those of google/trax and HF transformers' ``LSHSelfAttention``
-(DESIGN.md section 6; the user guide is ``docs/lsh.md``):
+(the user guide is ``docs/lsh.md``):
 
 1. :func:`lsh_buckets` hashes every row ``x`` by a random rotation ``R``:
    ``bucket = argmax(concat[xR, -xR])``; a tuple ``n_buckets`` factorizes the
@@ -12,6 +12,10 @@ The semantics are those of google/trax and HF transformers' ``LSHSelfAttention``
    attends itself and its cyclic neighbours with shared-QK logits
    ``q . normalize(k)``, and the rounds are combined by their lse.
 
+Each step is its own registered operation (``lsh_buckets``, ``lsh_sort``,
+``lsh_attention``): :func:`lsh_attention` computes the plan through the first
+two with the same ``backend`` and hands it to the third.
+
 Rotations are shared by every batch entry and head (as trax and HF share them
 per layer).  From ``seed`` they are drawn as
 ``np.random.default_rng(seed).standard_normal((D, n_hashes, sum(factors) // 2))``
@@ -20,225 +24,28 @@ per layer).  From ``seed`` they are drawn as
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
+from npsparseattn._checks import check_backend, check_flag
+from npsparseattn._dispatch import select
+from npsparseattn._glue import cast_grads, cast_outputs, kernel_inputs, kernel_lse
+from npsparseattn.problems import LSHProblem, buckets_problem, gradient_inputs, lsh_problem, lsh_rotations, sort_problem
+from npsparseattn.problems.lsh import NBuckets, bucket_factors
 
-from npsparseattn._checks import (
-    AttentionProblem,
-    check_backend,
-    check_dtypes,
-    check_flag,
-    check_int,
-    check_ndim,
-    gradient_inputs,
-    is_int,
-    to_4d,
-)
-from npsparseattn._dispatch import BackendError, common_kind, select
-from npsparseattn.cpu import lsh as _kernels
-
-NBuckets = int | tuple[int, ...]
-
-_INT32_LIMIT = 2**31
+__all__ = ["bucket_factors", "lsh_attention", "lsh_attention_backward", "lsh_buckets", "lsh_rotations", "lsh_sort"]
 
 
-@dataclass(frozen=True)
-class LSHProblem:
-    """Validated LSH attention inputs in canonical 4-D form, plus the options.
-
-    ``dense`` holds ``qk`` (as both q and k) and ``v`` as an
-    :class:`AttentionProblem`, which gives the shape helpers (``restore``,
-    ``output_shape``, ``lse_shape``) and the checks of backward inputs.
-    ``rotations`` is the float64 (D, n_hashes, sum(factors) // 2) array.
-    """
-
-    dense: AttentionProblem
-    factors: tuple[int, ...]
-    n_hashes: int
-    chunk_size: int
-    chunks_before: int
-    chunks_after: int
-    exclude_self: bool
-    rotations: np.ndarray
-
-    @property
-    def qk(self) -> Any:
-        return self.dense.q
-
-    @property
-    def v(self) -> Any:
-        return self.dense.v
-
-    @property
-    def kind(self) -> str:
-        return self.dense.kind
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.dense.dtype
-
-    @property
-    def causal(self) -> bool:
-        return self.dense.causal
-
-    def restore(self, x: Any) -> Any:
-        """Map a canonical (B, H, L, ...) result back to the caller's axes."""
-        return self.dense.restore(x)
-
-
-def bucket_factors(n_buckets: Any) -> tuple[int, ...]:
-    """``8`` -> ``(8,)``; ``(4, 8)`` -> ``(4, 8)``; every factor an even int >= 2.
-
-    >>> bucket_factors((4, 8))
-    (4, 8)
-    """
-    if isinstance(n_buckets, (tuple, list)):
-        if not n_buckets:
-            raise ValueError("n_buckets must be an even int or a non-empty tuple of even ints, got ()")
-        factors = tuple(check_int(f, "every factor of n_buckets", 2) for f in n_buckets)
-        odd = [f for f in factors if f % 2]
-        if odd:
-            raise ValueError(
-                f"every factor of n_buckets must be even (argmax over [xR, -xR] gives an even count), "
-                f"got n_buckets={tuple(n_buckets)!r} with odd factor {odd[0]}"
-            )
-    else:
-        factors = (check_int(n_buckets, "n_buckets", 2),)
-        if factors[0] % 2:
-            raise ValueError(f"n_buckets must be even (argmax over [xR, -xR] gives an even count), got {factors[0]}")
-    if math.prod(factors) >= _INT32_LIMIT:
-        raise ValueError(f"n_buckets={math.prod(factors)} does not fit the int32 bucket ids")
-    return factors
-
-
-def _check_seed(seed: Any) -> int | None:
-    if seed is None:
-        return None
-    if not is_int(seed):
-        raise TypeError(f"seed must be a non-negative int or None, got {seed!r}")
-    if seed < 0:
-        raise ValueError(f"seed must be a non-negative int or None, got {seed}")
-    return int(seed)
-
-
-def _rotation_shape(head_dim: int, n_hashes: int, factors: tuple[int, ...]) -> tuple[int, int, int]:
-    return (head_dim, n_hashes, sum(factors) // 2)
-
-
-def lsh_rotations(head_dim: int, n_buckets: NBuckets, *, n_hashes: int = 1, seed: int | None = None) -> np.ndarray:
-    """The random rotations that ``seed`` stands for, float64 ``(D, n_hashes, sum(factors) // 2)``.
-
-    ``np.random.default_rng(seed).standard_normal(shape)``; ``seed=None``
-    draws fresh ones.  Passing the result as ``rotations=`` is the same as
-    passing ``seed=``.
-
-    >>> lsh_rotations(64, (4, 8), n_hashes=2, seed=0).shape
-    (64, 2, 6)
-    """
-    head_dim = check_int(head_dim, "head_dim", 1)
-    factors = bucket_factors(n_buckets)
-    n_hashes = check_int(n_hashes, "n_hashes", 1)
-    seed = _check_seed(seed)
-    return np.random.default_rng(seed).standard_normal(_rotation_shape(head_dim, n_hashes, factors))
-
-
-def _resolve_rotations(rotations: Any, seed: Any, head_dim: int, n_hashes: int, factors: tuple[int, ...]) -> np.ndarray:
-    """Validated float64 rotations: the ones given, or drawn from ``seed``."""
-    seed = _check_seed(seed)
-    shape = _rotation_shape(head_dim, n_hashes, factors)
-    if rotations is None:
-        return np.random.default_rng(seed).standard_normal(shape)
-    if seed is not None:
-        raise ValueError("pass either rotations or seed, not both (seed only draws rotations)")
-    if not isinstance(rotations, np.ndarray):
-        raise TypeError(
-            f"rotations must be a NumPy array of shape {shape}, got {type(rotations).__module__}."
-            f"{type(rotations).__qualname__}"
-        )
-    if rotations.dtype.kind != "f":
-        raise TypeError(f"rotations has dtype {rotations.dtype.name}; expected a real floating dtype")
-    if tuple(rotations.shape) != shape:
-        what = "n_buckets//2" if len(factors) == 1 else "sum(n_buckets factors)//2"
-        raise ValueError(
-            f"rotations must have shape (D, n_hashes, {what}) = {shape} for D={head_dim}, n_hashes={n_hashes}, "
-            f"n_buckets={factors[0] if len(factors) == 1 else factors}; got {tuple(rotations.shape)}"
-        )
-    return np.ascontiguousarray(rotations, dtype=np.float64)
-
-
-def _numpy_only(kind: str, what: str) -> None:
-    if kind != "numpy":
-        raise BackendError(f"{what} takes NumPy arrays in this release (GPU kernels for it are not built yet)")
-
-
-def lsh_problem(
-    qk: Any,
-    v: Any,
-    *,
-    n_buckets: Any,
-    n_hashes: Any = 1,
-    chunk_size: Any = 64,
-    chunks_before: Any = 1,
-    chunks_after: Any = 0,
-    causal: Any = False,
-    exclude_self: Any = True,
-    rotations: Any = None,
-    seed: Any = None,
-) -> LSHProblem:
-    """Validate the arguments of :func:`lsh_attention`; nothing is computed before all rules pass."""
-    arrays = {"qk": qk, "v": v}
-    kind = common_kind(**arrays)
-    ndim = check_ndim(arrays)
-    dtype = check_dtypes(arrays)
-    if qk.shape[:-1] != v.shape[:-1]:
-        raise ValueError(
-            f"qk and v must have the same leading axes and length: qk {tuple(qk.shape)} vs v {tuple(v.shape)} "
-            f"(only the last axis, Dv, may differ)"
-        )
-    if qk.shape[-1] < 1 or v.shape[-1] < 1:
-        raise ValueError(f"head dimensions must be >= 1: qk {tuple(qk.shape)}, v {tuple(v.shape)}")
-    factors = bucket_factors(n_buckets)
-    n_hashes = check_int(n_hashes, "n_hashes", 1)
-    chunk_size = check_int(chunk_size, "chunk_size", 1)
-    chunks_before = check_int(chunks_before, "chunks_before", 0)
-    chunks_after = check_int(chunks_after, "chunks_after", 0)
-    length = qk.shape[-2]
-    if length % chunk_size:
-        raise ValueError(
-            f"the sequence length L={length} (axis -2 of qk) must be a multiple of chunk_size={chunk_size}; "
-            f"pad the sequence or pick a chunk_size that divides it"
-        )
-    if n_hashes * length >= _INT32_LIMIT:
-        raise ValueError(f"n_hashes * L = {n_hashes * length} items do not fit the int32 sort plan")
-    causal = check_flag(causal, "causal")
-    exclude_self = check_flag(exclude_self, "exclude_self")
-    rotations = _resolve_rotations(rotations, seed, qk.shape[-1], n_hashes, factors)
-    dense = AttentionProblem(
-        q=to_4d(qk),
-        k=to_4d(qk),
-        v=to_4d(v),
-        kind=kind,
-        dtype=dtype,
-        batch_shape=tuple(qk.shape[:-3]),
-        ndim=ndim,
-        scale=1.0,
-        causal=causal,
-        left=None,
-        right=0 if causal else None,
-    )
-    return LSHProblem(
-        dense=dense,
-        factors=factors,
-        n_hashes=n_hashes,
-        chunk_size=chunk_size,
-        chunks_before=chunks_before,
-        chunks_after=chunks_after,
-        exclude_self=exclude_self,
-        rotations=rotations,
-    )
+def _sort_plan(problem: LSHProblem, backend: str) -> tuple[Any, Any]:
+    """``(order, inverse)`` (B, H, n_hashes * L) of a problem's ``qk``, through ``lsh_buckets`` and ``lsh_sort``."""
+    hashing = problem.hashing()
+    impl = select("lsh_buckets", hashing, backend)
+    (rows,) = kernel_inputs(impl, hashing.dtype, hashing.x)
+    buckets = impl.module.buckets(rows, hashing.rotations, hashing.factors)
+    sorting = problem.sorting(buckets)
+    impl = select("lsh_sort", sorting, backend)
+    (ids,) = kernel_inputs(impl, sorting.dtype, sorting.buckets)
+    order, inverse = impl.module.sort(ids, sorting.n_values)
+    return hashing.restore(order), hashing.restore(inverse)
 
 
 def lsh_buckets(
@@ -248,7 +55,8 @@ def lsh_buckets(
     n_hashes: int = 1,
     rotations: Any = None,
     seed: int | None = None,
-) -> np.ndarray:
+    backend: str = "auto",
+) -> Any:
     """Random-rotation LSH buckets (Reformer): ``argmax(concat[xR, -xR])`` per round.
 
     Parameters
@@ -269,6 +77,8 @@ def lsh_buckets(
         Draws ``R = np.random.default_rng(seed).standard_normal(shape)``
         (see :func:`lsh_rotations`).  With neither ``rotations`` nor ``seed``
         a fresh random ``R`` is drawn.
+    backend : str
+        ``"auto"`` or a name from ``available_backends("lsh_buckets")``.
 
     Returns
     -------
@@ -282,23 +92,14 @@ def lsh_buckets(
     >>> b.shape, b.dtype, int(b.min()) >= 0, int(b.max()) < 16
     ((4, 2, 128), dtype('int32'), True, True)
     """
-    kind = common_kind(x=x)
-    if x.ndim < 2:
-        raise ValueError(f"x must have at least 2 axes (L, D), got shape {tuple(x.shape)}")
-    check_dtypes({"x": x})
-    if x.shape[-1] < 1:
-        raise ValueError(f"x must have a last axis D >= 1, got shape {tuple(x.shape)}")
-    factors = bucket_factors(n_buckets)
-    n_hashes = check_int(n_hashes, "n_hashes", 1)
-    rot = _resolve_rotations(rotations, seed, x.shape[-1], n_hashes, factors)
-    _numpy_only(kind, "lsh_buckets")
-    lead, length, d = tuple(x.shape[:-2]), x.shape[-2], x.shape[-1]
-    compute = np.float64 if x.dtype == np.float64 else np.float32
-    rows = np.ascontiguousarray(x, dtype=compute).reshape(math.prod(lead), length, d)
-    return _kernels.hash_buckets(rows, rot, factors).reshape(lead + (n_hashes, length))
+    check_backend(backend)
+    p = buckets_problem(x, n_buckets, n_hashes=n_hashes, rotations=rotations, seed=seed)
+    impl = select("lsh_buckets", p, backend)
+    (rows,) = kernel_inputs(impl, p.dtype, p.x)
+    return p.restore(impl.module.buckets(rows, p.rotations, p.factors))
 
 
-def lsh_sort(buckets: Any) -> tuple[np.ndarray, np.ndarray]:
+def lsh_sort(buckets: Any, *, backend: str = "auto") -> tuple[Any, Any]:
     """The sort plan of LSH attention: items sorted by (round, bucket, position).
 
     Item ``r * L + p`` is position ``p`` in round ``r`` (HF's
@@ -311,6 +112,8 @@ def lsh_sort(buckets: Any) -> tuple[np.ndarray, np.ndarray]:
     ----------
     buckets : integer array, shape (*lead, n_hashes, L), values >= 0
         As returned by :func:`lsh_buckets`.
+    backend : str
+        ``"auto"`` or a name from ``available_backends("lsh_sort")``.
 
     Returns
     -------
@@ -330,26 +133,12 @@ def lsh_sort(buckets: Any) -> tuple[np.ndarray, np.ndarray]:
     Bucket occupancy of chunk ``c`` of size ``n`` in the sorted order:
     ``np.take_along_axis(buckets.reshape(..., -1), order, -1)[..., c*n:(c+1)*n]``.
     """
-    kind = common_kind(buckets=buckets)
-    if buckets.ndim < 2:
-        raise ValueError(f"buckets must have at least 2 axes (n_hashes, L), got shape {tuple(buckets.shape)}")
-    if buckets.dtype.kind not in "iu":
-        raise TypeError(f"buckets has dtype {buckets.dtype.name}; expected an integer dtype")
-    _numpy_only(kind, "lsh_sort")
-    lead, n_hashes, length = tuple(buckets.shape[:-2]), buckets.shape[-2], buckets.shape[-1]
-    if n_hashes * length >= _INT32_LIMIT:
-        raise ValueError(f"n_hashes * L = {n_hashes * length} items do not fit the int32 sort plan")
-    n_values = 0
-    if buckets.size:
-        low, high = int(buckets.min()), int(buckets.max())
-        if low < 0:
-            raise ValueError(f"buckets must be >= 0, got {low}")
-        if high >= _INT32_LIMIT:
-            raise ValueError(f"buckets must be < 2**31, got {high}")
-        n_values = high + 1
-    order, inverse = _kernels.sort_buckets(buckets.reshape((math.prod(lead), n_hashes, length)), n_values)
-    shape = lead + (n_hashes * length,)
-    return order.reshape(shape), inverse.reshape(shape)
+    check_backend(backend)
+    p = sort_problem(buckets)
+    impl = select("lsh_sort", p, backend)
+    (ids,) = kernel_inputs(impl, p.dtype, p.buckets)
+    order, inverse = impl.module.sort(ids, p.n_values)
+    return p.restore(order), p.restore(inverse)
 
 
 def lsh_attention(
@@ -413,7 +202,9 @@ def lsh_attention(
         log of the summed exp-logits of all rounds' window entries (the masked
         constants included), float32 (float64 for float64 inputs).
     backend : str
-        ``"auto"``, ``"numba"`` (CPU) or ``"reference"`` (dense float64 oracle).
+        ``"auto"`` or a name from ``available_backends("lsh_attention")``:
+        ``"numba"`` (CPU), ``"reference"`` (dense float64 oracle).  The sort
+        plan is computed by the same backend's ``lsh_buckets`` and ``lsh_sort``.
 
     Returns
     -------
@@ -437,9 +228,11 @@ def lsh_attention(
         chunks_after=chunks_after, causal=causal, exclude_self=exclude_self, rotations=rotations, seed=seed,
     )  # fmt: skip
     impl = select("lsh_attention", problem, backend)
-    out, lse = impl.forward(problem)
-    out = problem.restore(out)
-    return (out, problem.restore(lse)) if return_lse else out
+    order, inverse = _sort_plan(problem, backend)
+    qk_k, v_k = kernel_inputs(impl, problem.dtype, problem.qk, problem.v)
+    out, lse = impl.module.forward(qk_k, v_k, order, inverse, **problem.options())
+    out, lse = cast_outputs(problem.dtype, out, lse)
+    return (problem.restore(out), problem.restore(lse)) if return_lse else problem.restore(out)
 
 
 def lsh_attention_backward(
@@ -509,7 +302,11 @@ def lsh_attention_backward(
         qk, v, n_buckets=n_buckets, n_hashes=n_hashes, chunk_size=chunk_size, chunks_before=chunks_before,
         chunks_after=chunks_after, causal=causal, exclude_self=exclude_self, rotations=rotations, seed=seed,
     )  # fmt: skip
-    grads = gradient_inputs(problem.dense, dout, out, lse)
+    g = gradient_inputs(problem.dense, dout, out, lse)
     impl = select("lsh_attention", problem, backend)
-    dqk, dv = impl.backward(problem, grads)
+    order, inverse = _sort_plan(problem, backend)
+    dout_k, qk_k, v_k, out_k = kernel_inputs(impl, problem.dtype, g.dout, problem.qk, problem.v, g.out)
+    lse_k = kernel_lse(impl, problem.dtype, g.lse)
+    grads = impl.module.backward(dout_k, qk_k, v_k, out_k, lse_k, order, inverse, **problem.options())
+    dqk, dv = cast_grads(problem.dtype, grads)
     return problem.restore(dqk), problem.restore(dv)

@@ -3,12 +3,13 @@
 Every rank holds a shard of ``q``, ``k`` and ``v`` along the sequence axis.
 Key/value blocks travel the ring: at step ``s`` rank ``r`` holds the K/V shard
 of rank ``(r - s) mod P``, posts the transfer of that shard to rank ``r + 1``
-*before* computing on it, computes its queries against it with the same
-kernels as :func:`npsparseattn.attention` on that device, and merges the
+*before* computing on it, computes its queries against it with the
+``attention`` kernels the registry chooses (``backend``: any implementation
+of ``attention``, so a GPU backend serves CuPy arrays), and merges the
 partial ``(out, lse)`` exactly (:func:`merge_states`).  After ``P`` steps
 every query has seen every key.
 
-Layouts (:func:`shard`): ``"contiguous"`` gives rank ``r`` the ``r``-th of
+Shardings (:func:`shard`): ``"contiguous"`` gives rank ``r`` the ``r``-th of
 ``P`` slices; ``"zigzag"`` cuts the sequence in ``2P`` chunks and gives rank
 ``r`` chunks ``r`` and ``2P-1-r``, so under a causal mask every rank does the
 same work at every step (ring-flash-attn's zigzag)::
@@ -31,38 +32,32 @@ failure behaviour.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Sequence
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from npsparseattn._checks import (
-    AttentionProblem,
-    attention_problem,
-    check_backend,
-    check_flag,
-    gradient_inputs,
-    is_int,
-)
-from npsparseattn._dispatch import BackendError, array_module, common_kind
-from npsparseattn.cpu import attention as tiled
+from npsparseattn._arrays import array_module, common_kind
+from npsparseattn._checks import check_backend, check_flag, is_int
+from npsparseattn._dispatch import Implementation, backend_names, select
+from npsparseattn._glue import kernel_array, kernel_lse
 from npsparseattn.distributed.agree import Field, RankArgumentError, agree
 from npsparseattn.distributed.base import Communicator
-from npsparseattn.reference import masked_softmax, visibility_mask
+from npsparseattn.problems import AttentionProblem, attention_problem, gradient_inputs, lse_dtype
 
-LAYOUTS = ("zigzag", "contiguous")
-RING_BACKENDS = ("auto", "numba", "reference")
+SHARDINGS = ("zigzag", "contiguous")
 Window = tuple[int | None, int | None]
 
-# --------------------------------------------------------------------------- layouts
+# --------------------------------------------------------------------------- sharding
 
 
-def check_layout(layout: Any) -> str:
+def check_sharding(sharding: Any) -> str:
     """``"zigzag"`` or ``"contiguous"``."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be 'zigzag' or 'contiguous', got {layout!r}")
-    return layout
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding must be 'zigzag' or 'contiguous', got {sharding!r}")
+    return sharding
 
 
 def _check_world(rank: Any, world: Any) -> tuple[int, int]:
@@ -87,7 +82,7 @@ def _split(length: int, parts: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def shard_pieces(length: int, world: int, rank: int, layout: str = "zigzag") -> list[tuple[int, int]]:
+def shard_pieces(length: int, world: int, rank: int, sharding: str = "zigzag") -> list[tuple[int, int]]:
     """Global ``[start, stop)`` ranges of the sequence that ``rank`` holds, in local order.
 
     >>> shard_pieces(10, 2, 0, "zigzag")   # chunks 0 and 3 of 4
@@ -96,19 +91,19 @@ def shard_pieces(length: int, world: int, rank: int, layout: str = "zigzag") -> 
     [(5, 10)]
     """
     rank, world = _check_world(rank, world)
-    if check_layout(layout) == "contiguous":
+    if check_sharding(sharding) == "contiguous":
         return [_split(length, world)[rank]]
     chunks = _split(length, 2 * world)
     return [chunks[rank], chunks[2 * world - 1 - rank]]
 
 
-def shard_lengths(length: int, world: int, layout: str = "zigzag") -> list[int]:
+def shard_lengths(length: int, world: int, sharding: str = "zigzag") -> list[int]:
     """Local length of every rank for a sequence of ``length``.
 
     >>> shard_lengths(11, 3, "zigzag")
     [3, 4, 4]
     """
-    return [sum(b - a for a, b in shard_pieces(length, world, r, layout)) for r in range(world)]
+    return [sum(b - a for a, b in shard_pieces(length, world, r, sharding)) for r in range(world)]
 
 
 def _axis(x: Any, axis: Any) -> int:
@@ -119,7 +114,7 @@ def _axis(x: Any, axis: Any) -> int:
     return int(axis) % x.ndim
 
 
-def shard(x: Any, rank: int, world: int, layout: str = "zigzag", *, axis: int = -2) -> Any:
+def shard(x: Any, rank: int, world: int, sharding: str = "zigzag", *, axis: int = -2) -> Any:
     """The part of the full sequence ``x`` that ``rank`` of ``world`` holds (a copy).
 
     Parameters
@@ -129,7 +124,7 @@ def shard(x: Any, rank: int, world: int, layout: str = "zigzag", *, axis: int = 
         ``lse`` (..., L) uses ``axis=-1``.
     rank, world : int
         This process and the number of processes.
-    layout : ``"zigzag"`` or ``"contiguous"``
+    sharding : ``"zigzag"`` or ``"contiguous"``
         Contiguous: ``world`` near-equal slices.  Zigzag: ``2*world`` chunks,
         rank ``r`` holds chunks ``r`` and ``2*world-1-r`` (balances causal work).
 
@@ -146,7 +141,7 @@ def shard(x: Any, rank: int, world: int, layout: str = "zigzag", *, axis: int = 
     """
     xp = array_module(common_kind(x=x))
     ax = _axis(x, axis)
-    pieces = shard_pieces(x.shape[ax], world, rank, layout)
+    pieces = shard_pieces(x.shape[ax], world, rank, sharding)
     index = [slice(None)] * x.ndim
     parts = []
     for start, stop in pieces:
@@ -155,7 +150,7 @@ def shard(x: Any, rank: int, world: int, layout: str = "zigzag", *, axis: int = 
     return xp.concatenate(parts, axis=ax)
 
 
-def unshard(shards: Sequence[Any], layout: str = "zigzag", *, axis: int = -2) -> Any:
+def unshard(shards: Sequence[Any], sharding: str = "zigzag", *, axis: int = -2) -> Any:
     """Inverse of :func:`shard`: the full sequence from every rank's shard, in rank order.
 
     >>> import numpy as np
@@ -170,17 +165,17 @@ def unshard(shards: Sequence[Any], layout: str = "zigzag", *, axis: int = -2) ->
     ax = _axis(shards[0], axis)
     lengths = [s.shape[ax] for s in shards]
     total = sum(lengths)
-    expected = shard_lengths(total, world, layout)
+    expected = shard_lengths(total, world, sharding)
     if lengths != expected:
         raise ValueError(
-            f"shard lengths {lengths} along axis {axis} do not match layout {layout!r} for a total length "
+            f"shard lengths {lengths} along axis {axis} do not match sharding {sharding!r} for a total length "
             f"{total} over {world} ranks (expected {expected}); pass the shards in rank order"
         )
     placed: list[tuple[int, Any]] = []
     index = [slice(None)] * shards[0].ndim
     for rank, part in enumerate(shards):
         local = 0
-        for start, stop in shard_pieces(total, world, rank, layout):
+        for start, stop in shard_pieces(total, world, rank, sharding):
             index[ax] = slice(local, local + stop - start)
             placed.append((start, part[tuple(index)]))
             local += stop - start
@@ -324,80 +319,6 @@ def block_calls(
     return rows
 
 
-# --------------------------------------------------------------------------- per-block compute
-
-
-@dataclass(frozen=True)
-class BlockKernels:
-    """Forward/backward of one (query block, key block) pair with an explicit diagonal offset.
-
-    ``forward(q, k, v, scale=, offset=, left=, right=) -> (out, lse)`` and
-    ``backward(dout, q, k, v, out, lse, scale=, offset=, left=, right=) -> (dq, dk, dv)``
-    on canonical 4-D contiguous arrays of the compute dtype.
-    """
-
-    name: str
-    forward: Callable[..., tuple[Any, Any]]
-    backward: Callable[..., tuple[Any, Any, Any]]
-
-
-def _dense_scores(q: Any, k: Any, scale: float, xp: Any) -> Any:
-    group = q.shape[1] // k.shape[1]
-    k64 = k.astype(xp.float64).repeat(group, axis=1)
-    return scale * xp.einsum("bhid,bhjd->bhij", q.astype(xp.float64), k64)
-
-
-def _dense_forward(q, k, v, *, scale, offset, left, right):
-    """Dense float64 block forward (any array module); returns the compute dtype."""
-    xp = array_module(common_kind(q=q))
-    mask = visibility_mask(q.shape[2], k.shape[2], offset=offset, left=left, right=right, xp=xp)
-    p, lse = masked_softmax(_dense_scores(q, k, scale, xp), mask, xp)
-    v64 = v.astype(xp.float64).repeat(q.shape[1] // k.shape[1], axis=1)
-    return xp.einsum("bhij,bhjd->bhid", p, v64).astype(q.dtype), lse.astype(q.dtype)
-
-
-def _dense_backward(dout, q, k, v, out, lse, *, scale, offset, left, right):
-    """Dense float64 block backward with the global ``out``/``lse``; returns the compute dtype."""
-    xp = array_module(common_kind(q=q))
-    b, hk, lk = k.shape[:3]
-    group = q.shape[1] // hk
-    mask = visibility_mask(q.shape[2], lk, offset=offset, left=left, right=right, xp=xp)
-    lse64 = lse.astype(xp.float64)[..., None]
-    shift = xp.where(xp.isfinite(lse64), lse64, xp.inf)
-    p = xp.where(mask, xp.exp(_dense_scores(q, k, scale, xp) - shift), 0.0)
-    do = dout.astype(xp.float64)
-    v64 = v.astype(xp.float64).repeat(group, axis=1)
-    dp = xp.einsum("bhid,bhjd->bhij", do, v64)
-    ds = p * (dp - (do * out.astype(xp.float64)).sum(axis=-1, keepdims=True))
-    dq = scale * xp.einsum("bhij,bhjd->bhid", ds, k.astype(xp.float64).repeat(group, axis=1))
-    dk = scale * xp.einsum("bhij,bhid->bhjd", ds, q.astype(xp.float64))
-    dv = xp.einsum("bhij,bhid->bhjd", p, do)
-    dk = dk.reshape(b, hk, group, lk, -1).sum(axis=2)
-    dv = dv.reshape(b, hk, group, lk, -1).sum(axis=2)
-    return dq.astype(q.dtype), dk.astype(q.dtype), dv.astype(q.dtype)
-
-
-def select_block_kernels(kind: str, backend: str) -> BlockKernels:
-    """Per-block compute for an array kind: the tiled CPU kernels, or the dense float64 reference.
-
-    CuPy arrays have no GPU attention kernel yet: they need ``backend="reference"``.
-    """
-    backend = check_backend(backend)
-    if backend not in RING_BACKENDS:
-        raise BackendError(
-            f"ring_attention backend must be one of {', '.join(map(repr, RING_BACKENDS))}, got {backend!r}"
-        )
-    if backend == "reference":
-        return BlockKernels("reference", _dense_forward, _dense_backward)
-    if kind == "cupy":
-        raise BackendError(
-            f"ring_attention has no GPU attention kernel yet for CuPy arrays (backend={backend!r}); pass "
-            f"backend='reference' for dense float64 per-block compute on the GPU (O(L_local^2) memory per block), "
-            f"or use NumPy arrays with MPIComm"
-        )
-    return BlockKernels("numba", tiled.forward, tiled.backward)
-
-
 # --------------------------------------------------------------------------- validation
 
 
@@ -407,18 +328,19 @@ class _Ring:
 
     comm: Communicator
     problem: AttentionProblem
-    kernels: BlockKernels
-    layout: str
+    kernels: Implementation
+    sharding: str
     lengths: list[int]
     xp: Any
     dtype: Any
+    compute_dtype: Any
 
     @property
     def total(self) -> int:
         return sum(self.lengths)
 
     def pieces(self, rank: int) -> list[tuple[int, int]]:
-        return shard_pieces(self.total, self.comm.size, rank, self.layout)
+        return shard_pieces(self.total, self.comm.size, rank, self.sharding)
 
     def calls(self, src: int) -> list[BlockCall]:
         p = self.problem
@@ -429,8 +351,27 @@ class _Ring:
         return (b, hk, self.lengths[rank], width)
 
     def compute(self, x: Any) -> Any:
-        """``x`` as a C-contiguous array of the compute dtype (one kernel signature for every call)."""
-        return self.xp.ascontiguousarray(x, dtype=self.dtype)
+        """``x`` as a C-contiguous array of the kernels' compute dtype (one kernel signature for every call)."""
+        return kernel_array(x, self.compute_dtype, False)
+
+    def compute_lse(self, lse: Any) -> Any:
+        """The global ``lse`` as the backward kernels read it."""
+        return kernel_lse(self.kernels, self.problem.dtype, lse)
+
+    def forward(self, q: Any, k: Any, v: Any, call: BlockCall) -> tuple[Any, Any]:
+        """One block of the forward through the chosen attention kernels."""
+        p = self.problem
+        return self.kernels.module.forward(
+            q, self.compute(k), self.compute(v), scale=p.scale, offset=call.offset, left=call.left, right=call.right
+        )
+
+    def backward(self, dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, call: BlockCall) -> tuple[Any, ...]:
+        """One block of the backward (with the global ``out``/``lse``) through the chosen attention kernels."""
+        p = self.problem
+        return self.kernels.module.backward(
+            dout, q, self.compute(k), self.compute(v), out, lse, scale=p.scale, offset=call.offset, left=call.left,
+            right=call.right,
+        )  # fmt: skip
 
 
 _DTYPE_CODES = ("float16", "bfloat16", "float32", "float64")
@@ -444,7 +385,7 @@ def _float_bits(x: float) -> int:
 _MAX_AXES = 8
 
 
-def _fields(problem: AttentionProblem | None, layout: str, backend: str) -> list[Field]:
+def _fields(problem: AttentionProblem | None, sharding: str, backend: str) -> list[Field]:
     """What must be equal on every rank.  ``problem=None`` (local checks failed): placeholder values."""
     p = problem
     absent = -1
@@ -476,12 +417,19 @@ def _fields(problem: AttentionProblem | None, layout: str, backend: str) -> list
         Field("window left", bound(p.left) if p else 0, show_bound),
         Field("window right (causal sets 0)", bound(p.right) if p else 0, show_bound),
         Field("scale", _float_bits(p.scale) if p else 0, _show_float_bits),
-        Field("layout", LAYOUTS.index(layout) if layout in LAYOUTS else 0, lambda c: repr(LAYOUTS[c])),
-        Field(
-            "backend", RING_BACKENDS.index(backend) if backend in RING_BACKENDS else 0, lambda c: repr(RING_BACKENDS[c])
-        ),
+        Field("sharding", SHARDINGS.index(sharding) if sharding in SHARDINGS else 0, lambda c: repr(SHARDINGS[c])),
+        Field("backend", _name_code(backend), _show_backend),
     ]
     return fields
+
+
+def _name_code(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+def _show_backend(code: int) -> str:
+    names = {_name_code(name): name for name in ["auto", *backend_names()]}
+    return repr(names[code]) if code in names else f"a backend unknown here (code {code})"
 
 
 def _show_float_bits(bits: int) -> str:
@@ -498,7 +446,7 @@ def _prepare(
     causal: Any,
     window: Any,
     scale: Any,
-    layout: Any,
+    sharding: Any,
     backend: Any,
     gradients: tuple[Any, Any, Any] | None = None,
     flags: dict[str, Any] | None = None,
@@ -510,11 +458,12 @@ def _prepare(
         )
     problem, grads, kernels, error = None, None, None, None
     try:
-        check_layout(layout)
+        check_sharding(sharding)
+        check_backend(backend)
         for name, value in (flags or {}).items():
             check_flag(value, name)
         problem = attention_problem(q, k, v, causal=causal, window=window, scale=scale)
-        kernels = select_block_kernels(problem.kind, backend)
+        kernels = select("ring_attention", problem, backend)
         if problem.kind not in comm.kinds:
             raise TypeError(
                 f"{type(comm).__name__} moves {' or '.join(comm.kinds)} arrays but q, k, v are {problem.kind} arrays"
@@ -528,19 +477,21 @@ def _prepare(
             grads = gradient_inputs(problem, *gradients)
     except (TypeError, ValueError) as err:
         error = err
-    fields = _fields(problem if error is None else None, layout, backend if isinstance(backend, str) else "")
+    fields = _fields(problem if error is None else None, sharding, backend if isinstance(backend, str) else "")
     lengths = agree(comm, op, fields, 0 if problem is None else problem.seq_q, failed=error is not None)
     if error is not None:
         raise error
-    expected = shard_lengths(sum(lengths), comm.size, layout)
+    expected = shard_lengths(sum(lengths), comm.size, sharding)
     if lengths != expected:
         raise RankArgumentError(
-            f"{op}: local sequence lengths {lengths} (ranks 0..{comm.size - 1}) do not match layout {layout!r} "
+            f"{op}: local sequence lengths {lengths} (ranks 0..{comm.size - 1}) do not match sharding {sharding!r} "
             f"for the total length {sum(lengths)} (expected {expected}); cut the sequence with "
-            f"npsparseattn.shard(x, rank, world, layout={layout!r})"
+            f"npsparseattn.shard(x, rank, world, sharding={sharding!r})"
         )
-    dtype = np.float64 if problem.dtype == np.float64 else np.float32
-    ring = _Ring(comm, problem, kernels, layout, lengths, array_module(problem.kind), np.dtype(dtype))
+    ring = _Ring(
+        comm, problem, kernels, sharding, lengths, array_module(problem.kind), lse_dtype(problem.dtype),
+        kernels.compute_dtype(problem.dtype),
+    )  # fmt: skip
     return ring, grads
 
 
@@ -556,7 +507,7 @@ def ring_attention(
     causal: bool = False,
     window: Window | None = None,
     scale: float | None = None,
-    layout: str = "zigzag",
+    sharding: str = "zigzag",
     return_lse: bool = False,
     backend: str = "auto",
 ) -> Any:
@@ -572,20 +523,21 @@ def ring_attention(
     k : array, shape (*batch, Hk, L_local, D), ``Hq % Hk == 0`` (GQA/MQA)
     v : array, shape (*batch, Hk, L_local, Dv)
         This rank's shard; ``L_local`` must be what :func:`shard` gives for
-        ``layout`` (every rank's length is checked against it).
+        ``sharding`` (every rank's length is checked against it).
     comm : Communicator
         :class:`~npsparseattn.distributed.MPIComm` (NumPy arrays) or
         :class:`~npsparseattn.distributed.NCCLComm` (CuPy arrays).
     causal, window, scale
         As for :func:`npsparseattn.attention`, in global positions of the
         whole sequence (query ``i`` sees key ``j <= i`` when causal).
-    layout : ``"zigzag"`` (default) or ``"contiguous"``
+    sharding : ``"zigzag"`` (default) or ``"contiguous"``
         How the sequence was sharded.  Zigzag balances causal work.
     return_lse : bool
         Also return this rank's shard of ``lse`` (*batch, Hq, L_local).
-    backend : ``"auto"``, ``"numba"`` or ``"reference"``
-        Per-block compute: the tiled CPU kernels, or dense float64 (any array
-        module; the only choice for CuPy arrays until a GPU kernel exists).
+    backend : str
+        The per-block compute: ``"auto"`` or any backend of ``attention``
+        (``available_backends("ring_attention")``), e.g. ``"numba"`` (the
+        tiled CPU kernels) or ``"reference"`` (dense float64).
 
     Returns
     -------
@@ -596,7 +548,7 @@ def ring_attention(
     ------
     RankArgumentError (a ValueError), on every rank
         Shapes (other than ``L_local``), dtypes or options differ across
-        ranks, local lengths do not match ``layout``, or some rank's
+        ranks, local lengths do not match ``sharding``, or some rank's
         arguments are invalid (that rank raises the specific error).
     RingTimeoutError
         A peer died or stalls (``comm.timeout`` seconds without progress).
@@ -627,7 +579,7 @@ def ring_attention(
         causal=causal,
         window=window,
         scale=scale,
-        layout=layout,
+        sharding=sharding,
         backend=backend,
         flags={"return_lse": return_lse},
     )
@@ -638,13 +590,13 @@ def ring_attention(
 
 
 class _KVBuffers:
-    """Two flat buffers per travelling array, each as large as the largest shard; views are contiguous."""
+    """Two flat buffers per travelling K/V array (compute dtype), as large as the largest shard; contiguous views."""
 
     def __init__(self, ring: _Ring, widths: Sequence[int]):
         self.ring = ring
         self.widths = widths
         size = max(int(np.prod(ring.kv_shape(r, 1))) for r in range(ring.comm.size))
-        self.flat = [[ring.xp.empty(size * w, ring.dtype) for w in widths] for _ in range(2)]
+        self.flat = [[ring.xp.empty(size * w, ring.compute_dtype) for w in widths] for _ in range(2)]
 
     def view(self, slot: int, rank: int) -> list[Any]:
         """Slot ``slot`` shaped as the shard of ``rank``."""
@@ -656,7 +608,7 @@ class _KVBuffers:
 
 
 def _forward(ring: _Ring) -> tuple[Any, Any]:
-    """This rank's ``(out, lse)`` in canonical form and the compute dtype."""
+    """This rank's ``(out, lse)`` in canonical form, accumulated in float32 (float64 for float64 inputs)."""
     comm, p, xp, dt = ring.comm, ring.problem, ring.xp, ring.dtype
     size, rank = comm.size, comm.rank
     q = ring.compute(p.q)
@@ -679,15 +631,7 @@ def _forward(ring: _Ring) -> tuple[Any, Any]:
             key = (call.q.start, call.q.stop)
             if key not in q_parts:
                 q_parts[key] = ring.compute(q[:, :, call.q])
-            block_out, block_lse = ring.kernels.forward(
-                q_parts[key],
-                ring.compute(k_cur[:, :, call.k]),
-                ring.compute(v_cur[:, :, call.k]),
-                scale=p.scale,
-                offset=call.offset,
-                left=call.left,
-                right=call.right,
-            )
+            block_out, block_lse = ring.forward(q_parts[key], k_cur[:, :, call.k], v_cur[:, :, call.k], call)
             merge_states(out[:, :, call.q], lse[:, :, call.q], block_out, block_lse)
         if transfer is not None:
             comm.wait(transfer)
@@ -710,7 +654,7 @@ def ring_attention_backward(
     causal: bool = False,
     window: Window | None = None,
     scale: float | None = None,
-    layout: str = "zigzag",
+    sharding: str = "zigzag",
     backend: str = "auto",
 ) -> tuple[Any, Any, Any]:
     """Gradients of :func:`ring_attention` for this rank's shard.
@@ -726,7 +670,7 @@ def ring_attention_backward(
         This rank's shard of the gradient of the loss with respect to ``out``.
     q, k, v, comm : as for :func:`ring_attention`
     out, lse : this rank's forward outputs (``return_lse=True``)
-    causal, window, scale, layout, backend : as for the forward call
+    causal, window, scale, sharding, backend : as for the forward call
 
     Returns
     -------
@@ -758,7 +702,7 @@ def ring_attention_backward(
         causal=causal,
         window=window,
         scale=scale,
-        layout=layout,
+        sharding=sharding,
         backend=backend,
         gradients=(dout, out, lse),
     )
@@ -768,9 +712,11 @@ def ring_attention_backward(
 
 
 def _backward(ring: _Ring, grads: Any) -> tuple[Any, Any, Any]:
+    """This rank's ``(dq, dk, dv)``, accumulated in float32 (float64 for float64 inputs)."""
     comm, p, xp, dt = ring.comm, ring.problem, ring.xp, ring.dtype
     size, rank = comm.size, comm.rank
-    q, dout, out, lse = (ring.compute(x) for x in (p.q, grads.dout, grads.out, grads.lse))
+    q, dout, out = (ring.compute(x) for x in (p.q, grads.dout, grads.out))
+    lse = ring.compute_lse(grads.lse)
     dq = xp.zeros(q.shape, dt)
     d, dv_width = p.k.shape[3], p.v.shape[3]
     kv = _KVBuffers(ring, (d, dv_width))
@@ -791,20 +737,10 @@ def _backward(ring: _Ring, grads: Any) -> tuple[Any, Any, Any]:
         for call in ring.calls(src):
             key = (call.q.start, call.q.stop)
             if key not in rows:
-                rows[key] = tuple(ring.compute(x[:, :, call.q]) for x in (dout, q, out, lse))
+                parts = (ring.compute(x[:, :, call.q]) for x in (dout, q, out))
+                rows[key] = (*parts, ring.compute_lse(lse[:, :, call.q]))
             dout_c, q_c, out_c, lse_c = rows[key]
-            dq_c, dk_c, dv_c = ring.kernels.backward(
-                dout_c,
-                q_c,
-                ring.compute(k_cur[:, :, call.k]),
-                ring.compute(v_cur[:, :, call.k]),
-                out_c,
-                lse_c,
-                scale=p.scale,
-                offset=call.offset,
-                left=call.left,
-                right=call.right,
-            )
+            dq_c, dk_c, dv_c = ring.backward(dout_c, q_c, k_cur[:, :, call.k], v_cur[:, :, call.k], out_c, lse_c, call)
             dq[:, :, call.q] += dq_c
             dk_blk[:, :, call.k] += dk_c
             dv_blk[:, :, call.k] += dv_c

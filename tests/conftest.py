@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import types
 import zlib
 
 import numpy as np
 import pytest
+
+from npsparseattn.distributed.base import Communicator, check_reduce
 
 # Relative error bounds against the float64 reference (DESIGN.md section 8).
 TOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
@@ -67,6 +70,21 @@ class FakeCupyArray:
         return FakeCupyArray(self._x[item])
 
 
+class SoloComm(Communicator):
+    """A ring of one: the argument agreement and the single-step schedule without MPI."""
+
+    rank, size, timeout, kinds = 0, 1, 1.0, ("numpy",)
+
+    def shift(self, send, recv, *, tag=0):
+        raise AssertionError("a ring of one never shifts")
+
+    def allreduce(self, values, op="sum"):
+        return check_reduce(values, op).copy()
+
+    def barrier(self):
+        pass
+
+
 @pytest.fixture
 def fake_cupy(monkeypatch):
     """A ``cupy`` module in ``sys.modules`` whose ``ndarray`` is :class:`FakeCupyArray`."""
@@ -74,3 +92,90 @@ def fake_cupy(monkeypatch):
     module.ndarray = FakeCupyArray
     monkeypatch.setitem(sys.modules, "cupy", module)
     return module
+
+
+# --------------------------------------------------------------------------- the backend axis
+# A test that takes ``attention_backend`` (or ``block_sparse_backend``, ``lsh_backend``, ...) runs once per
+# implementation the registry lists for that operation (the reference oracle excluded: it is what the
+# others are compared with).  An implementation that cannot run here is skipped with the registry's own
+# reasons, so ``pytest -ra`` shows why (no CuPy, no GPU, ...).
+
+BACKEND_FIXTURES = {
+    "attention_backend": "attention",
+    "block_sparse_backend": "block_sparse_attention",
+    "lsh_backend": "lsh_attention",
+    "lsh_buckets_backend": "lsh_buckets",
+    "lsh_sort_backend": "lsh_sort",
+}
+
+
+def with_kind(problem, kind: str):
+    """``problem`` as if its arrays were of ``kind`` (the registry asks only for the kind, dtype and options)."""
+    if problem.kind == kind:
+        return problem
+    if hasattr(problem, "dense"):  # an LSHProblem keeps its arrays in an AttentionProblem
+        return dataclasses.replace(problem, dense=with_kind(problem.dense, kind))
+    return dataclasses.replace(problem, kind=kind)
+
+
+class BackendCase:
+    """One registered implementation of one operation, with the array conversions its tests need."""
+
+    def __init__(self, op: str, name: str):
+        from npsparseattn import _dispatch
+
+        self.op, self.name = op, name
+        self.impl = next(impl for impl in _dispatch.implementations(op) if impl.name == name)
+        self.kind = "numpy" if "numpy" in self.impl.kinds else self.impl.kinds[0]
+
+    def __repr__(self) -> str:
+        return f"BackendCase({self.op!r}, {self.name!r})"
+
+    @property
+    def xp(self):
+        """The array module this backend reads (NumPy, or CuPy for a GPU backend)."""
+        if self.kind == "numpy":
+            return np
+        import cupy
+
+        return cupy
+
+    def require(self, problem) -> None:
+        """Skip the test, with the registry's reasons, unless this backend can take ``problem`` here."""
+        reasons = self.impl.unsupported(with_kind(problem, self.kind))
+        if reasons:
+            pytest.skip(f"{self.name} cannot run {self.op} here: " + "; ".join(reasons))
+
+    def put(self, *arrays):
+        """NumPy test inputs as this backend's arrays, as a tuple."""
+        return tuple(a if self.kind == "numpy" else self.xp.asarray(a) for a in arrays)
+
+    def get(self, x):
+        """A result back as a NumPy array."""
+        return x if isinstance(x, np.ndarray) else self.xp.asnumpy(x)
+
+    def tolerance(self, dtype) -> float:
+        """The relative error bound this backend declares for inputs of ``dtype``."""
+        return self.impl.tolerance[np.dtype(dtype).name]
+
+
+class AutoCase(BackendCase):
+    """``backend="auto"`` on NumPy arrays, with the bounds of :data:`TOL`."""
+
+    def __init__(self, op: str):
+        self.op, self.name, self.kind = op, "auto", "numpy"
+
+    def require(self, problem) -> None:
+        """Auto on NumPy arrays always has an implementation."""
+
+    def tolerance(self, dtype) -> float:
+        return TOL[np.dtype(dtype)]
+
+
+def pytest_generate_tests(metafunc):
+    from npsparseattn import available_backends
+
+    for fixture, op in BACKEND_FIXTURES.items():
+        if fixture in metafunc.fixturenames:
+            names = [name for name in available_backends(op) if name != "reference"]
+            metafunc.parametrize(fixture, [BackendCase(op, name) for name in names], ids=names)

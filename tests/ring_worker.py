@@ -33,7 +33,7 @@ from npsparseattn.distributed import MPIComm, RingError
 
 
 def case_list(world: int) -> list[dict]:
-    """The numeric cases: every dtype x causal x layout, plus windows, 2-D inputs, the reference backend, tiny L.
+    """The numeric cases: every dtype x causal x sharding, plus windows, 2-D inputs, the reference backend, tiny L.
 
     Ids do not depend on ``world``; lengths do (odd, never a multiple of ``2 * world``).
     """
@@ -42,24 +42,24 @@ def case_list(world: int) -> list[dict]:
     cases = []
     for dtype in ("float64", "float32"):
         for causal in (True, False):
-            for layout in ("zigzag", "contiguous"):
-                name = f"{dtype}-{'causal' if causal else 'full'}-{layout}-gqa-oddL"
-                cases.append(dict(id=name, dtype=dtype, causal=causal, layout=layout, shape=gqa))
+            for sharding in ("zigzag", "contiguous"):
+                name = f"{dtype}-{'causal' if causal else 'full'}-{sharding}-gqa-oddL"
+                cases.append(dict(id=name, dtype=dtype, causal=causal, sharding=sharding, shape=gqa))
     cases += [
-        dict(id="float64-window13,4-zigzag", dtype="float64", window=(13, 4), layout="zigzag", shape=gqa),
+        dict(id="float64-window13,4-zigzag", dtype="float64", window=(13, 4), sharding="zigzag", shape=gqa),
         dict(
             id="float32-causal-window9-contiguous",
             dtype="float32",
             causal=True,
             window=(9, None),
-            layout="contiguous",
+            sharding="contiguous",
             shape=gqa,
         ),
         dict(
             id="float64-causal-zigzag-2d-scale0.3",
             dtype="float64",
             causal=True,
-            layout="zigzag",
+            sharding="zigzag",
             shape=dict(hq=1, lq=odd + 8, d=12),
             two_d=True,
             scale=0.3,
@@ -68,7 +68,7 @@ def case_list(world: int) -> list[dict]:
             id="float64-causal-zigzag-backend-reference",
             dtype="float64",
             causal=True,
-            layout="zigzag",
+            sharding="zigzag",
             shape=gqa,
             backend="reference",
         ),
@@ -76,20 +76,20 @@ def case_list(world: int) -> list[dict]:
             id="float64-causal-zigzag-L5-mqa-empty-shards",
             dtype="float64",
             causal=True,
-            layout="zigzag",
+            sharding="zigzag",
             shape=dict(hq=3, hk=1, lq=5, d=8),
         ),
         dict(
             id="float32-full-zigzag-L300-d64",
             dtype="float32",
-            layout="zigzag",
+            sharding="zigzag",
             shape=dict(batch=(1,), hq=2, lq=300, d=64),
         ),
         dict(
             id="float32-causal-zigzag-L300-d64",
             dtype="float32",
             causal=True,
-            layout="zigzag",
+            sharding="zigzag",
             shape=dict(hq=2, lq=300, d=64),
         ),
     ]
@@ -105,15 +105,15 @@ def run_case(comm: MPIComm, case: dict) -> dict | None:
     if case.get("two_d"):
         q, k, v = q[0], k[0], v[0]
     kw = dict(causal=case.get("causal", False), window=case.get("window"), scale=case.get("scale"))
-    layout = case["layout"]
-    mine = [nsa.shard(x, comm.rank, comm.size, layout) for x in (q, k, v)]
+    sharding = case["sharding"]
+    mine = [nsa.shard(x, comm.rank, comm.size, sharding) for x in (q, k, v)]
     out, lse = nsa.ring_attention(
-        *mine, comm, layout=layout, return_lse=True, backend=case.get("backend", "auto"), **kw
+        *mine, comm, sharding=sharding, return_lse=True, backend=case.get("backend", "auto"), **kw
     )
     dout = rng.standard_normal(q.shape[:-1] + (v.shape[-1],)).astype(dtype)
-    dout_mine = nsa.shard(dout, comm.rank, comm.size, layout)
+    dout_mine = nsa.shard(dout, comm.rank, comm.size, sharding)
     grads = nsa.ring_attention_backward(
-        dout_mine, *mine, out, lse, comm, layout=layout, backend=case.get("backend", "auto"), **kw
+        dout_mine, *mine, out, lse, comm, sharding=sharding, backend=case.get("backend", "auto"), **kw
     )
     local = dict(
         rank=comm.rank,
@@ -128,9 +128,9 @@ def run_case(comm: MPIComm, case: dict) -> dict | None:
     gathered = comm.comm.gather((local, out, lse, grads), root=0)
     if comm.rank != 0:
         return None
-    full_out = nsa.unshard([g[1] for g in gathered], layout)
-    full_lse = nsa.unshard([g[2] for g in gathered], layout, axis=-1)
-    full_grads = [nsa.unshard([g[3][i] for g in gathered], layout) for i in range(3)]
+    full_out = nsa.unshard([g[1] for g in gathered], sharding)
+    full_lse = nsa.unshard([g[2] for g in gathered], sharding, axis=-1)
+    full_grads = [nsa.unshard([g[3][i] for g in gathered], sharding) for i in range(3)]
     ref_out, ref_lse = reference.attention(q, k, v, **kw)
     ref_grads = reference.attention_backward(dout, q, k, v, **kw)
     single_out, single_lse = nsa.attention(q, k, v, return_lse=True, **kw)
@@ -139,7 +139,7 @@ def run_case(comm: MPIComm, case: dict) -> dict | None:
         id=case["id"],
         dtype=case["dtype"],
         length=q.shape[-2],
-        layout=layout,
+        sharding=sharding,
         ranks=[g[0] for g in gathered],
         out_vs_reference=rel_err(full_out, ref_out),
         lse_vs_reference=float(np.abs(full_lse.astype(np.float64) - ref_lse).max()),
@@ -169,7 +169,7 @@ def error_calls(comm: MPIComm) -> dict:
         "dtype": lambda: nsa.ring_attention(*[x.astype(np.float32) if last else x for x in mine], comm),
         "head_dim": lambda: nsa.ring_attention(*[x[..., :4] if last else x for x in mine], comm),
         "causal": lambda: nsa.ring_attention(*mine, comm, causal=last),
-        "layout": lambda: nsa.ring_attention(*mine, comm, layout="contiguous" if last else "zigzag"),
+        "sharding": lambda: nsa.ring_attention(*mine, comm, sharding="contiguous" if last else "zigzag"),
         "lengths": lambda: nsa.ring_attention(*[x[..., :-1, :] if last else x for x in mine], comm),
         "invalid_on_one_rank": lambda: nsa.ring_attention(
             mine[0], mine[1][..., :5] if last else mine[1], mine[2], comm

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import TOL, random_array, random_qkv, rel_err
+from conftest import AutoCase, random_array, random_qkv, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import npsparseattn as nsa
 from npsparseattn import reference
-from npsparseattn.cpu import attention as kernels
+from npsparseattn.cpu import exact as cpu_kernels
+from npsparseattn.problems import attention_problem, lse_dtype
 
 MASKS = [
     pytest.param(dict(), id="full"),
@@ -31,37 +32,43 @@ SHAPES = [
 ]
 
 
-def check_against_reference(q, k, v, kw, dtype):
-    out, lse = nsa.attention(q, k, v, return_lse=True, **kw)
+def check_against_reference(q, k, v, kw, dtype, backend=None):
+    """Forward and backward of ``backend`` (a BackendCase; default: auto on NumPy) against the float64 oracle."""
+    be = AutoCase("attention") if backend is None else backend
+    tol = be.tolerance(dtype)
+    be.require(attention_problem(q, k, v, **kw))
+    out, lse = nsa.attention(*be.put(q, k, v), return_lse=True, backend=be.name, **kw)
+    out, lse = be.get(out), be.get(lse)
     ref_out, ref_lse = reference.attention(q, k, v, **kw)
     assert out.dtype == q.dtype and out.shape == ref_out.shape
     assert lse.dtype == (np.float64 if dtype == np.float64 else np.float32)
-    assert rel_err(out, ref_out) < TOL[np.dtype(dtype)]
+    assert rel_err(out, ref_out) < tol
     empty = ~np.isfinite(ref_lse)
     assert np.array_equal(np.isneginf(lse), empty)
     assert np.all(out[empty] == 0)
-    np.testing.assert_allclose(lse[~empty], ref_lse[~empty], rtol=0, atol=50 * TOL[np.dtype(dtype)])
+    np.testing.assert_allclose(lse[~empty], ref_lse[~empty], rtol=0, atol=50 * tol)
 
     dout = random_array(np.random.default_rng(1), out.shape, dtype)
-    grads = nsa.attention_backward(dout, q, k, v, out, lse, **kw)
+    grads = nsa.attention_backward(*be.put(dout, q, k, v, out, lse), backend=be.name, **kw)
     ref_grads = reference.attention_backward(dout, q, k, v, **kw)
-    for name, g, r, x in zip("qkv", grads, ref_grads, (q, k, v)):
-        assert g.shape == x.shape and g.dtype == x.dtype, name
-        assert rel_err(g, r, floor=1.0) < 4 * TOL[np.dtype(dtype)], name
+    for label, g, r, x in zip("qkv", grads, ref_grads, (q, k, v)):
+        g = be.get(g)
+        assert g.shape == x.shape and g.dtype == x.dtype, label
+        assert rel_err(g, r, floor=1.0) < 4 * tol, label
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("mask", MASKS)
-def test_matches_reference(rng, dtype, shape, mask):
+def test_matches_reference(rng, attention_backend, dtype, shape, mask):
     q, k, v = random_qkv(rng, dtype=dtype, **shape)
-    check_against_reference(q, k, v, mask, dtype)
+    check_against_reference(q, k, v, mask, dtype, attention_backend)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_custom_scale_and_2d_inputs(rng, dtype):
+def test_custom_scale_and_2d_inputs(rng, attention_backend, dtype):
     q, k, v = random_qkv(rng, hq=1, lq=45, lk=61, d=12, dtype=dtype)
-    check_against_reference(q[0], k[0], v[0], dict(scale=0.7, causal=True), dtype)
+    check_against_reference(q[0], k[0], v[0], dict(scale=0.7, causal=True), dtype, attention_backend)
 
 
 def test_empty_rows_give_zero_output_neg_inf_lse_and_zero_grads(rng):
@@ -92,19 +99,22 @@ def test_empty_query_sequence(rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_kernels_write_every_output_element(rng, dtype):
-    """Buffers poisoned with NaN must come back fully overwritten."""
+def test_kernels_write_every_output_element(rng, attention_backend, dtype):
+    """Buffers poisoned with NaN must come back fully overwritten (the kernel contract's ``out``/``grads``)."""
+    be = attention_backend
     q, k, v = random_qkv(rng, batch=(2,), hq=4, hk=2, lq=70, lk=90, d=16, dv=12, dtype=dtype)
+    be.require(attention_problem(q, k, v))
+    compute = be.impl.compute_dtype(dtype)
+    q, k, v = be.put(*(x.astype(compute) for x in (q, k, v)))
     kw = dict(scale=0.25, offset=20, left=30, right=0)
-    out = np.full((2, 4, 70, 12), np.nan, dtype)
-    lse = np.full((2, 4, 70), np.nan, dtype)
-    kernels.forward(q, k, v, out=out, lse=lse, **kw)
-    assert not np.isnan(out).any() and not np.isnan(lse).any()
-    grads = tuple(np.full(x.shape, np.nan, dtype) for x in (q, k, v))
-    dout = random_array(rng, out.shape, dtype)
-    kernels.backward(dout, q, k, v, out, lse, grads=grads, **kw)
+    out, lse = be.put(np.full((2, 4, 70, 12), np.nan, compute), np.full((2, 4, 70), np.nan, lse_dtype(compute)))
+    be.impl.module.forward(q, k, v, out=out, lse=lse, **kw)
+    assert not np.isnan(be.get(out)).any() and not np.isnan(be.get(lse)).any()
+    grads = be.put(*(np.full(x.shape, np.nan, compute) for x in (q, k, v)))
+    (dout,) = be.put(random_array(rng, out.shape, compute))
+    be.impl.module.backward(dout, q, k, v, out, lse, grads=grads, **kw)
     for g in grads:
-        assert not np.isnan(g).any()
+        assert not np.isnan(be.get(g)).any()
 
 
 def _transposed(x):
@@ -202,9 +212,9 @@ def test_result_does_not_depend_on_tile_count(rng):
     """Same answer whether the work is split into many small tiles or few large ones."""
     q, k, v = random_qkv(rng, hq=1, lq=600, lk=600, d=16)
     kw = dict(scale=0.25, offset=0, left=None, right=0)
-    out_big, lse_big = kernels.forward(q[None], k[None], v[None], **kw)
+    out_big, lse_big = cpu_kernels.forward(q[None], k[None], v[None], **kw)
     batched = np.repeat(q[None], 9, axis=1)
-    out_many, lse_many = kernels.forward(batched, k[None], v[None], **kw)
+    out_many, lse_many = cpu_kernels.forward(batched, k[None], v[None], **kw)
     np.testing.assert_allclose(out_many[:, 3], out_big[:, 0], rtol=0, atol=1e-13)
     np.testing.assert_allclose(lse_many[:, 3], lse_big[:, 0], rtol=0, atol=1e-13)
 

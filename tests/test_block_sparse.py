@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import TOL, random_array, random_qkv, rel_err
+from conftest import TOL, AutoCase, random_array, random_qkv, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import npsparseattn as nsa
-from npsparseattn import block_sparse, layouts, reference
-from npsparseattn.cpu import block_sparse as kernels
+from npsparseattn import layouts, reference
+from npsparseattn.problems import attention_problem, lse_dtype
 
 MASKS = [
     pytest.param(dict(), id="none"),
@@ -21,13 +21,16 @@ MASKS = [
 ]
 
 
-def check_against_reference(q, k, v, layout, kw, dtype):
-    """Forward and backward of the numba kernel against the float64 reference with the same layout."""
-    out, lse = nsa.block_sparse_attention(q, k, v, layout, return_lse=True, **kw)
+def check_against_reference(q, k, v, layout, kw, dtype, backend=None):
+    """Forward and backward of ``backend`` (default: auto on NumPy) against the float64 reference, same layout."""
+    be = AutoCase("block_sparse_attention") if backend is None else backend
+    be.require(attention_problem(q, k, v, **kw))
+    result = nsa.block_sparse_attention(*be.put(q, k, v), layout, return_lse=True, backend=be.name, **kw)
+    out, lse = (be.get(x) for x in result)
     ref_out, ref_lse = reference.block_sparse_attention(q, k, v, layout, **kw)
     assert out.dtype == q.dtype and out.shape == ref_out.shape
     assert lse.dtype == (np.float64 if dtype == np.float64 else np.float32) and lse.shape == ref_lse.shape
-    tol = TOL[np.dtype(dtype)]
+    tol = be.tolerance(dtype)
     assert rel_err(out, ref_out) < tol
     empty = ~np.isfinite(ref_lse)
     assert np.array_equal(np.isneginf(lse), empty)
@@ -35,7 +38,8 @@ def check_against_reference(q, k, v, layout, kw, dtype):
     np.testing.assert_allclose(lse[~empty], ref_lse[~empty], rtol=0, atol=50 * tol)
 
     dout = random_array(np.random.default_rng(1), out.shape, dtype)
-    grads = nsa.block_sparse_attention_backward(dout, q, k, v, out, lse, layout, **kw)
+    moved = be.put(dout, q, k, v, out, lse)
+    grads = tuple(be.get(g) for g in nsa.block_sparse_attention_backward(*moved, layout, backend=be.name, **kw))
     ref_grads = reference.block_sparse_attention_backward(dout, q, k, v, layout, **kw)
     for name, g, r, x in zip("qkv", grads, ref_grads, (q, k, v)):
         assert g.shape == x.shape and g.dtype == x.dtype, name
@@ -100,10 +104,10 @@ BUILDER_SHAPES = [
 @pytest.mark.parametrize(("shape", "block"), BUILDER_SHAPES)
 @pytest.mark.parametrize("builder", list(BUILDERS))
 @pytest.mark.parametrize("mask", [MASKS[0], MASKS[1], MASKS[3]])
-def test_every_builder_matches_reference(rng, dtype, shape, block, builder, mask):
+def test_every_builder_matches_reference(rng, block_sparse_backend, dtype, shape, block, builder, mask):
     q, k, v = random_qkv(rng, dtype=dtype, **shape)
     layout = BUILDERS[builder]((shape["lq"], shape["lk"]), block)
-    check_against_reference(q, k, v, layout, mask, dtype)
+    check_against_reference(q, k, v, layout, mask, dtype, block_sparse_backend)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -207,25 +211,28 @@ def test_empty_key_and_query_sequences(rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_kernels_write_every_output_element(rng, dtype):
+def test_kernels_write_every_output_element(rng, block_sparse_backend, dtype):
     """Buffers poisoned with NaN must come back fully overwritten, empty rows and unused keys included."""
+    be = block_sparse_backend
     q, k, v = random_qkv(rng, batch=(2,), hq=4, hk=2, lq=70, lk=90, d=16, dv=12, dtype=dtype)
+    be.require(attention_problem(q, k, v))
+    compute = be.impl.compute_dtype(dtype)
+    q, k, v = be.put(*(x.astype(compute) for x in (q, k, v)))
     keep = np.ones((5, 12), dtype=bool)
     keep[2] = False  # query block 2 (rows 32..47) stores nothing
     layout = layouts.intersect(
         layouts.bigbird((70, 90), (16, 8), random_blocks=1, heads=4), layouts.from_block_mask(keep, (16, 8), (70, 90))
     )
     kw = dict(scale=0.25, offset=20, left=30, right=0)
-    out = np.full((2, 4, 70, 12), np.nan, dtype)
-    lse = np.full((2, 4, 70), np.nan, dtype)
-    kernels.forward(q, k, v, layout, out=out, lse=lse, **kw)
-    assert not np.isnan(out).any() and not np.isnan(lse).any()
-    assert np.isneginf(lse[:, :, 32:48]).all()
-    grads = tuple(np.full(x.shape, np.nan, dtype) for x in (q, k, v))
-    dout = random_array(rng, out.shape, dtype)
-    kernels.backward(dout, q, k, v, out, lse, layout, grads=grads, **kw)
+    out, lse = be.put(np.full((2, 4, 70, 12), np.nan, compute), np.full((2, 4, 70), np.nan, lse_dtype(compute)))
+    be.impl.module.forward(q, k, v, layout, out=out, lse=lse, **kw)
+    assert not np.isnan(be.get(out)).any() and not np.isnan(be.get(lse)).any()
+    assert np.isneginf(be.get(lse)[:, :, 32:48]).all()
+    grads = be.put(*(np.full(x.shape, np.nan, compute) for x in (q, k, v)))
+    (dout,) = be.put(random_array(rng, out.shape, compute))
+    be.impl.module.backward(dout, q, k, v, out, lse, layout, grads=grads, **kw)
     for g in grads:
-        assert not np.isnan(g).any()
+        assert not np.isnan(be.get(g)).any()
 
 
 # ----------------------------------------------------------------------------- inputs and options
@@ -288,8 +295,8 @@ def test_backends(rng):
     fast = nsa.block_sparse_attention(q, k, v, layout, causal=True, backend="numba")
     assert ref.dtype == np.float32
     np.testing.assert_allclose(fast, ref, rtol=0, atol=1e-5)
-    with pytest.raises(nsa.BackendError, match=r"backend 'cupy' has no block_sparse_attention in this release"):
-        nsa.block_sparse_attention(q, k, v, layout, backend="cupy")
+    with pytest.raises(nsa.BackendError, match=r"backend must be 'auto' or one of 'numba', .*got 'triton'"):
+        nsa.block_sparse_attention(q, k, v, layout, backend="triton")
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -307,7 +314,7 @@ def no_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("validation should have refused the call before any work")
 
-    monkeypatch.setattr(block_sparse, "select", refuse)
+    monkeypatch.setattr(nsa.block_sparse, "select", refuse)
 
 
 @pytest.mark.parametrize(

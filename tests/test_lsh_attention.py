@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import TOL, FakeCupyArray, random_array, rel_err
+from conftest import AutoCase, FakeCupyArray, random_array, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.special import logsumexp
@@ -12,7 +12,8 @@ from scipy.special import logsumexp
 import npsparseattn as nsa
 from npsparseattn import reference
 from npsparseattn.cpu import lsh as kernels
-from npsparseattn.lsh import lsh_attention, lsh_attention_backward, lsh_buckets, lsh_rotations
+from npsparseattn.lsh import lsh_attention, lsh_attention_backward, lsh_buckets, lsh_rotations, lsh_sort
+from npsparseattn.problems import lse_dtype, lsh_problem
 
 CONFIGS = [
     pytest.param(dict(n_buckets=4, chunk_size=8), id="1-hash"),
@@ -45,9 +46,11 @@ def random_inputs(rng, lead, length, d, dv, dtype=np.float64):
     return random_array(rng, (*lead, length, d), dtype), random_array(rng, (*lead, length, dv), dtype)
 
 
-def check_against_reference(qk, v, kw, dtype):
-    tol = TOL[np.dtype(dtype)]
-    out, lse = lsh_attention(qk, v, return_lse=True, **kw)
+def check_against_reference(qk, v, kw, dtype, backend=None):
+    be = AutoCase("lsh_attention") if backend is None else backend
+    be.require(lsh_problem(qk, v, **kw))
+    tol = be.tolerance(dtype)
+    out, lse = (be.get(x) for x in lsh_attention(*be.put(qk, v), return_lse=True, backend=be.name, **kw))
     ref_out, ref_lse = reference.lsh_attention(qk, v, **kw)
     assert out.dtype == qk.dtype and out.shape == ref_out.shape
     assert lse.dtype == (np.float64 if dtype == np.float64 else np.float32) and lse.shape == ref_lse.shape
@@ -55,7 +58,7 @@ def check_against_reference(qk, v, kw, dtype):
     # lse reaches -1e5 for a token that sees only itself: compare relative to its size
     assert np.all(np.abs(lse - ref_lse) <= 10 * tol * np.maximum(np.abs(ref_lse), 1.0))
     dout = random_array(np.random.default_rng(7), out.shape, dtype)
-    dqk, dv = lsh_attention_backward(dout, qk, v, out, lse, **kw)
+    dqk, dv = (be.get(g) for g in lsh_attention_backward(*be.put(dout, qk, v, out, lse), backend=be.name, **kw))
     ref_dqk, ref_dv = reference.lsh_attention_backward(dout, qk, v, **kw)
     assert dqk.shape == qk.shape and dqk.dtype == qk.dtype and dv.shape == v.shape and dv.dtype == v.dtype
     assert rel_err(dqk, ref_dqk, floor=1.0) < 4 * tol
@@ -65,9 +68,9 @@ def check_against_reference(qk, v, kw, dtype):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("config", CONFIGS)
-def test_matches_reference(rng, config, shape, dtype):
+def test_matches_reference(rng, lsh_backend, config, shape, dtype):
     qk, v = random_inputs(rng, *shape, dtype=dtype)
-    check_against_reference(qk, v, dict(seed=11, **config), dtype)
+    check_against_reference(qk, v, dict(seed=11, **config), dtype, lsh_backend)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -227,20 +230,22 @@ def test_reference_gradients_match_its_finite_differences(rng, config):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_kernels_write_every_output_element(rng, dtype):
+def test_kernels_write_every_output_element(rng, lsh_backend, dtype):
     """Buffers poisoned with NaN must come back fully overwritten."""
+    be = lsh_backend
     qk, v = random_inputs(rng, (2, 3), 48, 8, 5, dtype)
-    options = dict(
-        rotations=lsh_rotations(8, 8, n_hashes=2, seed=0), factors=(8,), chunk_size=8, chunks_before=1,
-        chunks_after=1, causal=True, exclude_self=True,
-    )  # fmt: skip
-    out = np.full((2, 3, 48, 5), np.nan, dtype)
-    lse = np.full((2, 3, 48), np.nan, dtype)
-    kernels.forward(qk, v, out=out, lse=lse, **options)
-    assert not np.isnan(out).any() and not np.isnan(lse).any()
-    grads = (np.full(qk.shape, np.nan, dtype), np.full(v.shape, np.nan, dtype))
-    kernels.backward(random_array(rng, out.shape, dtype), qk, v, out, grads=grads, **options)
-    assert not np.isnan(grads[0]).any() and not np.isnan(grads[1]).any()
+    be.require(lsh_problem(qk, v, n_buckets=8, chunk_size=8))
+    compute = be.impl.compute_dtype(dtype)
+    order, inverse = be.put(*lsh_sort(lsh_buckets(qk, 8, n_hashes=2, seed=0)))
+    qk, v = be.put(qk.astype(compute), v.astype(compute))
+    options = dict(chunk_size=8, chunks_before=1, chunks_after=1, causal=True, exclude_self=True)
+    out, lse = be.put(np.full((2, 3, 48, 5), np.nan, compute), np.full((2, 3, 48), np.nan, lse_dtype(compute)))
+    be.impl.module.forward(qk, v, order, inverse, out=out, lse=lse, **options)
+    assert not np.isnan(be.get(out)).any() and not np.isnan(be.get(lse)).any()
+    grads = be.put(np.full(qk.shape, np.nan, compute), np.full(v.shape, np.nan, compute))
+    (dout,) = be.put(random_array(rng, out.shape, compute))
+    be.impl.module.backward(dout, qk, v, out, lse, order, inverse, grads=grads, **options)
+    assert not np.isnan(be.get(grads[0])).any() and not np.isnan(be.get(grads[1])).any()
 
 
 @pytest.mark.parametrize(("group", "workspace"), [(1, 1 << 30), (3, 1 << 30), (8, 1 << 30), (2, 1), (5, 60_000)])
@@ -333,8 +338,8 @@ def test_dispatch(rng):
     ref = lsh_attention(qk, v, backend="reference", **kw)
     assert ref.dtype == np.float32
     np.testing.assert_allclose(lsh_attention(qk, v, backend="numba", **kw), ref, rtol=0, atol=1e-5)
-    with pytest.raises(nsa.BackendError, match="backend 'cupy' has no lsh_attention in this release"):
-        lsh_attention(qk, v, backend="cupy", **kw)
+    with pytest.raises(nsa.BackendError, match=r"backend must be 'auto' or one of 'numba', .*got 'triton'"):
+        lsh_attention(qk, v, backend="triton", **kw)
 
 
 @settings(max_examples=20, deadline=None)
@@ -461,7 +466,7 @@ def test_cupy_arrays_are_refused_with_reasons(fake_cupy, qkv):
         lsh_attention(qk, v, n_buckets=4, chunk_size=8, seed=0)
     assert "numba: takes NumPy arrays, got CuPy" in str(info.value)
     assert "reference: takes NumPy arrays, got CuPy" in str(info.value)
-    with pytest.raises(nsa.BackendError, match="lsh_buckets takes NumPy arrays in this release"):
+    with pytest.raises(nsa.BackendError, match=r"no backend can run lsh_buckets .*\n  numba: takes NumPy arrays, got"):
         lsh_buckets(qk, 4, seed=0)
     with pytest.raises(TypeError, match="qk is a NumPy array but v is a CuPy array"):
         lsh_attention(qkv[0], v, n_buckets=4, chunk_size=8, seed=0)

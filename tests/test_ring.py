@@ -21,14 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TOL, FakeCupyArray, random_qkv
+from conftest import TOL, FakeCupyArray, SoloComm, random_qkv
 from ring_worker import case_list
 
 import npsparseattn as nsa
 from npsparseattn import ring
 from npsparseattn.distributed import (
     TIMEOUT_ENV,
-    Communicator,
     MPIComm,
     NCCLComm,
     RingTimeoutError,
@@ -108,7 +107,7 @@ def test_ring_matches_single_process(ring_results, case_id):
         assert rank["shapes_ok"], rank
         assert rank["dtypes"] == [r["dtype"], lse_dtype, r["dtype"], r["dtype"], r["dtype"]], rank
     lengths = [rank["shard_length"] for rank in r["ranks"]]
-    assert lengths == ring.shard_lengths(r["length"], world, r["layout"])
+    assert lengths == ring.shard_lengths(r["length"], world, r["sharding"])
     if "oddL" in case_id:
         assert r["length"] % (2 * world) != 0  # the 2P zigzag chunks are unequal
 
@@ -125,9 +124,9 @@ SAME_ON_EVERY_RANK = {
     "dtype": r"dtype differs across ranks \(from float32 to float64\)",
     "head_dim": r"head dimension D differs across ranks \(from 4 to 8\)",
     "causal": r"causal differs across ranks \(from False to True\)",
-    "layout": r"layout differs across ranks \(from 'zigzag' to 'contiguous'\)",
+    "sharding": r"sharding differs across ranks \(from 'zigzag' to 'contiguous'\)",
     "heads": r"q.shape\[-3\] differs across ranks \(from 1 to 2\); number of key/value heads Hk differs",
-    "lengths": r"local sequence lengths \[5, 4, 3\] \(ranks 0..2\) do not match layout 'zigzag' for the total "
+    "lengths": r"local sequence lengths \[5, 4, 3\] \(ranks 0..2\) do not match sharding 'zigzag' for the total "
     r"length 12 \(expected \[4, 4, 4\]\); cut the sequence with npsparseattn.shard",
 }
 
@@ -217,7 +216,7 @@ def test_bench_ring_under_mpiexec(warm_kernels, tmp_path):
     assert output.count("results written to") == 1  # rank 0 writes, the others do not
     result = json.loads(path.read_text())
     assert result["benchmark"] == "ring" and result["ranks"] == 2
-    rows = {row["layout"]: row for row in result["rows"]}
+    rows = {row["sharding"]: row for row in result["rows"]}
     assert set(rows) == {"zigzag", "contiguous"}
     for row in rows.values():
         assert row["shards"] == [128, 128] and row["max_rel_error"] < 1e-5
@@ -254,33 +253,18 @@ def test_nccl_unique_id_comes_from_rank_0_over_mpi(tmp_path):
 # ---------------------------------------------------------------- in-process: a one-rank communicator
 
 
-class SoloComm(Communicator):
-    """A ring of one: the argument agreement and the single-step schedule without MPI."""
-
-    rank, size, timeout, kinds = 0, 1, 1.0, ("numpy",)
-
-    def shift(self, send, recv, *, tag=0):
-        raise AssertionError("a ring of one never shifts")
-
-    def allreduce(self, values, op="sum"):
-        return base.check_reduce(values, op).copy()
-
-    def barrier(self):
-        pass
-
-
-@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("sharding", ["zigzag", "contiguous"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_one_rank_ring_equals_attention(rng, layout, dtype):
+def test_one_rank_ring_equals_attention(rng, sharding, dtype):
     q, k, v = random_qkv(rng, batch=(2,), hq=4, hk=2, lq=37, d=8, dv=6, dtype=dtype)
     kw = dict(causal=True, window=(11, None))
-    out, lse = nsa.ring_attention(q, k, v, SoloComm(), layout=layout, return_lse=True, **kw)
+    out, lse = nsa.ring_attention(q, k, v, SoloComm(), sharding=sharding, return_lse=True, **kw)
     ref_out, ref_lse = nsa.reference.attention(q, k, v, **kw)
     tol = TOL[np.dtype(dtype)]
     assert out.dtype == dtype and np.abs(out - ref_out).max() < tol
     assert np.abs(lse - ref_lse).max() < 50 * tol
     dout = rng.standard_normal(out.shape).astype(dtype)
-    grads = nsa.ring_attention_backward(dout, q, k, v, out, lse, SoloComm(), layout=layout, **kw)
+    grads = nsa.ring_attention_backward(dout, q, k, v, out, lse, SoloComm(), sharding=sharding, **kw)
     for g, r in zip(grads, nsa.reference.attention_backward(dout, q, k, v, **kw)):
         assert g.dtype == dtype and np.abs(g - r).max() < 4 * tol * max(1.0, np.abs(r).max())
 
@@ -302,9 +286,10 @@ def test_comm_must_be_a_communicator(rng):
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        (dict(layout="striped"), ValueError, r"layout must be 'zigzag' or 'contiguous', got 'striped'"),
+        (dict(sharding="striped"), ValueError, r"sharding must be 'zigzag' or 'contiguous', got 'striped'"),
         (dict(return_lse=1), TypeError, r"return_lse must be True or False, got 1"),
-        (dict(backend="cupy"), nsa.BackendError, r"ring_attention backend must be one of 'auto', 'numba', 'reference'"),
+        (dict(backend="triton"), nsa.BackendError, r"backend must be 'auto' or one of 'numba', .*got 'triton'"),
+        (dict(backend=3), TypeError, r"backend must be a string such as 'auto' or 'numba', got 3"),
         (dict(causal="yes"), TypeError, r"causal must be True or False, got 'yes'"),
     ],
 )
@@ -320,9 +305,9 @@ def test_q_and_k_lengths_must_match(rng):
         nsa.ring_attention(q, k, v, SoloComm())
 
 
-def test_cupy_arrays_refuse_without_a_gpu_kernel(fake_cupy, rng):
+def test_cupy_arrays_without_a_gpu_backend_are_refused_with_reasons(fake_cupy, rng):
     q, k, v = (FakeCupyArray(x) for x in random_qkv(rng, hq=2, lq=8, d=4))
-    with pytest.raises(nsa.BackendError, match=r"no GPU attention kernel yet for CuPy arrays .*backend='reference'"):
+    with pytest.raises(nsa.BackendError, match=r"no backend can run ring_attention .*\n  numba: takes NumPy arrays"):
         nsa.ring_attention(q, k, v, SoloComm())
     with pytest.raises(TypeError, match=r"SoloComm moves numpy arrays but q, k, v are cupy arrays"):
         nsa.ring_attention(q, k, v, SoloComm(), backend="reference")

@@ -22,18 +22,18 @@ def test_zigzag_gives_rank_r_chunks_r_and_2p_minus_1_minus_r():
     assert nsa.shard(x, 1, 4, "contiguous")[:, 0].tolist() == [4, 5, 6, 7]
 
 
-@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("sharding", ["zigzag", "contiguous"])
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("length", [0, 1, 3, 7, 10, 29])
-def test_shard_unshard_round_trip(rng, layout, world, length):
+def test_shard_unshard_round_trip(rng, sharding, world, length):
     x = rng.standard_normal((2, 3, length, 4))
-    shards = [nsa.shard(x, r, world, layout) for r in range(world)]
-    assert [s.shape[2] for s in shards] == ring.shard_lengths(length, world, layout)
+    shards = [nsa.shard(x, r, world, sharding) for r in range(world)]
+    assert [s.shape[2] for s in shards] == ring.shard_lengths(length, world, sharding)
     assert max(s.shape[2] for s in shards) - min(s.shape[2] for s in shards) <= 2
-    assert np.array_equal(nsa.unshard(shards, layout), x)
+    assert np.array_equal(nsa.unshard(shards, sharding), x)
     lse = x[..., 0]
-    lse_shards = [nsa.shard(lse, r, world, layout, axis=-1) for r in range(world)]
-    assert np.array_equal(nsa.unshard(lse_shards, layout, axis=-1), lse)
+    lse_shards = [nsa.shard(lse, r, world, sharding, axis=-1) for r in range(world)]
+    assert np.array_equal(nsa.unshard(lse_shards, sharding, axis=-1), lse)
 
 
 def test_shard_returns_a_copy(rng):
@@ -49,7 +49,7 @@ def test_shard_returns_a_copy(rng):
         ((0, 0), {}, ValueError, r"world must be >= 1, got 0"),
         ((2, 2), {}, ValueError, r"rank must be in \[0, 2\), got 2"),
         ((0.0, 2), {}, TypeError, r"rank must be an int, got 0.0"),
-        ((0, 2, "ring"), {}, ValueError, r"layout must be 'zigzag' or 'contiguous', got 'ring'"),
+        ((0, 2, "ring"), {}, ValueError, r"sharding must be 'zigzag' or 'contiguous', got 'ring'"),
         ((0, 2), {"axis": 2}, ValueError, r"axis 2 is out of range for an array with 2 axes"),
         ((0, 2), {"axis": "L"}, TypeError, r"axis must be an int, got 'L'"),
     ],
@@ -67,7 +67,7 @@ def test_shard_rejects_non_arrays():
 def test_unshard_errors(rng):
     x = rng.standard_normal((11, 2))
     shards = [nsa.shard(x, r, 3) for r in range(3)]
-    with pytest.raises(ValueError, match=r"shard lengths \[4, 4, 3\] along axis -2 do not match layout 'zigzag' "):
+    with pytest.raises(ValueError, match=r"shard lengths \[4, 4, 3\] along axis -2 do not match sharding 'zigzag' "):
         nsa.unshard(shards[::-1])
     with pytest.raises(ValueError, match=r"unshard needs the shards of at least one rank"):
         nsa.unshard([])
@@ -156,14 +156,14 @@ def _coverage(q_pieces, k_pieces, calls):
 WINDOWS = [(None, None), (None, 0), (3, 0), (5, 2), (0, 0), (2, None)]
 
 
-@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("sharding", ["zigzag", "contiguous"])
 @pytest.mark.parametrize(("left", "right"), WINDOWS)
 @pytest.mark.parametrize(("length", "world"), [(13, 2), (24, 3), (9, 4), (3, 2), (31, 5)])
-def test_block_calls_cover_exactly_the_visible_pairs(layout, left, right, length, world):
+def test_block_calls_cover_exactly_the_visible_pairs(sharding, left, right, length, world):
     """Every (query, key) pair of every step: computed once if the global mask shows it, never otherwise."""
     for r, s in itertools.product(range(world), range(world)):
-        qp = ring.shard_pieces(length, world, r, layout)
-        kp = ring.shard_pieces(length, world, s, layout)
+        qp = ring.shard_pieces(length, world, r, sharding)
+        kp = ring.shard_pieces(length, world, s, sharding)
         calls = ring.block_calls(qp, kp, left, right)
         q_pos, k_pos, count = _coverage(qp, kp, calls)
         visible = np.ones(count.shape, dtype=bool)
@@ -188,12 +188,12 @@ def test_unmasked_steps_are_one_call_and_empty_pairs_are_skipped():
     ]
 
 
-def _causal_work(length, world, layout):
+def _causal_work(length, world, sharding):
     """Visible (query, key) pairs per rank per step under a causal mask."""
     work = np.zeros((world, world), int)
     for r, step in itertools.product(range(world), range(world)):
-        qp = ring.shard_pieces(length, world, r, layout)
-        kp = ring.shard_pieces(length, world, (r - step) % world, layout)
+        qp = ring.shard_pieces(length, world, r, sharding)
+        kp = ring.shard_pieces(length, world, (r - step) % world, sharding)
         work[r, step] = _coverage(qp, kp, ring.block_calls(qp, kp, None, 0))[2].sum()
     return work
 

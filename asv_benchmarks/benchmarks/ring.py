@@ -45,10 +45,10 @@ class RingSingleRank:
         sizes(["zigzag", "contiguous"], ["zigzag"]),
         BACKENDS,
     ]
-    param_names = ["seq", "causal", "layout", "backend"]
+    param_names = ["seq", "causal", "sharding", "backend"]
     timeout = 600
 
-    def setup(self, seq, causal, layout, backend):
+    def setup(self, seq, causal, sharding, backend):
         self.backend = Backend(backend, "attention", label="ring_attention (per-block attention kernels)")
         self.comm = single_rank_comm()
         rng = np.random.default_rng(seq)
@@ -56,7 +56,7 @@ class RingSingleRank:
         self.q, self.k, self.v = (self.backend.random(rng, shape) for _ in range(3))
         self.dout = self.backend.random(rng, shape)
         self.causal = causal
-        self.kwargs = {"causal": causal, "layout": layout, "backend": backend}
+        self.kwargs = {"causal": causal, "sharding": sharding, "backend": backend}
         small = [self.backend.random(rng, (1, HEADS, 128, DIM)) for _ in range(4)]
         out, lse = nsa.ring_attention(*small[:3], self.comm, return_lse=True, **self.kwargs)
         nsa.ring_attention_backward(small[3], *small[:3], out, lse, self.comm, **self.kwargs)
@@ -109,15 +109,15 @@ class Shard:
     """Cutting a sequence into zigzag/contiguous shards and putting it back together."""
 
     params = [sizes([32768], [1024]), [2, 8], ["zigzag", "contiguous"]]
-    param_names = ["seq", "world", "layout"]
+    param_names = ["seq", "world", "sharding"]
 
-    def setup(self, seq, world, layout):
+    def setup(self, seq, world, sharding):
         self.x = np.random.default_rng(0).standard_normal((HEADS, seq, DIM)).astype(np.float32)
-        self.shards = [nsa.shard(self.x, r, world, layout) for r in range(world)]
+        self.shards = [nsa.shard(self.x, r, world, sharding) for r in range(world)]
 
-    def time_shard(self, seq, world, layout):
+    def time_shard(self, seq, world, sharding):
         for rank in range(world):
-            nsa.shard(self.x, rank, world, layout)
+            nsa.shard(self.x, rank, world, sharding)
 
-    def time_unshard(self, seq, world, layout):
-        nsa.unshard(self.shards, layout)
+    def time_unshard(self, seq, world, sharding):
+        nsa.unshard(self.shards, sharding)

@@ -4,7 +4,7 @@ Launch it under MPI, one rank per core share, e.g. on a 2-core machine::
 
     mpiexec -n 2 npsparseattn bench ring                 # L = 16384, H = 4, D = 64, float32
 
-For each causal setting and layout (zigzag, contiguous) it reports, measured
+For each causal setting and sharding (zigzag, contiguous) it reports, measured
 side by side in one run: the ring's forward (and backward) time, the time of
 single-process tiled attention on the whole sequence with all the cores the
 ranks share (the same total work), their ratio, each rank's compute time and
@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=int, default=64, help="head dimension D")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--causal", choices=["no", "yes", "both"], default="both")
-    parser.add_argument("--layout", choices=["zigzag", "contiguous", "both"], default="both")
+    parser.add_argument("--sharding", choices=["zigzag", "contiguous", "both"], default="both")
     parser.add_argument(
         "--repeat", type=int, default=1, help="rounds of interleaved measurements (the best of each series is kept)"
     )
@@ -147,9 +147,9 @@ def run(args: argparse.Namespace) -> dict:
     q, k, v = (rng.standard_normal(shape, dtype=np.float64).astype(args.dtype) for _ in range(3))
     dout = rng.standard_normal(shape, dtype=np.float64).astype(args.dtype)
     causal_values = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
-    layouts = ["zigzag", "contiguous"] if args.layout == "both" else [args.layout]
+    shardings = ["zigzag", "contiguous"] if args.sharding == "both" else [args.sharding]
     _warm_up(comm, args.dtype, args.dim)
-    # repeats are interleaved (single process, then each layout, then again) so that every
+    # repeats are interleaved (single process, then each sharding, then again) so that every
     # series sees the same neighbours on a shared machine; the best of each is kept
     configs = [(c, rep) for c in causal_values for rep in range(args.repeat)]
     progress = args.progress if comm.rank == 0 else (lambda items, desc: items)
@@ -160,10 +160,10 @@ def run(args: argparse.Namespace) -> dict:
             singles.get(causal), _single_process(comm, q, k, v, dout, causal, args, all_threads)
         )
         numba.set_num_threads(min(threads, all_threads))
-        for layout in layouts:
-            row = _measure_ring(timed, q, k, v, dout, causal, layout, args, singles[causal])
-            rows[causal, layout] = _best_row(rows.get((causal, layout)), row)
-    records = [_with_baseline(rows[c, layout], singles[c]) for c in causal_values for layout in layouts]
+        for sharding in shardings:
+            row = _measure_ring(timed, q, k, v, dout, causal, sharding, args, singles[causal])
+            rows[causal, sharding] = _best_row(rows.get((causal, sharding)), row)
+    records = [_with_baseline(rows[c, sharding], singles[c]) for c in causal_values for sharding in shardings]
     numba.set_num_threads(all_threads)
     result: dict[str, Any] = {
         "benchmark": "ring",
@@ -241,25 +241,25 @@ def _with_baseline(row: dict, single: dict) -> dict:
     return row
 
 
-def _measure_ring(timed, q, k, v, dout, causal, layout, args, single) -> dict:
+def _measure_ring(timed, q, k, v, dout, causal, sharding, args, single) -> dict:
     """One timed ring forward (and backward) call; on rank 0 the row of the table, elsewhere ``{}``."""
     comm = timed.inner
-    mine = [shard(x, comm.rank, comm.size, layout) for x in (q, k, v, dout)]
-    fwd = _timed(timed, lambda: ring_attention(*mine[:3], timed, causal=causal, layout=layout, return_lse=True))
+    mine = [shard(x, comm.rank, comm.size, sharding) for x in (q, k, v, dout)]
+    fwd = _timed(timed, lambda: ring_attention(*mine[:3], timed, causal=causal, sharding=sharding, return_lse=True))
     out, lse = fwd.pop("result")
     transfer = _transfer_only(comm, [np.ascontiguousarray(mine[1]), np.ascontiguousarray(mine[2])])
     bwd = None
     if not args.no_backward:
         bwd = _timed(
             timed,
-            lambda: ring_attention_backward(mine[3], *mine[:3], out, lse, timed, causal=causal, layout=layout),
+            lambda: ring_attention_backward(mine[3], *mine[:3], out, lse, timed, causal=causal, sharding=sharding),
         )
         bwd.pop("result")
     per_rank = comm.comm.gather(dict(rank=comm.rank, shard=mine[0].shape[2], forward=fwd, backward=bwd), root=0)
     outs = comm.comm.gather(out, root=0)
     if comm.rank != 0:
         return {}
-    full = unshard(outs, layout)
+    full = unshard(outs, sharding)
     ref = single["out"]
     steps = np.array([r["forward"]["steps"] for r in per_rank])  # (ranks, steps)
     compute = np.array([r["forward"]["compute"] for r in per_rank])
@@ -270,7 +270,7 @@ def _measure_ring(timed, q, k, v, dout, causal, layout, args, single) -> dict:
         "dim": args.dim,
         "dtype": args.dtype,
         "causal": causal,
-        "layout": layout,
+        "sharding": sharding,
         "ranks": comm.size,
         "shards": [r["shard"] for r in per_rank],
         "ring_forward_s": max(r["forward"]["wall"] for r in per_rank),
@@ -292,7 +292,7 @@ def _measure_ring(timed, q, k, v, dout, causal, layout, args, single) -> dict:
 
 def render(records: list[dict], ranks: int, threads: int, single_threads: int) -> str:
     """The table printed by ``bench ring``."""
-    headers = ["L", "causal", "layout", "ring fwd s", "1-proc fwd s", "ratio", "compute s", "wait s",
+    headers = ["L", "causal", "sharding", "ring fwd s", "1-proc fwd s", "ratio", "compute s", "wait s",
                "transfer s", "rank max/min", "step max/min", "ring bwd s", "1-proc bwd s", "bwd ratio",
                "rel err"]  # fmt: skip
     rows = []
@@ -302,7 +302,7 @@ def render(records: list[dict], ranks: int, threads: int, single_threads: int) -
             [
                 str(r["seq"]),
                 "yes" if r["causal"] else "no",
-                r["layout"],
+                r["sharding"],
                 f"{r['ring_forward_s']:.2f}",
                 f"{r['single_forward_s']:.2f}",
                 f"{r['forward_ratio']:.2f}",

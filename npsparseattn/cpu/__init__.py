@@ -1,48 +1,21 @@
 """numba CPU kernels (backend ``"numba"``), one module per operation.
 
-Importing this package registers the CPU implementations with the dispatcher;
-the kernels themselves compile on first use and are cached on disk.
+=========================  ==========================
+operation                  module
+=========================  ==========================
+``attention``              :mod:`npsparseattn.cpu.exact`
+``block_sparse_attention`` :mod:`npsparseattn.cpu.block_sparse`
+``lsh_buckets``            :mod:`npsparseattn.cpu.lsh_hash`
+``lsh_sort``               :mod:`npsparseattn.cpu.lsh_sort`
+``lsh_attention``          :mod:`npsparseattn.cpu.lsh`
+=========================  ==========================
+
+The registry (:mod:`npsparseattn._dispatch`) imports a module the first time
+it is chosen; the kernels compile on first use and are cached on disk.  Each
+module follows the kernel contract of :mod:`npsparseattn.problems`.
 """
 
 from __future__ import annotations
 
-from npsparseattn._dispatch import Implementation, register
-from npsparseattn.cpu import adapters, block_sparse, lsh
-
-CPU_DTYPES = ("float16", "float32", "float64")
-
-register(
-    "attention",
-    Implementation(
-        name="numba",
-        kinds=("numpy",),
-        dtypes=CPU_DTYPES,
-        forward=adapters.attention_forward,
-        backward=adapters.attention_backward,
-        priority=10,
-    ),
-)
-
-register(
-    "block_sparse_attention",
-    Implementation(
-        name="numba",
-        kinds=("numpy",),
-        dtypes=CPU_DTYPES,
-        forward=block_sparse.attention_forward,
-        backward=block_sparse.attention_backward,
-        priority=10,
-    ),
-)
-
-register(
-    "lsh_attention",
-    Implementation(
-        name="numba",
-        kinds=("numpy",),
-        dtypes=CPU_DTYPES,
-        forward=lsh.problem_forward,
-        backward=lsh.problem_backward,
-        priority=10,
-    ),
-)
+KINDS = ("numpy",)
+DTYPES = ("float16", "float32", "float64")  # float16 is read as float32

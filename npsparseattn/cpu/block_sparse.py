@@ -1,4 +1,4 @@
-"""Block-sparse attention on the CPU (numba), forward and backward.
+"""Block-sparse attention on the CPU (numba), forward and backward: backend ``"numba"`` of ``block_sparse_attention``.
 
 The work is proportional to the stored blocks of a :class:`BlockLayout`:
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from npsparseattn._checks import AttentionProblem, Gradients
+from npsparseattn.cpu import DTYPES, KINDS
 from npsparseattn.cpu._blas import gemm_address, single_threaded_blas
 from npsparseattn.cpu._steps import backward_kv_step, backward_q_step, forward_step, store_rows
 from npsparseattn.cpu._tiles import (
@@ -33,11 +33,20 @@ from npsparseattn.cpu._tiles import (
     visible_keys,
     visible_queries,
 )
-from npsparseattn.cpu.adapters import kernel_array, kernel_inputs
-from npsparseattn.cpu.attention import row_dot_kernel, window_bound
+from npsparseattn.cpu.exact import row_dot_kernel, window_bound
 from npsparseattn.layouts import BlockLayout
+from npsparseattn.problems.dtypes import compute_dtype
 
+__all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]
+
+STRIDED_ROWS = True
+TOLERANCE = {"float16": 2e-3, "float32": 1e-5, "float64": 1e-10}
 WIDTH = 256  # most keys (forward, dQ) or queries (dK/dV) multiplied by one GEMM
+
+
+def unsupported(problem) -> list[str]:
+    """Every block-sparse problem on NumPy arrays is supported."""
+    return []
 
 
 @njit(inline="always")
@@ -219,7 +228,7 @@ def forward(
     layout : BlockLayout
         ``seq == (Lq, Lk)`` and ``heads`` 1 or Hq (checked by the caller).
     scale, offset, left, right :
-        As :func:`npsparseattn.cpu.attention.forward`: query ``i`` sees key
+        As :func:`npsparseattn.cpu.exact.forward`: query ``i`` sees key
         ``j`` of a stored block iff ``i+offset-left <= j <= i+offset+right``.
     out, lse : arrays, optional
         Buffers (B, Hq, Lq, Dv) and (B, Hq, Lq) in the input dtype.
@@ -286,34 +295,3 @@ def backward(
         )  # fmt: skip
         _backward_q_kernel(dout, q, k, v, lse2, delta, dq, *layout.runs(), _row_order(layout), bq, bk, *mask)
     return dq, dk, dv
-
-
-def attention_forward(problem: AttentionProblem, layout: BlockLayout) -> tuple[np.ndarray, np.ndarray]:
-    """``(out, lse)`` of a validated problem in canonical form: out in the input dtype, lse float32/float64."""
-    q, k, v = kernel_inputs(problem)
-    out, lse = forward(
-        q, k, v, layout, scale=problem.scale, offset=problem.offset, left=problem.left, right=problem.right
-    )
-    return out.astype(problem.dtype, copy=False), lse
-
-
-def attention_backward(
-    problem: AttentionProblem, grads: Gradients, layout: BlockLayout
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(dq, dk, dv)`` of a validated problem in canonical form and the input dtype."""
-    q, k, v = kernel_inputs(problem)
-    dt = q.dtype
-    dq, dk, dv = backward(
-        kernel_array(grads.dout, dt),
-        q,
-        k,
-        v,
-        kernel_array(grads.out, dt),
-        np.ascontiguousarray(grads.lse, dtype=dt),
-        layout,
-        scale=problem.scale,
-        offset=problem.offset,
-        left=problem.left,
-        right=problem.right,
-    )
-    return tuple(x.astype(problem.dtype, copy=False) for x in (dq, dk, dv))

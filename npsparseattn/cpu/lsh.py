@@ -1,17 +1,7 @@
-"""Reformer LSH attention on the CPU (numba): hashing, sort plan, chunked attention.
+"""Reformer LSH attention on the CPU (numba), backend ``"numba"`` of ``lsh_attention``.
 
-Hashing (:func:`hash_buckets`): one parallel task per block of rows; the block
-is multiplied by the rotations with one BLAS GEMM, then every factor's
-``argmax(concat[xR, -xR])`` is found without building the concatenation.  The
-buckets are those of the float64 product whatever the input dtype, so float32
-and float64 copies of the same values hash identically: float32 rows go
-through sgemm (2.4x faster than dgemm on these skinny products), and the few
-rows whose argmax float32 rounding could change are recomputed in float64.
-
-Sort plan (:func:`sort_buckets`): a counting sort per (row, round).  Sorting
-the ``n_hashes * L`` items by (round, bucket, position) puts round ``r`` in
-slots ``[r*L, (r+1)*L)``, so every round sorts on its own, in linear time and
-stably (positions are visited in increasing order).
+The sort plan (``order``, ``inverse``) arrives from the ``lsh_buckets`` and
+``lsh_sort`` operations (``cpu/lsh_hash.py``, ``cpu/lsh_sort.py``).
 
 Attention (:func:`forward`): one parallel task per (batch, head, block of up
 to 8 chunks).  A task gathers once the sorted rows its chunks and their
@@ -49,30 +39,30 @@ position's rounds and applies the normalisation's Jacobian to the key side.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 from llvmlite import ir
 from numba import get_num_threads, njit, prange, types
 from numba.extending import intrinsic
 
+from npsparseattn.cpu import DTYPES, KINDS
 from npsparseattn.cpu._blas import gemm_address, gemm_nn, gemm_nt, gemm_tn, single_threaded_blas
 from npsparseattn.cpu._tiles import FASTMATH, LN2, LOG2E, like, row_address
 from npsparseattn.cpu._vecmath import exp2, maxnum
-from npsparseattn.cpu.adapters import compute_dtype
+from npsparseattn.problems.dtypes import compute_dtype
+from npsparseattn.problems.lsh import KEY_EPS, NEG_CAUSAL, NEG_SELF
 
-if TYPE_CHECKING:
-    from npsparseattn._checks import Gradients
-    from npsparseattn.lsh import LSHProblem
+__all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]
 
-NEG_CAUSAL = -1e9  # logit of a key after the query (causal)
-NEG_SELF = -1e5  # logit of the query's own position (exclude_self)
-KEY_EPS = 1e-6  # keys = x / sqrt(mean(x^2) + KEY_EPS) / sqrt(D)
-_HASH_BLOCK = 256
+STRIDED_ROWS = False
+TOLERANCE = {"float16": 2e-3, "float32": 1e-5, "float64": 1e-10}
 _POSITION_BLOCK = 256
 _AHEAD = 8  # rows prefetched ahead in gathers
 _WORKSPACE_BYTES = 64 << 20  # per-call temporaries; heads are processed in passes that fit (one head at least)
-_COUNTING_SORT_VALUES = 1 << 16  # larger bucket ids than this (and than 2 L) are comparison-sorted
+
+
+def unsupported(problem) -> list[str]:
+    """Every LSH problem on NumPy arrays is supported."""
+    return []
 
 
 @intrinsic
@@ -103,191 +93,9 @@ def _prefetch_row(arr, b, h, i):
 
 
 @njit(inline="always")
-def _row3(arr, m, i):
-    """Byte address of ``arr[m, i, 0]`` for a C-contiguous 3-D array."""
-    return arr.ctypes.data + m * arr.strides[0] + i * arr.strides[1]
-
-
-@njit(inline="always")
 def _row(buffer, r):
     """Byte address of row ``r`` of a C-contiguous 2-D buffer."""
     return buffer.ctypes.data + r * buffer.strides[0]
-
-
-@njit(inline="always")
-def _bucket(y, factors, start):
-    """``sum_f argmax(concat[y_f, -y_f]) * prod(previous factors)`` over the factor groups of ``y`` from ``start``.
-
-    The argmax is that of NumPy on the concatenation: the first maximum wins.
-    """
-    bucket = 0
-    product = 1
-    for f in factors:
-        half = f // 2
-        seg = y[start : start + half]
-        imax = 0
-        imin = 0
-        for c in range(1, half):
-            if seg[c] > seg[imax]:
-                imax = c
-            if seg[c] < seg[imin]:
-                imin = c
-        index = imax if seg[imax] >= -seg[imin] else half + imin
-        bucket += index * product
-        product *= f
-        start += half
-    return bucket
-
-
-@njit(inline="always", fastmath=FASTMATH)
-def _block_buckets(yt, rows, factors, start, hi, lo, index, bucket):
-    """``bucket[r] = _bucket(yt[:, r], factors, start)`` for ``rows`` rows of a column-major product, vectorised.
-
-    ``yt`` is (columns, rows): each factor group takes the running maxima of
-    ``y`` and ``-y`` across its columns, then finds the first column holding
-    the winner (scanning backwards keeps the first occurrence); the loops run
-    over rows, so they vectorise.
-    """
-    for r in range(rows):
-        bucket[r] = 0
-    product = 1
-    for f in factors:
-        half = f // 2
-        first = yt[start, :rows]
-        for r in range(rows):
-            hi[r] = first[r]
-            lo[r] = -first[r]
-        for c in range(1, half):
-            col = yt[start + c, :rows]
-            for r in range(rows):
-                hi[r] = maxnum(hi[r], col[r])
-                lo[r] = maxnum(lo[r], -col[r])
-        for r in range(rows):
-            index[r] = 0
-        for c in range(half - 1, -1, -1):
-            col = yt[start + c, :rows]
-            for r in range(rows):
-                if hi[r] >= lo[r]:
-                    index[r] = c if col[r] == hi[r] else index[r]
-                else:
-                    index[r] = half + c if -col[r] == lo[r] else index[r]
-        for r in range(rows):
-            bucket[r] += index[r] * product
-        product *= f
-        start += half
-
-
-@njit(inline="always", fastmath=FASTMATH)
-def _block_decided(yt, rows, factors, start, tol, top, second, decided):
-    """Clear ``decided[r]`` where a factor group's two largest ``|y|`` (or the largest and 0) are within ``tol[r]``."""
-    for f in factors:
-        for r in range(rows):
-            top[r] = 0
-            second[r] = 0
-        for c in range(start, start + f // 2):
-            col = yt[c, :rows]
-            for r in range(rows):
-                a = abs(col[r])
-                second[r] = maxnum(second[r], -maxnum(-top[r], -a))
-                top[r] = maxnum(top[r], a)
-        for r in range(rows):
-            decided[r] = decided[r] and top[r] - second[r] > tol[r]
-        start += f // 2
-
-
-@njit(parallel=True, cache=True)
-def _hash_kernel_f64(x, rot_t, factors, n_hashes, buckets, block, gemm):
-    """Buckets of float64 rows: the rotation product with one dgemm per block of rows."""
-    n_rows, length, d = x.shape
-    width = rot_t.shape[0]
-    cols = width // n_hashes
-    n_blocks = (length + block - 1) // block
-    for task in prange(n_rows * n_blocks):
-        m = task // n_blocks
-        i0 = (task % n_blocks) * block
-        rows = min(block, length - i0)
-        yt = np.empty((width, block), np.float64)
-        hi = np.empty(block, np.float64)
-        lo = np.empty(block, np.float64)
-        index = np.empty(block, np.int32)
-        bucket = np.empty(block, np.int32)
-        gemm_nt(gemm, width, rows, d, 1.0, rot_t.ctypes.data, d, _row3(x, m, i0), d, 0.0, yt.ctypes.data, block)
-        for hsh in range(n_hashes):
-            _block_buckets(yt, rows, factors, hsh * cols, hi, lo, index, bucket)
-            for r in range(rows):
-                buckets[m, hsh, i0 + r] = bucket[r]
-
-
-@njit(parallel=True, cache=True)
-def _hash_kernel_f32(x, rot, rot_t32, bound, factors, n_hashes, buckets, block, gemm):
-    """Buckets of float32 rows, equal to those of the float64 product.
-
-    The product is taken with sgemm; its error on ``y_c`` is below
-    ``(D + 2) * 2**-24 * |x| * |R_c|`` (``bound`` holds that factor times
-    ``max_c |R_c|``, doubled, with a margin).  Where a group's two largest
-    ``|y|`` (or the largest and zero) are closer than that, float32 cannot
-    tell the float64 answer and the row is recomputed in float64.
-    """
-    n_rows, length, d = x.shape
-    width = rot_t32.shape[0]
-    cols = width // n_hashes
-    n_blocks = (length + block - 1) // block
-    for task in prange(n_rows * n_blocks):
-        m = task // n_blocks
-        i0 = (task % n_blocks) * block
-        rows = min(block, length - i0)
-        yt = np.empty((width, block), np.float32)
-        hi = np.empty(block, np.float32)
-        lo = np.empty(block, np.float32)
-        index = np.empty(block, np.int32)
-        bucket = np.empty((n_hashes, block), np.int32)
-        tol = np.empty(block, np.float32)
-        decided = np.ones(block, np.bool_)
-        exact = np.empty(width, np.float64)
-        one = np.float32(1.0)
-        zero = np.float32(0.0)
-        gemm_nt(gemm, width, rows, d, one, rot_t32.ctypes.data, d, _row3(x, m, i0), d, zero, yt.ctypes.data, block)
-        for r in range(rows):
-            src = x[m, i0 + r]
-            norm = 0.0
-            for c in range(d):
-                norm += np.float64(src[c]) * np.float64(src[c])
-            tol[r] = bound * np.sqrt(norm)
-        for hsh in range(n_hashes):
-            _block_buckets(yt, rows, factors, hsh * cols, hi, lo, index, bucket[hsh])
-            _block_decided(yt, rows, factors, hsh * cols, tol, hi, lo, decided)
-        for r in range(rows):
-            if not decided[r]:
-                src = x[m, i0 + r]
-                for col in range(width):
-                    total = 0.0
-                    for c in range(d):
-                        total += np.float64(src[c]) * rot[c, col]
-                    exact[col] = total
-                for hsh in range(n_hashes):
-                    bucket[hsh, r] = _bucket(exact, factors, hsh * cols)
-            for hsh in range(n_hashes):
-                buckets[m, hsh, i0 + r] = bucket[hsh, r]
-
-
-@njit(parallel=True, cache=True)
-def _sort_kernel(buckets, n_values, order, inverse):
-    n_rows, n_hashes, length = buckets.shape
-    for task in prange(n_rows * n_hashes):
-        m = task // n_hashes
-        r = task % n_hashes
-        row = buckets[m, r]
-        counts = np.zeros(n_values + 1, np.int64)
-        for p in range(length):
-            counts[row[p] + 1] += 1
-        for value in range(n_values):
-            counts[value + 1] += counts[value]
-        base = r * length
-        for p in range(length):
-            slot = base + counts[row[p]]
-            counts[row[p]] += 1
-            order[m, slot] = base + p
-            inverse[m, base + p] = slot
 
 
 @njit(inline="always", fastmath=FASTMATH)
@@ -613,74 +421,6 @@ def _gradient_kernel(qk, inverse, n_hashes, grads_sorted, block, dqk, dv_out):
                 dst[col] += a * inv_sqrt_d * (gk[col] - coef * x[col])
 
 
-def hash_buckets(x: np.ndarray, rotations: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
-    """Random-rotation buckets of the rows of ``x``, as the float64 product ``xR`` gives them.
-
-    Parameters
-    ----------
-    x : (M, L, D) C-contiguous float32 or float64 array
-        float32 rows are multiplied in float32 and only the rows whose
-        buckets float32 rounding could change are recomputed in float64.
-    rotations : (D, n_hashes, sum(factors) // 2) float64 array
-    factors : bucket count per factor (each even); the bucket is
-        ``sum_f argmax(concat[xR_f, -xR_f]) * prod(previous factors)``
-
-    Returns
-    -------
-    buckets : (M, n_hashes, L) int32 array in ``[0, prod(factors))``
-    """
-    n_rows, length, d = x.shape
-    n_hashes = rotations.shape[1]
-    buckets = np.empty((n_rows, n_hashes, length), np.int32)
-    if buckets.size == 0:
-        return buckets
-    rot = np.ascontiguousarray(rotations, dtype=np.float64).reshape(d, -1)
-    rot_t = np.ascontiguousarray(rot.T)
-    factors_arr = np.asarray(factors, np.int64)
-    with single_threaded_blas():
-        if x.dtype == np.float64:
-            _hash_kernel_f64(x, rot_t, factors_arr, n_hashes, buckets, _HASH_BLOCK, gemm_address(np.float64))
-        else:
-            bound = 2.2 * (d + 2) * 2.0**-24 * float(np.sqrt((rot**2).sum(axis=0)).max())
-            _hash_kernel_f32(
-                x, rot, rot_t.astype(np.float32), bound, factors_arr, n_hashes, buckets, _HASH_BLOCK,
-                gemm_address(np.float32),
-            )  # fmt: skip
-    return buckets
-
-
-def sort_buckets(buckets: np.ndarray, n_values: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sort plan of ``buckets`` (M, n_hashes, L) with values in ``[0, n_values)``.
-
-    Returns ``order`` and ``inverse``, both (M, n_hashes * L) int32: ``order``
-    lists the items ``r * L + position`` sorted by (round, bucket, position);
-    ``inverse[order[s]] = s``.
-    """
-    n_rows, n_hashes, length = buckets.shape
-    order = np.empty((n_rows, n_hashes * length), np.int32)
-    inverse = np.empty_like(order)
-    if order.size == 0:
-        return order, inverse
-    if n_values <= max(2 * length, _COUNTING_SORT_VALUES):
-        _sort_kernel(np.ascontiguousarray(buckets, dtype=np.int32), int(n_values), order, inverse)
-        return order, inverse
-    # sparse bucket ids: a stable comparison sort instead of a huge count table
-    rounds = np.argsort(buckets, axis=-1, kind="stable") + (np.arange(n_hashes) * length)[:, None]
-    order[...] = rounds.reshape(n_rows, -1)
-    slots = np.broadcast_to(np.arange(n_hashes * length, dtype=np.int32), order.shape)
-    np.put_along_axis(inverse, order, slots, axis=-1)
-    return order, inverse
-
-
-def _sort_plan(qk, rotations, factors):
-    """``order``, ``inverse`` (B, H, n_hashes * L) of canonical ``qk``."""
-    n_batch, n_heads, length, d = qk.shape
-    buckets = hash_buckets(qk.reshape(n_batch * n_heads, length, d), rotations, factors)
-    order, inverse = sort_buckets(buckets, int(np.prod(factors)))
-    shape = (n_batch, n_heads, -1)
-    return order.reshape(shape), inverse.reshape(shape)
-
-
 def _chunk_group(n_chunks: int) -> int:
     """Chunks per task: a task gathers its chunks' windows once (neighbours share keys); enough
     tasks remain to balance the threads, and a task's buffers stay within a core's L2 cache."""
@@ -714,9 +454,9 @@ def _flat_heads(x: np.ndarray, name: str) -> np.ndarray:
 def forward(
     qk: np.ndarray,
     v: np.ndarray,
+    order: np.ndarray,
+    inverse: np.ndarray,
     *,
-    rotations: np.ndarray,
-    factors: tuple[int, ...],
     chunk_size: int,
     chunks_before: int,
     chunks_after: int,
@@ -731,8 +471,8 @@ def forward(
     ----------
     qk : (B, H, L, D), v : (B, H, L, Dv)
         C-contiguous, one dtype (float32 or float64); ``L % chunk_size == 0``.
-    rotations : (D, n_hashes, sum(factors) // 2) float64
-    factors : bucket factors (``(n_buckets,)`` when not factorized)
+    order, inverse : (B, H, n_hashes * L) int32, C-contiguous
+        The sort plan (``lsh_sort`` of the buckets of ``qk``).
     chunk_size, chunks_before, chunks_after, causal, exclude_self
         As for :func:`npsparseattn.lsh.lsh_attention`.
     out, lse : arrays, optional
@@ -743,13 +483,13 @@ def forward(
     out : (B, H, L, Dv) and lse : (B, H, L), both in the input dtype.
     """
     n_batch, n_heads, length, _ = qk.shape
-    n_hashes = rotations.shape[1]
     out = np.empty((n_batch, n_heads, length, v.shape[3]), qk.dtype) if out is None else out
     lse = np.empty((n_batch, n_heads, length), qk.dtype) if lse is None else lse
     if out.size == 0 and lse.size == 0:
         return out, lse
-    qk_h, v_h, out_h, lse_h = (_flat_heads(x, name) for x, name in ((qk, "qk"), (v, "v"), (out, "out"), (lse, "lse")))
-    order, inverse = _sort_plan(qk_h, rotations, factors)
+    n_hashes = order.shape[2] // length
+    named = ((qk, "qk"), (v, "v"), (order, "order"), (inverse, "inverse"), (out, "out"), (lse, "lse"))
+    qk_h, v_h, order, inverse, out_h, lse_h = (_flat_heads(x, name) for x, name in named)
     n_items = order.shape[2]
     columns = v.shape[3] + 1
     step, passes = _head_passes(qk_h.shape[1], n_items * columns * qk.itemsize)
@@ -798,9 +538,10 @@ def backward(
     qk: np.ndarray,
     v: np.ndarray,
     out: np.ndarray,
+    lse: np.ndarray,
+    order: np.ndarray,
+    inverse: np.ndarray,
     *,
-    rotations: np.ndarray,
-    factors: tuple[int, ...],
     chunk_size: int,
     chunks_before: int,
     chunks_after: int,
@@ -810,21 +551,22 @@ def backward(
 ) -> tuple[np.ndarray, np.ndarray]:
     """LSH attention backward on canonical 4-D arrays.
 
-    ``dout`` and ``out`` are (B, H, L, Dv) in the dtype of ``qk``; the other
-    arguments are those of :func:`forward` (the per-round lse are recomputed,
-    see the module docstring); ``grads`` optionally gives the ``(dqk, dv)``
+    ``dout`` and ``out`` are (B, H, L, Dv) in the dtype of ``qk``, ``lse``
+    (B, H, L) is the forward's; the other arguments are those of
+    :func:`forward`.  ``lse`` is not read: the per-round lse are recomputed
+    (see the module docstring).  ``grads`` optionally gives the ``(dqk, dv)``
     buffers to write.  Returns ``(dqk, dv)`` shaped like ``qk`` and ``v``.
     """
     d = qk.shape[3]
-    n_hashes = rotations.shape[1]
+    n_hashes = order.shape[2] // qk.shape[2] if qk.shape[2] else 1
     if grads is None:
         grads = (np.empty(qk.shape, qk.dtype), np.empty(v.shape, qk.dtype))
     dqk, dv = grads
     if dqk.size == 0 and dv.size == 0:
         return dqk, dv
-    named = ((dout, "dout"), (qk, "qk"), (v, "v"), (out, "out"), (dqk, "dqk"), (dv, "dv"))
-    dout_h, qk_h, v_h, out_h, dqk_h, dv_h = (_flat_heads(x, name) for x, name in named)
-    order, inverse = _sort_plan(qk_h, rotations, factors)
+    named = ((dout, "dout"), (qk, "qk"), (v, "v"), (out, "out"), (order, "order"), (inverse, "inverse"))
+    dout_h, qk_h, v_h, out_h, order, inverse = (_flat_heads(x, name) for x, name in named)
+    dqk_h, dv_h = _flat_heads(dqk, "dqk"), _flat_heads(dv, "dv")
     n_items = order.shape[2]
     columns = 2 * d + v.shape[3]  # [dq | dk | dv] of every sorted slot
     step, passes = _head_passes(qk_h.shape[1], n_items * (columns + 2) * qk.itemsize)
@@ -855,34 +597,3 @@ def backward(
                 dv_h[:, heads],
             )  # fmt: skip
     return dqk, dv
-
-
-def _kernel_inputs(problem: LSHProblem) -> tuple[np.ndarray, np.ndarray, dict]:
-    dt = compute_dtype(problem.dtype)
-    options = dict(
-        rotations=problem.rotations,
-        factors=problem.factors,
-        chunk_size=problem.chunk_size,
-        chunks_before=problem.chunks_before,
-        chunks_after=problem.chunks_after,
-        causal=problem.causal,
-        exclude_self=problem.exclude_self,
-    )
-    return np.ascontiguousarray(problem.qk, dtype=dt), np.ascontiguousarray(problem.v, dtype=dt), options
-
-
-def problem_forward(problem: LSHProblem) -> tuple[np.ndarray, np.ndarray]:
-    """``(out, lse)`` of a validated problem in canonical form: out in the input dtype, lse float32/float64."""
-    qk, v, options = _kernel_inputs(problem)
-    out, lse = forward(qk, v, **options)
-    return out.astype(problem.dtype, copy=False), lse
-
-
-def problem_backward(problem: LSHProblem, grads: Gradients) -> tuple[np.ndarray, np.ndarray]:
-    """``(dqk, dv)`` of a validated problem in canonical form and the input dtype."""
-    qk, v, options = _kernel_inputs(problem)
-    dt = qk.dtype
-    dout = np.ascontiguousarray(grads.dout, dtype=dt)
-    out = np.ascontiguousarray(grads.out, dtype=dt)
-    dqk, dv = backward(dout, qk, v, out, **options)
-    return dqk.astype(problem.dtype, copy=False), dv.astype(problem.dtype, copy=False)

@@ -4,7 +4,7 @@ Run it with the ``mpiexec`` that ``pip install 'npsparseattn[mpi]'`` puts next
 to your Python::
 
     mpiexec -n 4 python -m npsparseattn.examples.ring
-    mpiexec -n 2 python -m npsparseattn.examples.ring --seq 16384 --layout contiguous
+    mpiexec -n 2 python -m npsparseattn.examples.ring --seq 16384 --sharding contiguous
 
 Every rank builds the same random q, k, v (same seed), keeps its shard
 (:func:`npsparseattn.shard`), and runs :func:`npsparseattn.ring_attention`
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--causal", choices=["yes", "no"], default="yes")
-    parser.add_argument("--layout", choices=["zigzag", "contiguous"], default="zigzag")
+    parser.add_argument("--sharding", choices=["zigzag", "contiguous"], default="zigzag")
     return parser.parse_args(argv)
 
 
@@ -47,22 +47,22 @@ def main(argv: list[str] | None = None) -> None:
     comm = MPIComm()
     _, ranks_here = comm.local_rank()
     numba.set_num_threads(max(1, min(numba.get_num_threads(), (os.cpu_count() or 1) // ranks_here)))
-    causal, layout = args.causal == "yes", args.layout
+    causal, sharding = args.causal == "yes", args.sharding
     rng = np.random.default_rng(0)
     q = rng.standard_normal((args.heads, args.seq, args.dim)).astype(args.dtype)
     k, v, dout = (rng.standard_normal((h, args.seq, args.dim)).astype(args.dtype)
                   for h in (args.kv_heads, args.kv_heads, args.heads))  # fmt: skip
-    mine = [nsa.shard(x, comm.rank, comm.size, layout) for x in (q, k, v, dout)]
-    small = [nsa.shard(x[:, : 64 * comm.size], comm.rank, comm.size, layout) for x in (q, k, v)]
-    nsa.ring_attention(*small, comm, causal=causal, layout=layout)  # compile / load the kernels untimed
+    mine = [nsa.shard(x, comm.rank, comm.size, sharding) for x in (q, k, v, dout)]
+    small = [nsa.shard(x[:, : 64 * comm.size], comm.rank, comm.size, sharding) for x in (q, k, v)]
+    nsa.ring_attention(*small, comm, causal=causal, sharding=sharding)  # compile / load the kernels untimed
 
     comm.barrier()
     start = time.perf_counter()
-    out, lse = nsa.ring_attention(*mine[:3], comm, causal=causal, layout=layout, return_lse=True)
+    out, lse = nsa.ring_attention(*mine[:3], comm, causal=causal, sharding=sharding, return_lse=True)
     forward = time.perf_counter() - start
     comm.barrier()
     start = time.perf_counter()
-    grads = nsa.ring_attention_backward(mine[3], *mine[:3], out, lse, comm, causal=causal, layout=layout)
+    grads = nsa.ring_attention_backward(mine[3], *mine[:3], out, lse, comm, causal=causal, sharding=sharding)
     backward = time.perf_counter() - start
 
     report = (comm.rank, mine[0].shape[1], forward, backward, numba.get_num_threads())
@@ -70,13 +70,13 @@ def main(argv: list[str] | None = None) -> None:
     if comm.rank != 0:
         return
     print(f"ring attention: {comm.size} rank(s), L={args.seq}, heads {args.heads}/{args.kv_heads}, D={args.dim}, "
-          f"{args.dtype}, causal={causal}, layout={layout}")  # fmt: skip
+          f"{args.dtype}, causal={causal}, sharding={sharding}")  # fmt: skip
     for (rank, rows, fwd, bwd, threads), *_ in gathered:
-        pieces = " + ".join(f"[{a}, {b})" for a, b in shard_pieces(args.seq, comm.size, rank, layout))
+        pieces = " + ".join(f"[{a}, {b})" for a, b in shard_pieces(args.seq, comm.size, rank, sharding))
         print(f"  rank {rank}: {rows} rows {pieces}, forward {fwd:.3f} s, backward {bwd:.3f} s, {threads} thread(s)")
-    ring_out = nsa.unshard([g[1] for g in gathered], layout)
-    ring_lse = nsa.unshard([g[2] for g in gathered], layout, axis=-1)
-    ring_grads = [nsa.unshard([g[3][i] for g in gathered], layout) for i in range(3)]
+    ring_out = nsa.unshard([g[1] for g in gathered], sharding)
+    ring_lse = nsa.unshard([g[2] for g in gathered], sharding, axis=-1)
+    ring_grads = [nsa.unshard([g[3][i] for g in gathered], sharding) for i in range(3)]
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)  # the other ranks are done: all cores
     start = time.perf_counter()
     ref_out, ref_lse = nsa.attention(q, k, v, causal=causal, return_lse=True)

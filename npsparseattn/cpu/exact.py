@@ -1,4 +1,4 @@
-"""Tiled exact attention on the CPU (numba), forward and backward.
+"""Tiled exact attention on the CPU (numba), forward and backward: backend ``"numba"`` of ``attention``.
 
 Forward (FlashAttention-2 order): one parallel task per (batch, query head,
 query tile).  Each task walks the key tiles that its rows can see, computes the
@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import get_num_threads, njit, prange
 
+from npsparseattn.cpu import DTYPES, KINDS
 from npsparseattn.cpu._blas import gemm_address, single_threaded_blas
 from npsparseattn.cpu._steps import backward_kv_step, backward_q_step, forward_step, store_rows
 from npsparseattn.cpu._tiles import (
@@ -33,6 +34,17 @@ from npsparseattn.cpu._tiles import (
     visible_queries,
     zigzag,
 )
+from npsparseattn.problems.dtypes import compute_dtype
+
+__all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]
+
+STRIDED_ROWS = True  # tiles are read in place through a row stride (BLAS leading dimension)
+TOLERANCE = {"float16": 2e-3, "float32": 1e-5, "float64": 1e-10}
+
+
+def unsupported(problem) -> list[str]:
+    """Every attention problem on NumPy arrays is supported."""
+    return []
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)

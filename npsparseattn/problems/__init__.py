@@ -1,0 +1,88 @@
+"""Canonical problems and the kernel contract every backend module implements.
+
+A public function validates its arguments into a *problem* (canonical arrays
+plus options, nothing computed yet), the registry (:mod:`npsparseattn._dispatch`)
+chooses a backend module for it, the public layer converts the arrays to what
+that module reads (:mod:`npsparseattn._glue`) and calls the module's kernels.
+
+**The contract.** A backend module implements one operation and declares,
+next to its kernels:
+
+``KINDS``
+    array kinds it reads (``"numpy"``, ``"cupy"``);
+``DTYPES``
+    input dtype names it accepts;
+``TOLERANCE``
+    its relative error against the float64 reference, per input dtype name;
+``unsupported(problem) -> list[str]``
+    reasons it cannot take a problem beyond kind and dtype (a missing package
+    or GPU, a head dimension it has no instance for); empty when it can;
+``compute_dtype(dtype) -> numpy.dtype``
+    the dtype its kernels read for inputs of ``dtype``
+    (:func:`~npsparseattn.problems.dtypes.compute_dtype` is the usual rule);
+``STRIDED_ROWS``
+    ``True`` if it reads arrays whose last axis has unit stride and whose
+    other strides are arbitrary (non-negative, non-overlapping rows);
+    ``False`` if it needs C-contiguous arrays.
+
+and the kernels of its operation, on canonical arrays already in the compute
+dtype; the visibility rule is explicit: query ``i`` sees key ``j`` iff
+``i + offset - left <= j <= i + offset + right`` (``None``: unbounded), and
+outputs are returned in the compute dtype (``lse`` float32, float64 for
+float64) or written into the optional buffers:
+
+=========================  ==================================================================
+operation                  kernels
+=========================  ==================================================================
+``attention``              ``forward(q, k, v, *, scale, offset, left, right, out=None, lse=None)
+                           -> (out, lse)``; ``backward(dout, q, k, v, out, lse, *, scale, offset,
+                           left, right, grads=None) -> (dq, dk, dv)``
+``block_sparse_attention`` the same with ``layout`` (a :class:`~npsparseattn.layouts.BlockLayout`)
+                           after ``v``
+``lsh_buckets``            ``buckets(x, rotations, factors) -> int32 (M, n_hashes, L)``
+``lsh_sort``               ``sort(buckets, n_values) -> (order, inverse)``, int32 (M, n_hashes * L)
+``lsh_attention``          ``forward(qk, v, order, inverse, *, chunk_size, chunks_before,
+                           chunks_after, causal, exclude_self, out=None, lse=None)``;
+                           ``backward(dout, qk, v, out, lse, order, inverse, *, ..., grads=None)
+                           -> (dqk, dv)``
+=========================  ==================================================================
+
+Shapes: ``q`` (B, Hq, Lq, D), ``k`` (B, Hk, Lk, D), ``v`` (B, Hk, Lk, Dv),
+``out``/``dout`` (B, Hq, Lq, Dv), ``lse`` (B, Hq, Lq); dk/dv are summed over
+each group of ``Hq // Hk`` query heads.  ``ring_attention`` runs the
+``attention`` kernels block by block.
+"""
+
+from __future__ import annotations
+
+from npsparseattn.problems.attention import AttentionProblem, Gradients, attention_problem, gradient_inputs, output_like
+from npsparseattn.problems.block_sparse import check_layout
+from npsparseattn.problems.dtypes import FLOAT_DTYPES, compute_dtype, lse_dtype
+from npsparseattn.problems.lsh import (
+    BucketsProblem,
+    LSHProblem,
+    SortProblem,
+    buckets_problem,
+    lsh_problem,
+    lsh_rotations,
+    sort_problem,
+)
+
+__all__ = [
+    "FLOAT_DTYPES",
+    "AttentionProblem",
+    "BucketsProblem",
+    "Gradients",
+    "LSHProblem",
+    "SortProblem",
+    "attention_problem",
+    "buckets_problem",
+    "check_layout",
+    "compute_dtype",
+    "gradient_inputs",
+    "lse_dtype",
+    "lsh_problem",
+    "lsh_rotations",
+    "output_like",
+    "sort_problem",
+]
