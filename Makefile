@@ -36,7 +36,9 @@ asv-smoke: $(STAMP)
 	cd asv_benchmarks && $(abspath $(BIN))/asv machine --yes >/dev/null
 	cd asv_benchmarks && NPSPARSEATTN_ASV_QUICK=1 $(abspath $(BIN))/asv run --python=same --quick --dry-run --show-stderr
 
-# numba caches compiled kernels next to their source and checks only that
-# file's time stamp: after editing a helper module, drop the cache.
+# numba caches compiled kernels (CPU and numba-cuda alike) next to their source
+# and checks only that file's time stamp: after editing a helper module, drop
+# the cache.  NUMBA_CACHE_DIR, when set, holds them instead.
 clean-cache:
 	find npsparseattn -name '*.nbi' -delete -o -name '*.nbc' -delete
+	if [ -n "$$NUMBA_CACHE_DIR" ]; then find "$$NUMBA_CACHE_DIR" -name '*.nbi' -delete -o -name '*.nbc' -delete; fi

@@ -15,13 +15,18 @@ import numpy as np
 import npsparseattn as nsa
 from npsparseattn.bench.common import attention_flops
 
-from .common import BACKENDS, Backend, forward_backward_suite, sizes
+from .common import Backend, backends, forward_backward_suite, sizes
 
 HEADS = 4
 
 
 class Attention(forward_backward_suite("GFLOP/s")):
-    params = [sizes([1024, 4096], [256]), sizes([64, 128], [64]), sizes([False, True], [True]), BACKENDS]
+    params = [
+        sizes([1024, 4096], [256]),
+        sizes([64, 128], [64]),
+        sizes([False, True], [True]),
+        backends("attention"),
+    ]
     param_names = ["seq", "dim", "causal", "backend"]
     timeout = 600
 

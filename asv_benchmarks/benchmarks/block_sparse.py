@@ -15,7 +15,7 @@ import numpy as np
 import npsparseattn as nsa
 from npsparseattn import layouts
 
-from .common import BACKENDS, Backend, forward_backward_suite, sizes
+from .common import Backend, backends, forward_backward_suite, sizes
 
 HEADS = 4
 DIM = 64
@@ -33,7 +33,12 @@ def random_layout(seq: int, density: float, causal: bool, seed: int = 0) -> layo
 
 
 class BlockSparseAttention(forward_backward_suite("GFLOP/s (stored blocks)")):
-    params = [sizes([2048, 8192], [512]), sizes([0.05, 0.25, 1.0], [0.25]), sizes([False, True], [True]), BACKENDS]
+    params = [
+        sizes([2048, 8192], [512]),
+        sizes([0.05, 0.25, 1.0], [0.25]),
+        sizes([False, True], [True]),
+        backends("block_sparse_attention"),
+    ]
     param_names = ["seq", "density", "causal", "backend"]
     timeout = 600
 

@@ -1,9 +1,10 @@
 """What the benchmark modules share: sizes, backends, arrays, stream sync, rates.
 
-Backends are a benchmark parameter (``numba``, ``numba-cuda``, ``cupy``).  A
-backend that cannot run here makes ``setup`` raise ``SkipNotImplemented``
-with the reason, which asv reports as a skipped benchmark (SciPy's
-``XPBenchmark`` pattern).  GPU work is synchronised inside the timed call,
+Backends are a benchmark parameter, asked from the registry
+(:func:`backends`: every implementation of the operation but the float64
+reference).  A backend that cannot run here makes ``setup`` raise
+``SkipNotImplemented`` with the registry's own reasons, which asv reports as
+a skipped benchmark (SciPy's ``XPBenchmark`` pattern).  GPU work is synchronised inside the timed call,
 and ``setup`` runs every kernel once so that numba compilation (or loading
 its cache) is never timed.
 
@@ -13,6 +14,7 @@ for the CI smoke run (``make asv-smoke``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
@@ -21,12 +23,17 @@ import numpy as np
 from asv_runner.benchmarks.mark import SkipNotImplemented
 
 import npsparseattn as nsa
+from npsparseattn import _dispatch
 from npsparseattn.bench.common import BACKWARD_FLOP_RATIO, best_time
+from npsparseattn.problems import attention_problem
 
 QUICK = os.environ.get("NPSPARSEATTN_ASV_QUICK", "0") not in ("", "0")
-BACKENDS = ["numba", "numba-cuda", "cupy"]
 MATMUL_SIZE = 512 if QUICK else 2048
-GPU_BACKENDS = ("numba-cuda", "cupy")
+
+
+def backends(op: str) -> list[str]:
+    """The registered implementations of ``op``, the float64 reference excepted."""
+    return [name for name in nsa.available_backends(op) if name != "reference"]
 
 
 def sizes(full: list, quick: list) -> list:
@@ -34,22 +41,25 @@ def sizes(full: list, quick: list) -> list:
     return quick if QUICK else full
 
 
-def unavailable(backend: str, op: str) -> list[str]:
-    """Why ``backend`` cannot run ``op`` on this machine (empty: it can)."""
-    reasons = []
-    if backend not in nsa.available_backends(op):
-        reasons.append(f"npsparseattn has no {backend} implementation of {op} in this release")
-    if backend in GPU_BACKENDS:
-        try:
-            import cupy
+def _implementation(op: str, name: str) -> _dispatch.Implementation:
+    return next(impl for impl in _dispatch.implementations(op) if impl.name == name)
 
-            if cupy.cuda.runtime.getDeviceCount() == 0:
-                reasons.append("no CUDA GPU")
-        except ImportError:
-            reasons.append("CuPy is not installed")
-        except RuntimeError as exc:
-            reasons.append(f"no CUDA GPU ({exc})")
-    return reasons
+
+def unavailable(backend: str, op: str) -> list[str]:
+    """Why ``backend`` cannot run ``op`` on this machine (empty: it can): the registry's reasons.
+
+    Asked for a small float32 problem on the array kind the backend reads.
+    """
+    if backend not in nsa.available_backends(op):
+        return [f"npsparseattn has no {backend} implementation of {op}"]
+    impl = _implementation(op, backend)
+    x = np.ones((1, 1, 8, 8), np.float32)
+    problem = dataclasses.replace(attention_problem(x, x, x), kind=_kind(impl))
+    return impl.unsupported(problem)
+
+
+def _kind(impl: _dispatch.Implementation) -> str:
+    return "numpy" if "numpy" in impl.kinds else impl.kinds[0]
 
 
 class Backend:
@@ -64,7 +74,7 @@ class Backend:
         if reasons:
             raise SkipNotImplemented(f"{label or op} on {name}: " + "; ".join(reasons))
         self.name = name
-        self.gpu = name in GPU_BACKENDS
+        self.gpu = _kind(_implementation(op, name)) == "cupy"
         if self.gpu:
             import cupy
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from npsparseattn import lsh
 
-from .common import BACKENDS, Backend, forward_backward_suite, sizes
+from .common import Backend, backends, forward_backward_suite, sizes
 
 HEADS = 4
 DIM = 64
@@ -23,7 +23,12 @@ CHUNK = 64
 
 
 class LSHAttention(forward_backward_suite("GFLOP/s (chunked attention)")):
-    params = [sizes([4096, 16384], [512]), sizes([1, 4], [2]), sizes([False, True], [True]), BACKENDS]
+    params = [
+        sizes([4096, 16384], [512]),
+        sizes([1, 4], [2]),
+        sizes([False, True], [True]),
+        backends("lsh_attention"),
+    ]
     param_names = ["seq", "n_hashes", "causal", "backend"]
     timeout = 600
 

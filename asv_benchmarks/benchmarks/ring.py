@@ -19,7 +19,7 @@ from asv_runner.benchmarks.mark import SkipNotImplemented
 import npsparseattn as nsa
 from npsparseattn.bench.common import best_time
 
-from .common import BACKENDS, Backend, sizes
+from .common import Backend, backends, sizes
 
 HEADS = 4
 DIM = 64
@@ -43,13 +43,13 @@ class RingSingleRank:
         sizes([2048, 8192], [512]),
         sizes([False, True], [True]),
         sizes(["zigzag", "contiguous"], ["zigzag"]),
-        BACKENDS,
+        backends("ring_attention"),
     ]
     param_names = ["seq", "causal", "sharding", "backend"]
     timeout = 600
 
     def setup(self, seq, causal, sharding, backend):
-        self.backend = Backend(backend, "attention", label="ring_attention (per-block attention kernels)")
+        self.backend = Backend(backend, "ring_attention", label="ring_attention (per-block attention kernels)")
         self.comm = single_rank_comm()
         rng = np.random.default_rng(seq)
         shape = (1, HEADS, seq, DIM)

@@ -1,5 +1,7 @@
 """Command line: ``npsparseattn demo | layout <builder> | bench <operation>``.
 
+The command-line modules live here (``demo``, ``layout``) and in
+:mod:`npsparseattn.bench` (``bench``); the library modules import none of them.
 Run ``npsparseattn --help`` or ``npsparseattn <command> --help`` for details.
 """
 
@@ -10,9 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-from npsparseattn import __version__, demo, layout_cli
+from npsparseattn import __version__
 from npsparseattn.bench import BENCHMARKS, plot
 from npsparseattn.bench.common import progress
+from npsparseattn.cli import demo, layout
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,10 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     layout_parser = commands.add_parser(
         "layout",
         help="build a block-sparse layout, print it and draw it to a PNG",
-        description=layout_cli.__doc__,
+        description=layout.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    layout_cli.add_arguments(layout_parser)
+    layout.add_arguments(layout_parser)
 
     bench_parser = commands.add_parser("bench", help="benchmark an operation against the same-run GEMM rate")
     benches = bench_parser.add_subparsers(dest="benchmark", required=True, metavar="OPERATION")
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         demo.run(args)
         return 0
     if args.command == "layout":
-        layout_cli.run(args)
+        layout.run(args)
         return 0
     args.progress = progress
     result = BENCHMARKS[args.benchmark].run(args)
