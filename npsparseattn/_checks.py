@@ -40,8 +40,16 @@ def check_flag(value: Any, name: str) -> bool:
     return bool(value)
 
 
-def check_scale(scale: Any, head_dim: int) -> float:
-    """``None`` (``1/sqrt(D)``) or a finite real number."""
+LOG2E = 1.4426950408889634
+
+
+def check_scale(scale: Any, head_dim: int, dtype: Any = np.float64) -> float:
+    """``None`` (``1/sqrt(D)``) or a finite real number whose base-2 score factor fits ``dtype``.
+
+    Kernels multiply scores by ``scale * log2(e)`` in the accumulation dtype
+    (float32 for every input narrower than float64), so that product must be
+    finite there.
+    """
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
@@ -49,7 +57,17 @@ def check_scale(scale: Any, head_dim: int) -> float:
     value = float(scale)
     if not math.isfinite(value):
         raise ValueError(f"scale must be finite, got {value}")
+    accumulate = np.dtype(np.float64 if np.dtype(dtype).name == "float64" else np.float32)
+    largest = float(np.finfo(accumulate).max)
+    if abs(value) * LOG2E > largest:
+        raise ValueError(
+            f"scale={value:g} is too large for {np.dtype(dtype).name} inputs: scores are accumulated in "
+            f"{accumulate.name}, where scale * log2(e) must stay below {largest:.3g}"
+        )
     return value
+
+
+UNBOUNDED_FROM = 1 << 40  # a window bound this large reaches past any sequence an array can hold
 
 
 def _window_side(value: Any, side: str) -> int | None:
@@ -59,37 +77,58 @@ def _window_side(value: Any, side: str) -> int | None:
         raise TypeError(f"window {side} bound must be a non-negative int or None, got {value!r}")
     if value < 0:
         raise ValueError(f"window {side} bound must be >= 0 (None for unbounded), got {value}")
-    return int(value)
+    return None if value >= UNBOUNDED_FROM else int(value)
 
 
 def check_window(window: Any, causal: bool) -> tuple[int | None, int | None]:
-    """``None`` or ``(left, right)`` -> ``(left, right)`` with causal folded in.
+    """``None`` or a pair ``(left, right)`` -> ``(left, right)`` with causal folded in.
 
     ``causal=True`` caps the right bound at 0 (query ``i`` sees no key after
-    ``i + Lk - Lq``).
+    ``i + Lk - Lq``).  A bound of ``2**40`` or more means unbounded and
+    becomes ``None`` (``sys.maxsize`` is a common way to say "no limit").
     """
     if window is None:
         left = right = None
     else:
-        if isinstance(window, (str, bytes)) or not hasattr(window, "__len__") or len(window) != 2:
-            raise TypeError(f"window must be None or a pair (left, right), got {window!r}")
+        if not isinstance(window, (tuple, list)) or len(window) != 2:
+            raise TypeError(f"window must be None or a pair (left, right) as a tuple or list, got {window!r}")
         left, right = _window_side(window[0], "left"), _window_side(window[1], "right")
     if causal:
         right = 0
     return left, right
 
 
+def clamp_window(left: int | None, right: int | None, seq_q: int, seq_k: int, offset: int) -> tuple[Any, Any]:
+    """Window bounds no larger than needed to be unbounded for ``seq_q`` queries, ``seq_k`` keys and ``offset``.
+
+    Query ``i`` sees keys ``i + offset - left .. i + offset + right``; a bound
+    of ``seq_q + seq_k + |offset|`` already reaches every key, so larger ones
+    are cut to it (the kernels then never add huge integers).
+
+    >>> clamp_window(10**12, None, 4, 6, 2)
+    (12, None)
+    """
+    limit = seq_q + seq_k + abs(offset)
+    return (None if left is None else min(left, limit)), (None if right is None else min(right, limit))
+
+
 def check_dtypes(arrays: dict[str, Any], allowed: tuple[str, ...]) -> np.dtype:
-    """All arrays share one floating dtype from ``allowed``."""
+    """All arrays share one dtype from ``allowed`` (byte order aside); returns it in native byte order."""
     names = list(arrays)
     first = arrays[names[0]].dtype
     for name in names:
         dt = arrays[name].dtype
         if dt.name not in allowed:
             raise TypeError(f"{name} has dtype {dt.name}; expected one of {', '.join(allowed)}")
-        if dt != first:
+        if dt.name != first.name:
             raise TypeError(f"{names[0]} has dtype {first.name} but {name} has dtype {dt.name}; they must match")
-    return first
+    return native(first)
+
+
+def native(dtype: Any) -> np.dtype:
+    """``dtype`` in the machine's byte order (a big-endian float64 is computed and returned as float64)."""
+    dtype = np.dtype(dtype)
+    return dtype if dtype.isnative else dtype.newbyteorder("=")
 
 
 def check_ndim(arrays: dict[str, Any]) -> int:

@@ -18,18 +18,22 @@ import numpy as np
 
 from npsparseattn._arrays import array_module, common_kind
 from npsparseattn._dispatch import Implementation
-from npsparseattn.problems.dtypes import lse_dtype
+from npsparseattn._dtypes import lse_dtype
 
 
 def rows_readable(x: Any) -> bool:
-    """True if ``x`` can be read in place as rows: unit last-axis stride, whole-item strides, rows apart."""
+    """True if ``x`` can be read in place as rows: unit last-axis stride, whole-item strides, rows apart.
+
+    "Rows apart" is BLAS's rule for a leading dimension (at least the row
+    length), checked even for a single row: BLAS refuses a smaller one.
+    """
     item = x.itemsize
     strides = x.strides
     if any(s < 0 or s % item for s in strides):
         return False
     if x.shape[-1] > 1 and strides[-1] != item:
         return False
-    return x.shape[-2] <= 1 or strides[-2] >= x.shape[-1] * item
+    return strides[-2] >= x.shape[-1] * item
 
 
 def kernel_array(x: Any, dtype: Any, strided_rows: bool) -> Any:
@@ -38,7 +42,10 @@ def kernel_array(x: Any, dtype: Any, strided_rows: bool) -> Any:
     x = x.astype(np.dtype(dtype).newbyteorder("="), copy=False)
     if strided_rows and rows_readable(x):
         return x
-    return xp.ascontiguousarray(x)
+    if x.flags.c_contiguous and all(s >= 0 for s in x.strides) and (x.ndim < 2 or rows_readable(x)):
+        return x
+    # a fresh C-ordered copy: ascontiguousarray may keep odd strides on axes of length 1
+    return xp.array(x, order="C", copy=True)
 
 
 def kernel_inputs(impl: Implementation, dtype: Any, *arrays: Any) -> list[Any]:

@@ -32,27 +32,36 @@ from typing import Any
 import numpy as np
 
 from npsparseattn._checks import check_flag, check_int, check_window, is_int
+from npsparseattn._dtypes import FLOAT_DTYPES
 
 Pair = int | tuple[int, int]
 Window = int | tuple[int | None, int | None] | None
 
 _CHUNK_CELLS = 1 << 20  # block-grid cells evaluated at once by the pattern builders
+MAX_SEQ = (1 << 40) - 1  # longest sequence a layout describes
+MAX_CELLS = 1 << 32  # most (query block, key block) cells, over all heads, a builder evaluates
 
 
 def _pair(value: Any, name: str, minimum: int) -> tuple[int, int]:
-    """An int (used for queries and keys) or a pair ``(query, key)`` of ints >= ``minimum``."""
+    """An int (used for queries and keys) or a pair ``(query, key)`` of ints in ``[minimum, MAX_SEQ]``."""
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
             raise TypeError(f"{name} must be an int or a pair (query, key) of ints, got {value!r}")
-        return check_int(value[0], f"{name}[0]", minimum), check_int(value[1], f"{name}[1]", minimum)
-    if is_int(value):
+        pair = check_int(value[0], f"{name}[0]", minimum), check_int(value[1], f"{name}[1]", minimum)
+    elif is_int(value):
         size = check_int(value, name, minimum)
-        return size, size
-    raise TypeError(f"{name} must be an int or a pair (query, key) of ints, got {value!r}")
+        pair = size, size
+    else:
+        raise TypeError(f"{name} must be an int or a pair (query, key) of ints, got {value!r}")
+    if max(pair) > MAX_SEQ:
+        raise ValueError(f"{name} must be at most 2**40 - 1 tokens, got {value!r}")
+    return pair
 
 
 def _index_array(value: Any, name: str) -> np.ndarray:
     """A read-only 1-D int64 copy of an integer array."""
+    if value is None or isinstance(value, (str, bytes, dict, set)):
+        raise TypeError(f"{name} must be a 1-D integer array, got {value!r}")
     arr = np.asarray(value)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
@@ -367,11 +376,21 @@ def _check_csr(indptr, indices, block, seq, heads) -> None:
 class _Grid:
     """Token extents of the blocks of a (seq, block) pair, for the pattern builders."""
 
-    def __init__(self, seq: Any, block: Any) -> None:
+    def __init__(self, seq: Any, block: Any, heads: int = 1) -> None:
         (self.lq, self.lk), (self.bq, self.bk) = _pair(seq, "seq", 0), _pair(block, "block", 1)
         self.seq, self.block = (self.lq, self.lk), (self.bq, self.bk)
         self.nqb, self.nkb = _blocks(self.lq, self.bq), _blocks(self.lk, self.bk)
         self.off = self.lk - self.lq
+        cells = heads * self.nqb * self.nkb
+        if cells > MAX_CELLS:
+            raise ValueError(
+                f"a layout of {heads} x {self.nqb} x {self.nkb} blocks (seq={self.seq}, block={self.block}) "
+                f"is too large to build (more than 2**32 cells); use larger blocks"
+            )
+
+    def span_blocks(self) -> int:
+        """A count of key blocks that reaches across every (query, key) distance of this grid."""
+        return -(-(self.lq + self.lk) // self.bk) + 1
 
     def positions(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
         """First and last aligned key position ``i + Lk - Lq`` of query blocks ``r0..r1-1`` (columns)."""
@@ -452,7 +471,7 @@ def _window(window: Window) -> tuple[int | None, int | None]:
     """An int ``w`` (``(w, w)``), a pair ``(left, right)`` with ``None`` unbounded, or ``None`` (no limit)."""
     if is_int(window):
         w = check_int(window, "window", 0)
-        return w, w
+        return check_window((w, w), False)
     return check_window(window, False)
 
 
@@ -533,7 +552,8 @@ def strided(seq: Pair, block: Pair, stride: int, *, causal: bool = True) -> Bloc
     .#..####
     """
     grid = _Grid(seq, block)
-    length = check_int(stride, "stride", 1) * grid.bk
+    # a stride longer than every distance adds nothing to the band: the same pattern as the span
+    length = min(check_int(stride, "stride", 1), grid.span_blocks()) * grid.bk
     check_flag(causal, "causal")
 
     def rule(r0: int, r1: int) -> np.ndarray:
@@ -575,6 +595,10 @@ def fixed(seq: Pair, block: Pair, stride: int, *, summary: int = 1, causal: bool
     if summary > stride:
         raise ValueError(f"summary must be <= stride ({stride} blocks per segment), got {summary}")
     check_flag(causal, "causal")
+    span = grid.span_blocks()
+    if stride > span:
+        # one segment holds every position either way; summary blocks start at block stride - summary
+        stride, summary = span, span - min(stride - summary, span)
     length = stride * grid.bk
 
     def rule(r0: int, r1: int) -> np.ndarray:
@@ -642,9 +666,9 @@ def bigbird(
     ##...###
     ########
     """
-    grid = _Grid(seq, block)
-    random_blocks = check_int(random_blocks, "random_blocks", 0)
     heads = check_int(heads, "heads", 1)
+    grid = _Grid(seq, block, heads)
+    random_blocks = check_int(random_blocks, "random_blocks", 0)
     if seed is not None:
         check_int(seed, "seed", 0)
     base = grid.from_rule(grid.window_and_global((grid.bk, grid.bk) if window is None else window, global_blocks))
@@ -808,9 +832,9 @@ def _combine(layouts: Sequence[Any], what: str, op: Callable[[Any, Any], Any]) -
             raise ValueError(
                 f"{what}: layouts must have heads=1 or the same number of heads; got {x.heads} and {heads}"
             )
-    result = to_scipy(_repeat_heads(first, heads)).astype(np.int8)
+    result = to_scipy(_repeat_heads(first, heads)).astype(np.int64)  # counts up to len(layouts), never wrapping
     for x in items[1:]:
-        result = op(result, to_scipy(_repeat_heads(x, heads)).astype(np.int8))
+        result = op(result, to_scipy(_repeat_heads(x, heads)).astype(np.int64))
     return from_scipy(result, first.block, first.seq, heads=heads)
 
 
@@ -937,6 +961,8 @@ def _routing_inputs(q: Any, k: Any) -> tuple[np.ndarray, np.ndarray]:
     for name, x in (("q", q), ("k", k)):
         if not isinstance(x, np.ndarray):
             raise TypeError(f"topk routes NumPy arrays; {name} is {type(x).__module__}.{type(x).__qualname__}")
+        if x.dtype.name not in FLOAT_DTYPES:
+            raise TypeError(f"topk routes real floating arrays; {name} has dtype {x.dtype.name}")
         if x.ndim not in (2, 3, 4) or (x.ndim == 4 and x.shape[0] != 1):
             raise ValueError(
                 f"topk routes one sequence: {name} must be (L, D), (H, L, D) or (1, H, L, D), "

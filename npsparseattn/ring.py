@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from npsparseattn._arrays import array_module, common_kind
-from npsparseattn._checks import check_backend, check_flag, is_int
+from npsparseattn._checks import check_backend, check_flag, clamp_window, is_int
 from npsparseattn._dispatch import Implementation, backend_names, select
 from npsparseattn._glue import kernel_array, kernel_lse
 from npsparseattn.distributed.agree import Field, RankArgumentError, agree
@@ -158,6 +158,8 @@ def unshard(shards: Sequence[Any], sharding: str = "zigzag", *, axis: int = -2) 
     >>> bool((unshard([shard(x, r, 3) for r in range(3)]) == x).all())
     True
     """
+    if not isinstance(shards, Sequence) or isinstance(shards, (str, bytes)):
+        raise TypeError(f"shards must be a list or tuple of arrays, one per rank, got {type(shards).__name__}")
     if len(shards) < 1:
         raise ValueError("unshard needs the shards of at least one rank")
     world = len(shards)
@@ -358,20 +360,19 @@ class _Ring:
         """The global ``lse`` as the backward kernels read it."""
         return kernel_lse(self.kernels, self.problem.dtype, lse)
 
+    def visibility(self, q: Any, k: Any, call: BlockCall) -> dict[str, Any]:
+        """The kernel contract's keywords for one block, bounds cut to the block's extent."""
+        left, right = clamp_window(call.left, call.right, q.shape[2], k.shape[2], call.offset)
+        return dict(scale=self.problem.scale, offset=call.offset, left=left, right=right)
+
     def forward(self, q: Any, k: Any, v: Any, call: BlockCall) -> tuple[Any, Any]:
         """One block of the forward through the chosen attention kernels."""
-        p = self.problem
-        return self.kernels.module.forward(
-            q, self.compute(k), self.compute(v), scale=p.scale, offset=call.offset, left=call.left, right=call.right
-        )
+        return self.kernels.module.forward(q, self.compute(k), self.compute(v), **self.visibility(q, k, call))
 
     def backward(self, dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, call: BlockCall) -> tuple[Any, ...]:
         """One block of the backward (with the global ``out``/``lse``) through the chosen attention kernels."""
-        p = self.problem
-        return self.kernels.module.backward(
-            dout, q, self.compute(k), self.compute(v), out, lse, scale=p.scale, offset=call.offset, left=call.left,
-            right=call.right,
-        )  # fmt: skip
+        k, v = self.compute(k), self.compute(v)
+        return self.kernels.module.backward(dout, q, k, v, out, lse, **self.visibility(q, k, call))
 
 
 _DTYPE_CODES = ("float16", "bfloat16", "float32", "float64")
@@ -462,7 +463,7 @@ def _prepare(
         check_backend(backend)
         for name, value in (flags or {}).items():
             check_flag(value, name)
-        problem = attention_problem(q, k, v, causal=causal, window=window, scale=scale)
+        problem = attention_problem(q, k, v, causal=causal, window=window, scale=scale, clamp=False)
         kernels = select("ring_attention", problem, backend)
         if problem.kind not in comm.kinds:
             raise TypeError(

@@ -106,7 +106,7 @@ def test_causal_not_bool(qkv, causal):
 @pytest.mark.parametrize("window", [5, "ab", (1, 2, 3), [4]])
 def test_window_not_a_pair(qkv, window):
     q, k, v = qkv
-    with pytest.raises(TypeError, match=r"window must be None or a pair \(left, right\), got"):
+    with pytest.raises(TypeError, match=r"window must be None or a pair \(left, right\) as a tuple or list, got"):
         nsa.attention(q, k, v, window=window)
 
 
@@ -153,7 +153,7 @@ def test_backward_lse_shape(qkv):
 def test_backward_lse_dtype(qkv):
     q, k, v = qkv
     out, lse = nsa.attention(q, k, v, return_lse=True)
-    with pytest.raises(TypeError, match=r"lse has dtype int32; expected float32 or float64"):
+    with pytest.raises(TypeError, match=r"lse has dtype int32; expected float64, the dtype of the forward.s lse"):
         nsa.attention_backward(out, q, k, v, out, lse.astype(np.int32))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,11 @@ from npsparseattn import __version__
 from npsparseattn.bench import BENCHMARKS, plot
 from npsparseattn.bench.common import progress
 from npsparseattn.cli import demo, layout
+from npsparseattn.cli._text import plain
+
+# bench options that count something: each value must be at least 1 (or at least 0)
+_COUNTS = ("seq", "batch", "heads", "dim", "repeat", "block", "n_hashes", "chunk_size", "plot_seq")
+_ZERO_OR_MORE = ("chunks_before", "chunks_after", "threads", "memory_seq")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo_parser = commands.add_parser(
         "demo",
-        help="dense vs tiled attention on random data: time, memory, error, and a length dense cannot fit",
-        description=demo.__doc__,
+        help="every operation on built-in random data: speed, memory and error against the float64 reference",
+        description=plain(demo.__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_arguments(demo_parser)
@@ -38,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     layout_parser = commands.add_parser(
         "layout",
         help="build a block-sparse layout, print it and draw it to a PNG",
-        description=layout.__doc__,
+        description=plain(layout.__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     layout.add_arguments(layout_parser)
@@ -48,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in BENCHMARKS.items():
         sub = benches.add_parser(
             name,
-            help=module.__doc__.strip().splitlines()[0],
-            description=module.__doc__,
+            help=plain(module.__doc__).strip().splitlines()[0],
+            description=plain(module.__doc__),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(sub)
@@ -58,15 +64,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_bench_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before any work, counts below 1 and a ``--json``/``--plot`` file that cannot be written."""
+    for names, minimum in ((_COUNTS, 1), (_ZERO_OR_MORE, 0)):
+        for name in names:
+            value = getattr(args, name, None)
+            values = value if isinstance(value, list) else [value]
+            bad = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v < minimum]
+            if bad:
+                parser.error(f"bench {args.benchmark}: --{name.replace('_', '-')} must be >= {minimum}, got {bad[0]}")
+    for option in ("json", "plot"):
+        path = getattr(args, option, None)
+        if path is None:
+            continue
+        folder = Path(path).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            parser.error(f"bench {args.benchmark}: cannot write --{option} {path}: {folder} is not a writable folder")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``npsparseattn`` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "demo":
         demo.run(args)
         return 0
     if args.command == "layout":
         layout.run(args)
         return 0
+    check_bench_arguments(parser, args)
     args.progress = progress
     result = BENCHMARKS[args.benchmark].run(args)
     if args.plot:

@@ -1,21 +1,35 @@
-"""``npsparseattn demo``: what tiled attention buys, on built-in random data.
+"""``npsparseattn demo``: the whole toolkit on built-in random data, every figure measured in the run.
 
 1. Dense NumPy attention versus tiled attention at a moderate length: time,
    peak extra memory, and the error of each against the float64 reference.
 2. Causal attention with grouped-query heads, forward and backward, checked
    against the reference.
-3. A sequence length at which textbook dense NumPy attention would need more
+3. Block-sparse attention: a Longformer layout drawn in the terminal, then a
+   causal sliding window at a long length against dense tiled attention:
+   speed-up, density, error against the reference.
+4. LSH attention (Reformer) against dense tiled attention at the same length:
+   speed-up, and its error against its own float64 reference.
+5. Ring attention over two MPI ranks (``mpiexec``, from the ``mpich``
+   wheel): the one-line launch and what it prints.
+6. A sequence length at which textbook dense NumPy attention would need more
    memory than this machine has, run with tiled attention in O(L) memory.
+
+Everything but the first run's compilation takes about a minute on a 2-core
+machine; ``--skip-long`` leaves out part 6.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from npsparseattn import reference
+from npsparseattn import layouts, reference
 from npsparseattn.bench.attention import total_memory
 from npsparseattn.bench.common import (
     attention_flops,
@@ -26,15 +40,24 @@ from npsparseattn.bench.common import (
     format_table,
 )
 from npsparseattn.bench.memory import measure_peak
+from npsparseattn.block_sparse import block_sparse_attention
+from npsparseattn.cli._text import positive_int
 from npsparseattn.exact import attention, attention_backward
+from npsparseattn.lsh import lsh_attention
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``demo``."""
-    parser.add_argument("--seq", type=int, default=2048, help="length for the dense-vs-tiled comparison")
+    parser.add_argument("--seq", type=positive_int, default=2048, help="length for the dense-vs-tiled comparison")
+    parser.add_argument(
+        "--sparse-seq",
+        type=positive_int,
+        default=16384,
+        help="length of the block-sparse and LSH comparisons with dense tiled attention (default 16384)",
+    )
     parser.add_argument(
         "--long-seq",
-        type=int,
+        type=positive_int,
         default=None,
         help="length of the beyond-memory run (default: smallest power of two where dense NumPy "
         "would exceed this machine's memory)",
@@ -43,7 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _rel(a, b) -> float:
-    return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
+    """max |a - b| / max |b| (0 for empty arrays)."""
+    b = np.asarray(b, np.float64)
+    if b.size == 0:
+        return 0.0
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / max(float(np.abs(b).max()), 1e-300))
 
 
 def _section(title: str) -> None:
@@ -89,6 +116,81 @@ def gqa_forward_backward(seq: int = 1000) -> None:
     print("  " + ", ".join(f"{n} {e:.1e}" for n, e in zip(["out", "lse", "dq", "dk", "dv"], errors)))
 
 
+def block_sparse_speedup(seq: int, heads: int = 4, dim: int = 64, window: int = 512, block: int = 64) -> float:
+    """Part 3: a layout in the terminal, then a causal sliding window against dense tiled attention at ``seq``.
+
+    Returns the dense tiled time (seconds), which part 4 compares with.
+    """
+    _section("3. block-sparse attention")
+    small = layouts.longformer(1024, 64, 128, global_blocks=[0])
+    print("a Longformer layout (window of 128 tokens, global block 0), L=1024, 64-token blocks:")
+    print(small.to_ascii(width=16))
+    layout = layouts.sliding_window(seq, block, (window, 0))
+    rng = np.random.default_rng(4)
+    q, k, v = (rng.standard_normal((1, heads, seq, dim), dtype=np.float32) for _ in range(3))
+    kw = dict(causal=True, window=(window, 0))
+    block_sparse_attention(
+        q[..., :256, :], k[..., :256, :], v[..., :256, :], layouts.sliding_window(256, block, (window, 0)), **kw
+    )
+    dense_s = best_time(lambda: attention(q, k, v, causal=True), repeat=2, warmup=0)
+    out = block_sparse_attention(q, k, v, layout, **kw)
+    sparse_s = best_time(lambda: block_sparse_attention(q, k, v, layout, **kw), repeat=3, warmup=0)
+    rows = 128
+    ref, _ = reference.attention(q[..., -rows:, :], k, v, **kw)
+    print(
+        f"causal sliding window of {window} tokens, B=1 H={heads} L={seq} D={dim} float32, {block}-token blocks: "
+        f"{layout.density:.1%} of the blocks stored"
+    )
+    err = _rel(out[..., -rows:, :], ref)
+    print(
+        f"  dense tiled attention {dense_s * 1e3:.0f} ms, block-sparse {sparse_s * 1e3:.0f} ms: "
+        f"{dense_s / sparse_s:.1f}x faster; rel err of the last {rows} rows vs float64 {err:.1e}"
+    )
+    return dense_s
+
+
+def lsh_speedup(seq: int, dense_s: float, heads: int = 4, dim: int = 64, chunk: int = 64) -> None:
+    """Part 4: Reformer LSH attention against dense tiled causal attention at ``seq``, and its own error."""
+    _section("4. LSH attention (Reformer, shared query/key)")
+    rng = np.random.default_rng(5)
+    qk, v = (rng.standard_normal((1, heads, seq, dim), dtype=np.float32) for _ in range(2))
+    kw = dict(n_buckets=max(2, seq // chunk // 2 * 2), n_hashes=2, chunk_size=chunk, causal=True, seed=0)
+    lsh_attention(qk[..., : 4 * chunk, :], v[..., : 4 * chunk, :], **{**kw, "n_buckets": 4})
+    lsh_s = best_time(lambda: lsh_attention(qk, v, **kw), repeat=3, warmup=0)
+    small = dict(kw, n_buckets=16)
+    qk_s, v_s = qk[:, :1, :1024], v[:, :1, :1024]
+    err = _rel(lsh_attention(qk_s, v_s, **small), reference.lsh_attention(qk_s, v_s, **small)[0])
+    print(
+        f"B=1 H={heads} L={seq} D={dim} float32, {kw['n_buckets']} buckets, 2 hashing rounds, {chunk}-item chunks, "
+        f"causal: each query attends {2 * chunk} sorted items per round"
+    )
+    print(
+        f"  dense tiled causal attention {dense_s * 1e3:.0f} ms, LSH {lsh_s * 1e3:.0f} ms: {dense_s / lsh_s:.1f}x "
+        f"faster; rel err vs its float64 reference (L=1024, one head) {err:.1e}"
+    )
+    print("  (LSH approximates attention: a query sees the keys hashed near it, not all of them)")
+
+
+def ring_over_mpi(seq: int = 4096) -> None:
+    """Part 5: the ring example over two MPI ranks, launched as a user would."""
+    _section("5. ring attention over MPI ranks")
+    mpiexec = Path(sys.executable).with_name("mpiexec")
+    command = [str(mpiexec), "-n", "2", sys.executable, "-m", "npsparseattn.examples.ring", "--seq", str(seq)]
+    print("$ mpiexec -n 2 python -m npsparseattn.examples.ring --seq " + str(seq))
+    if not mpiexec.exists() and shutil.which("mpiexec") is None:
+        print("  (no mpiexec next to this python: pip install 'npsparseattn[mpi]' brings mpi4py and the mpich wheel)")
+        return
+    if not mpiexec.exists():
+        command[0] = shutil.which("mpiexec")
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        print("  (the ring did not finish within 120 s; run the command above to see why)")
+        return
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    print("\n".join("  " + line for line in lines[-6:]))
+
+
 def beyond_memory(seq: int | None) -> None:
     """Part 3: a length where dense NumPy cannot run here, done tiled."""
     memory = total_memory()
@@ -97,7 +199,7 @@ def beyond_memory(seq: int | None) -> None:
         while dense_numpy_bytes(1, seq, seq) <= memory:
             seq *= 2
     need = dense_numpy_bytes(1, seq, seq)
-    _section(f"3. beyond dense memory: H=1 L={seq} D=64 float32, causal")
+    _section(f"6. beyond dense memory: H=1 L={seq} D=64 float32, causal")
     print(f"machine memory {format_bytes(memory)}; dense NumPy attention would hold {format_bytes(need)}")
     rng = np.random.default_rng(2)
     q, k, v = (rng.standard_normal((1, 1, seq, 64), dtype=np.float32) for _ in range(3))
@@ -116,8 +218,8 @@ def beyond_memory(seq: int | None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    """The demo, in three parts."""
-    print("npsparseattn demo: exact attention in O(L) memory on NumPy arrays")
+    """The demo, in six parts."""
+    print("npsparseattn demo: exact, block-sparse, LSH and ring attention on NumPy arrays")
     warm = np.random.default_rng(3).standard_normal((1, 300, 64)).astype(np.float32)
     start = time.perf_counter()
     attention(warm, warm, warm)
@@ -127,5 +229,8 @@ def run(args: argparse.Namespace) -> None:
     )
     compare_dense_and_tiled(args.seq)
     gqa_forward_backward()
+    dense_s = block_sparse_speedup(args.sparse_seq)
+    lsh_speedup(args.sparse_seq, dense_s)
+    ring_over_mpi()
     if not args.skip_long:
         beyond_memory(args.long_seq)

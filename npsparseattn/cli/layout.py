@@ -20,12 +20,16 @@ from pathlib import Path
 import numpy as np
 
 from npsparseattn import layouts
+from npsparseattn.cli._text import non_negative_int, positive_int
 
 
 def _side(text: str) -> int | None:
     if text.lower() == "none":
         return None
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"window bounds are integers or 'none', got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"window bounds must be >= 0 or 'none', got {value}")
     return value
@@ -87,11 +91,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     def builder(name: str, text: str) -> argparse.ArgumentParser:
         sub = builders.add_parser(name, help=text, description=text)
-        sub.add_argument("--seq", type=int, nargs="+", default=[4096], metavar="L", help="Lq [Lk] (default 4096)")
-        sub.add_argument("--block", type=int, nargs="+", default=[64], metavar="B", help="bq [bk] (default 64)")
+        sub.add_argument(
+            "--seq", type=non_negative_int, nargs="+", default=[4096], metavar="L", help="Lq [Lk] (default 4096)"
+        )
+        sub.add_argument(
+            "--block", type=positive_int, nargs="+", default=[64], metavar="B", help="bq [bk] (default 64)"
+        )
         sub.add_argument("-o", "--output", type=Path, help="write a PNG picture here (needs matplotlib)")
-        sub.add_argument("--head", type=int, default=0, help="head to draw for per-head layouts")
-        sub.add_argument("--width", type=int, default=64, help="characters per row of the terminal picture")
+        sub.add_argument("--head", type=non_negative_int, default=0, help="head to draw for per-head layouts")
+        sub.add_argument("--width", type=positive_int, default=64, help="characters per row of the terminal picture")
         return sub
 
     builder("dense", "every block")
@@ -125,14 +133,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> layouts.BlockLayout:
-    """Build the layout, print its summary and picture, write the PNG if asked; return the layout."""
-    for name in ("seq", "block"):
-        if len(getattr(args, name)) > 2:
-            raise SystemExit(f"npsparseattn layout: --{name} takes one or two values, got {getattr(args, name)}")
+    """Build the layout, print its summary and picture, write the PNG if asked; return the layout.
+
+    Bad values end the command with a one-line message (exit status 1), never a traceback.
+    """
+    for name in ("seq", "block", "window"):
+        values = getattr(args, name, None)
+        if values is not None and len(values) > 2:
+            raise SystemExit(f"npsparseattn layout: --{name} takes one or two values, got {values}")
     try:
         layout = _build(args)
     except (TypeError, ValueError) as exc:
         raise SystemExit(f"npsparseattn layout {args.builder}: {exc}") from exc
+    if args.head >= layout.heads:
+        raise SystemExit(
+            f"npsparseattn layout {args.builder}: --head {args.head} is out of range: the layout has "
+            f"{layout.heads} head{'s' if layout.heads > 1 else ''} (0..{layout.heads - 1})"
+        )
     print(layout)
     print(layout.to_ascii(head=args.head, width=args.width))
     if args.output is not None:

@@ -13,9 +13,15 @@ operation                  module
 The registry (:mod:`npsparseattn._dispatch`) imports a module the first time
 it is chosen; the kernels compile on first use and are cached on disk.  Each
 module follows the kernel contract of :mod:`npsparseattn.problems`.
+Importing this package asks numba for its TBB threading layer (thread- and
+fork-safe) unless the user chose one: :mod:`npsparseattn.cpu._threads`.
 """
 
 from __future__ import annotations
+
+from npsparseattn.cpu import _threads
+
+THREADING = _threads.configure()
 
 KINDS = ("numpy",)
 DTYPES = ("float16", "float32", "float64")  # float16 is read as float32

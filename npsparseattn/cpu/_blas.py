@@ -1,4 +1,4 @@
-"""BLAS GEMM callable from numba-compiled code, and single-threaded BLAS scopes.
+"""BLAS GEMM callable from numba-compiled code.
 
 The CPU kernels multiply small tiles with the BLAS that SciPy ships
 (``scipy.linalg.cython_blas``).  The function address is passed to the kernels
@@ -15,15 +15,15 @@ contiguous, so no copy is needed for transposed (B, L, H, D) inputs.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import get_cython_function_address, intrinsic
+
+from npsparseattn.cpu._threads import single_threaded_blas
+
+__all__ = ["gemm_address", "gemm_nn", "gemm_nt", "gemm_tn", "single_threaded_blas"]
 
 _N = 78  # ord("N"): no transpose
 _T = 84  # ord("T"): transpose
@@ -95,25 +95,3 @@ def gemm_address(dtype: np.dtype) -> int:
     """Address of SciPy's ``sgemm`` (float32) or ``dgemm`` (float64)."""
     name = {np.dtype(np.float32): "sgemm", np.dtype(np.float64): "dgemm"}[np.dtype(dtype)]
     return get_cython_function_address("scipy.linalg.cython_blas", name)
-
-
-_controller_lock = threading.Lock()
-_controller = None
-
-
-@contextmanager
-def single_threaded_blas() -> Iterator[None]:
-    """Limit every loaded BLAS to one thread while numba threads run tiles.
-
-    BLAS threads spawned inside numba's ``prange`` workers compete with those
-    workers for the same cores; that costs about 2x on a small machine.
-    """
-    global _controller
-    with _controller_lock:
-        if _controller is None:
-            import scipy.linalg.cython_blas  # noqa: F401  (load SciPy's BLAS first)
-            from threadpoolctl import ThreadpoolController
-
-            _controller = ThreadpoolController()
-    with _controller.limit(limits=1, user_api="blas"):
-        yield

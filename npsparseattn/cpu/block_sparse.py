@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from npsparseattn._dtypes import compute_dtype
 from npsparseattn.cpu import DTYPES, KINDS
 from npsparseattn.cpu._blas import gemm_address, single_threaded_blas
 from npsparseattn.cpu._steps import backward_kv_step, backward_q_step, forward_step, store_rows
@@ -35,7 +36,6 @@ from npsparseattn.cpu._tiles import (
 )
 from npsparseattn.cpu.exact import row_dot_kernel, window_bound
 from npsparseattn.layouts import BlockLayout
-from npsparseattn.problems.dtypes import compute_dtype
 
 __all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import get_num_threads, njit, prange
 
+from npsparseattn._dtypes import compute_dtype
 from npsparseattn.cpu import DTYPES, KINDS
 from npsparseattn.cpu._blas import gemm_address, single_threaded_blas
 from npsparseattn.cpu._steps import backward_kv_step, backward_q_step, forward_step, store_rows
@@ -34,7 +35,6 @@ from npsparseattn.cpu._tiles import (
     visible_queries,
     zigzag,
 )
-from npsparseattn.problems.dtypes import compute_dtype
 
 __all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]
 

@@ -44,11 +44,11 @@ from llvmlite import ir
 from numba import get_num_threads, njit, prange, types
 from numba.extending import intrinsic
 
+from npsparseattn._dtypes import compute_dtype
 from npsparseattn.cpu import DTYPES, KINDS
 from npsparseattn.cpu._blas import gemm_address, gemm_nn, gemm_nt, gemm_tn, single_threaded_blas
 from npsparseattn.cpu._tiles import FASTMATH, LN2, LOG2E, like, row_address
 from npsparseattn.cpu._vecmath import exp2, maxnum
-from npsparseattn.problems.dtypes import compute_dtype
 from npsparseattn.problems.lsh import KEY_EPS, NEG_CAUSAL, NEG_SELF
 
 __all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]

@@ -14,11 +14,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from npsparseattn._dtypes import compute_dtype
 from npsparseattn.cpu import DTYPES, KINDS
 from npsparseattn.cpu._blas import gemm_address, gemm_nt, single_threaded_blas
 from npsparseattn.cpu._tiles import FASTMATH
 from npsparseattn.cpu._vecmath import maxnum
-from npsparseattn.problems.dtypes import compute_dtype
 
 __all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "buckets", "compute_dtype", "unsupported"]
 

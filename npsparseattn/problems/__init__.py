@@ -19,7 +19,7 @@ next to its kernels:
     or GPU, a head dimension it has no instance for); empty when it can;
 ``compute_dtype(dtype) -> numpy.dtype``
     the dtype its kernels read for inputs of ``dtype``
-    (:func:`~npsparseattn.problems.dtypes.compute_dtype` is the usual rule);
+    (:func:`~npsparseattn._dtypes.compute_dtype` is the usual rule);
 ``STRIDED_ROWS``
     ``True`` if it reads arrays whose last axis has unit stride and whose
     other strides are arbitrary (non-negative, non-overlapping rows);
@@ -55,9 +55,9 @@ each group of ``Hq // Hk`` query heads.  ``ring_attention`` runs the
 
 from __future__ import annotations
 
+from npsparseattn._dtypes import FLOAT_DTYPES, compute_dtype, lse_dtype
 from npsparseattn.problems.attention import AttentionProblem, Gradients, attention_problem, gradient_inputs, output_like
 from npsparseattn.problems.block_sparse import check_layout
-from npsparseattn.problems.dtypes import FLOAT_DTYPES, compute_dtype, lse_dtype
 from npsparseattn.problems.lsh import (
     BucketsProblem,
     LSHProblem,

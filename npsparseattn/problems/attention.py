@@ -15,8 +15,16 @@ from typing import Any
 import numpy as np
 
 from npsparseattn._arrays import common_kind
-from npsparseattn._checks import check_dtypes, check_flag, check_ndim, check_scale, check_window, to_4d
-from npsparseattn.problems.dtypes import FLOAT_DTYPES
+from npsparseattn._checks import (
+    check_dtypes,
+    check_flag,
+    check_ndim,
+    check_scale,
+    check_window,
+    clamp_window,
+    to_4d,
+)
+from npsparseattn._dtypes import FLOAT_DTYPES, lse_dtype
 
 
 @dataclass(frozen=True)
@@ -93,8 +101,14 @@ def attention_problem(
     causal: Any = False,
     window: Any = None,
     scale: Any = None,
+    clamp: bool = True,
 ) -> AttentionProblem:
-    """Validate ``q``, ``k``, ``v`` and options into an :class:`AttentionProblem` (rules: ``docs/conventions.md``)."""
+    """Validate ``q``, ``k``, ``v`` and options into an :class:`AttentionProblem` (rules: ``docs/conventions.md``).
+
+    ``clamp`` cuts window bounds longer than these sequences to the length
+    that already reaches every key (:func:`~npsparseattn._checks.clamp_window`);
+    ring attention passes ``False``, its bounds being in global positions.
+    """
     arrays = {"q": q, "k": k, "v": v}
     kind = common_kind(**arrays)
     ndim = check_ndim(arrays)
@@ -121,7 +135,10 @@ def attention_problem(
             )
     causal = check_flag(causal, "causal")
     left, right = check_window(window, causal)
-    scale = check_scale(scale, q.shape[-1])
+    if clamp:
+        seq_q, seq_k = q.shape[-2], k.shape[-2]
+        left, right = clamp_window(left, right, seq_q, seq_k, seq_k - seq_q)
+    scale = check_scale(scale, q.shape[-1], dtype)
     return AttentionProblem(
         q=to_4d(q),
         k=to_4d(k),
@@ -152,7 +169,7 @@ def output_like(problem: AttentionProblem, x: Any, name: str) -> Any:
     expected = problem.output_shape()
     if tuple(x.shape) != expected:
         raise ValueError(f"{name} must have shape {expected} (like the forward output), got {tuple(x.shape)}")
-    if x.dtype != problem.dtype:
+    if x.dtype.name != problem.dtype.name:
         raise TypeError(f"{name} has dtype {x.dtype.name}; expected {problem.dtype.name} like q")
     return x.reshape(problem.q.shape[:2] + tuple(x.shape[-2:]))
 
@@ -164,6 +181,10 @@ def gradient_inputs(problem: AttentionProblem, dout: Any, out: Any, lse: Any) ->
     common_kind(q=problem.q, lse=lse)
     if tuple(lse.shape) != problem.lse_shape():
         raise ValueError(f"lse must have shape {problem.lse_shape()}, got {tuple(lse.shape)}")
-    if lse.dtype.name not in ("float32", "float64"):
-        raise TypeError(f"lse has dtype {lse.dtype.name}; expected float32 or float64")
+    expected = lse_dtype(problem.dtype)
+    if lse.dtype.name != expected.name:
+        raise TypeError(
+            f"lse has dtype {lse.dtype.name}; expected {expected.name}, the dtype of the forward's lse for "
+            f"{problem.dtype.name} inputs"
+        )
     return Gradients(dout=dout4, out=out4, lse=lse.reshape(problem.q.shape[:3]))

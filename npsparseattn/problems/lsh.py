@@ -24,8 +24,8 @@ import numpy as np
 
 from npsparseattn._arrays import common_kind
 from npsparseattn._checks import check_dtypes, check_flag, check_int, check_ndim, is_int, to_4d
+from npsparseattn._dtypes import FLOAT_DTYPES
 from npsparseattn.problems.attention import AttentionProblem
-from npsparseattn.problems.dtypes import FLOAT_DTYPES
 
 NBuckets = int | tuple[int, ...]
 
@@ -33,6 +33,8 @@ NEG_CAUSAL = -1e9  # logit of a key after the query (causal)
 NEG_SELF = -1e5  # logit of the query's own position (exclude_self)
 KEY_EPS = 1e-6  # keys = x / sqrt(mean(x^2) + KEY_EPS) / sqrt(D)
 INT32_LIMIT = 2**31
+MAX_ROTATION_ELEMENTS = 2**28  # 2 GiB of float64: more rounds or buckets than any Reformer uses
+MAX_WINDOW_WRAPS = 4  # a chunk's window may wrap around the sorted sequence at most this many times
 INTEGER_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 
 
@@ -73,8 +75,14 @@ def check_seed(seed: Any) -> int | None:
 
 
 def rotation_shape(head_dim: int, n_hashes: int, factors: tuple[int, ...]) -> tuple[int, int, int]:
-    """``(D, n_hashes, sum(factors) // 2)``."""
-    return (head_dim, n_hashes, sum(factors) // 2)
+    """``(D, n_hashes, sum(factors) // 2)``, refused before anything is allocated if it is absurdly large."""
+    shape = (head_dim, n_hashes, sum(factors) // 2)
+    if math.prod(shape) > MAX_ROTATION_ELEMENTS:
+        raise ValueError(
+            f"the rotations would have shape {shape} ({math.prod(shape)} values, D x n_hashes x "
+            f"sum(n_buckets factors) / 2); more than 2**28 is refused: use fewer hashes or buckets"
+        )
+    return shape
 
 
 def lsh_rotations(head_dim: int, n_buckets: NBuckets, *, n_hashes: int = 1, seed: int | None = None) -> np.ndarray:
@@ -300,6 +308,14 @@ def lsh_problem(
         )
     if n_hashes * length >= INT32_LIMIT:
         raise ValueError(f"n_hashes * L = {n_hashes * length} items do not fit the int32 sort plan")
+    n_chunks = n_hashes * length // chunk_size
+    window = 1 + chunks_before + chunks_after
+    if n_chunks and window > MAX_WINDOW_WRAPS * n_chunks:
+        raise ValueError(
+            f"each chunk attends 1 + chunks_before + chunks_after = {window} chunks, more than "
+            f"{MAX_WINDOW_WRAPS} times the {n_chunks} chunks of the sorted sequence (n_hashes * L / chunk_size); "
+            f"a window that long only repeats every key: lower chunks_before/chunks_after"
+        )
     causal = check_flag(causal, "causal")
     exclude_self = check_flag(exclude_self, "exclude_self")
     rotations = resolve_rotations(rotations, seed, qk.shape[-1], n_hashes, factors)

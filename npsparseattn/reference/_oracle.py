@@ -74,11 +74,29 @@ def scores(q: Any, k: Any, scale: float, xp: Any) -> Any:
     return scale * xp.einsum("bhid,bhjd->bhij", q.astype(xp.float64), k64)
 
 
+def weighted_values(p: Any, mask: Any, v64: Any, xp: Any) -> Any:
+    """``sum_j P_ij v_j`` over the keys ``j`` that row ``i`` sees, and over no other key.
+
+    ``P @ V`` would also multiply the zeros of masked keys by their values,
+    so a NaN or inf in ``v[j]`` would reach every row; the dense formula
+    sums over visible keys only, so it reaches exactly the rows that see key
+    ``j`` (in the columns where it sits).
+    """
+    bad = ~xp.isfinite(v64)
+    out = xp.einsum("bhij,bhjd->bhid", p, xp.where(bad, 0.0, v64))
+    visible = xp.broadcast_to(mask, p.shape)
+    with np.errstate(invalid="ignore"):  # 0 * inf on masked entries is computed, then discarded by where
+        for b, h, j in zip(*(np.asarray(ix) for ix in xp.nonzero(bad.any(axis=-1)))):
+            column = xp.where(bad[b, h, j], v64[b, h, j], 0.0)
+            out[b, h] += xp.where(visible[b, h, :, j][:, None], p[b, h, :, j][:, None] * column[None, :], 0.0)
+    return out
+
+
 def forward(q: Any, k: Any, v: Any, mask: Any, scale: float, xp: Any) -> tuple[Any, Any, Any]:
     """float64 ``(out, lse, P)``; ``mask`` broadcasts to (B, Hq, Lq, Lk)."""
     p, lse = masked_softmax(scores(q, k, scale, xp), mask, xp)
     v64 = expand_groups(v.astype(xp.float64), q.shape[1])
-    return xp.einsum("bhij,bhjd->bhid", p, v64), lse, p
+    return weighted_values(p, mask, v64, xp), lse, p
 
 
 def backward(

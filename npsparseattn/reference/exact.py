@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from npsparseattn._arrays import array_module, common_kind
-from npsparseattn.problems.dtypes import FLOAT_DTYPES
+from npsparseattn._dtypes import FLOAT_DTYPES
 from npsparseattn.reference import _oracle
 
 __all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]

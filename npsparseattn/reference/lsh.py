@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from npsparseattn.problems.dtypes import FLOAT_DTYPES
+from npsparseattn._dtypes import FLOAT_DTYPES
 from npsparseattn.problems.lsh import KEY_EPS, NEG_CAUSAL, NEG_SELF
 from npsparseattn.reference._oracle import store
 
@@ -37,6 +37,8 @@ def unsupported(problem: Any) -> list[str]:
 
 def window_counts(order: np.ndarray, length: int, chunk_size: int, chunks_before: int, chunks_after: int) -> Any:
     """``counts[r, i, j]``: times position ``j`` is a key of ``i`` in round ``r``; ``order`` (n_hashes * L,)."""
+    if length == 0:
+        return np.zeros((0, 0, 0), dtype=np.int64)
     n_hashes = order.size // length
     n_chunks = order.size // chunk_size
     counts = np.zeros((n_hashes, length, length), dtype=np.int64)
@@ -99,6 +101,8 @@ def forward(
     n_batch, n_heads, length, _ = qk.shape
     result = np.zeros((n_batch, n_heads, length, v.shape[3]))
     log_sum = np.zeros((n_batch, n_heads, length))
+    if length == 0:
+        return store(result, out), store(log_sum, lse)
     for b in range(n_batch):
         for h in range(n_heads):
             result[b, h], log_sum[b, h] = _one_head(qk[b, h], v[b, h], order[b, h], options)[:2]
@@ -123,7 +127,7 @@ def backward(
     dqk = np.zeros(qk.shape)
     dv = np.zeros(v.shape)
     d = qk.shape[3]
-    for b in range(qk.shape[0]):
+    for b in range(qk.shape[0] if qk.shape[2] else 0):
         for h in range(qk.shape[1]):
             x = np.asarray(qk[b, h], np.float64)
             values = np.asarray(v[b, h], np.float64)

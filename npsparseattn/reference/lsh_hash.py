@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from npsparseattn.problems.dtypes import FLOAT_DTYPES
+from npsparseattn._dtypes import FLOAT_DTYPES
 
 __all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "buckets", "compute_dtype", "unsupported"]
 
