@@ -1,0 +1,234 @@
+"""The ``numba-cuda`` backend's runtime: what every one of its modules shares.
+
+* **Declarations** of the kernel contract common to the backend's modules
+  (:data:`KINDS`, :data:`DTYPES`, :func:`compute_dtype`, :func:`reasons`).
+* **Lazy numba-cuda.**  Nothing here imports ``numba.cuda`` or CuPy at import
+  time (the registry may import a module only to ask its reasons): kernels are
+  built by factories on first use (:func:`kernel`, :func:`device_function`).
+* **Arrays and launches.**  On a GPU the kernels read CuPy arrays through
+  ``__cuda_array_interface__``, imported with ``sync=False``: numba would
+  otherwise synchronise the exporting stream, a host wait per array.  Every
+  launch goes to CuPy's current stream (``numba.cuda.external_stream``), on
+  the device that holds the arrays, so the kernels order with the caller's
+  CuPy work and nothing waits on the host.  Under the simulator
+  (``NUMBA_ENABLE_CUDASIM=1``) the same kernels run on the host on NumPy arrays.
+* **Recording.**  :func:`record_launches` collects the launches instead of
+  running them; the compile checks use it to compile exactly the kernel
+  signatures the backend launches, for compute capability 8.0 and 9.0,
+  without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from npsparseattn.cuda import _env
+
+KINDS = ("numpy",) if _env.simulator() else ("cupy",)
+DTYPES = ("float16", "bfloat16", "float32")
+MAX_HEAD_DIM = 128  # the widest shared-memory tiles (numba_tiles.HEAD_DIMS)
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+UNBOUNDED = 1 << 40  # a window side without a bound
+
+_recorder: list[Launch] | None = None
+
+
+def compute_dtype(dtype: Any) -> np.dtype:
+    """The kernels read the input dtype itself: half precision stays half in memory and is widened in registers."""
+    return np.dtype(dtype)
+
+
+def reasons(dtype: np.dtype, head_dims: tuple[int, ...] = ()) -> list[str]:
+    """Why the backend cannot take a problem of ``dtype`` with these head dimensions here (empty: it can)."""
+    found = list(_env.numba_cuda_reasons())
+    if dtype.name == "bfloat16" and _env.simulator():
+        found.append("bfloat16 does not exist under the CUDA simulator (NUMBA_ENABLE_CUDASIM=1)")
+    wide = [d for d in head_dims if d > MAX_HEAD_DIM]
+    if wide:
+        found.append(
+            f"head dimension {max(wide)} is wider than the {MAX_HEAD_DIM} columns of its shared-memory tiles"
+        )
+    return found
+
+
+def window_bound(value: int | None) -> int:
+    """A window side for the kernels: ``None`` (unbounded) becomes :data:`UNBOUNDED`."""
+    return UNBOUNDED if value is None else int(value)
+
+
+def cuda() -> Any:
+    """The ``numba.cuda`` module, imported on first use."""
+    from numba import cuda as module
+
+    return module
+
+
+def kernel(fn: Callable) -> Any:
+    """``fn`` as a numba-cuda kernel (compiled on first launch, per argument types)."""
+    return cuda().jit(fn)
+
+
+def device_function(fn: Callable) -> Callable:
+    """``fn`` as a device function that kernels call, inlined into them (the simulator calls it as Python).
+
+    Inlining (``forceinline``) matters: the helpers take the callers'
+    register arrays (``cuda.local.array``), which stay in registers only if
+    every index is a constant once the call is inlined and its loops
+    unrolled.  Helpers take what they need as arguments (thread indices
+    included) and never reach ``numba.cuda`` themselves.
+    """
+    if _env.simulator():
+        return fn
+    return cuda().jit(device=True, forceinline=True)(fn)
+
+
+def blocks(n: int, size: int) -> int:
+    """``ceil(n / size)``."""
+    return -(-n // size)
+
+
+# --------------------------------------------------------------------------- arrays
+
+
+def array_module(x: Any) -> Any:
+    """NumPy for a NumPy array (the simulator, recording), CuPy for a CuPy array."""
+    if isinstance(x, np.ndarray):
+        return np
+    import cupy
+
+    return cupy
+
+
+def empty(like: Any, shape: tuple[int, ...], dtype: Any) -> Any:
+    """An uninitialised array of the kind of ``like`` (on its device)."""
+    return array_module(like).empty(shape, dtype)
+
+
+def zeros(like: Any, shape: tuple[int, ...], dtype: Any) -> Any:
+    """A zero array of the kind of ``like`` (on its device)."""
+    return array_module(like).zeros(shape, dtype)
+
+
+def upload(like: Any, x: np.ndarray) -> Any:
+    """The host array ``x`` as an array of the kind of ``like`` (a device copy for CuPy)."""
+    return array_module(like).asarray(x)
+
+
+def device_key(x: Any) -> int | None:
+    """The device that holds ``x`` (``None`` for a NumPy array): the key of per-device caches."""
+    return None if isinstance(x, np.ndarray) else int(x.device.id)
+
+
+@contextlib.contextmanager
+def on_device(x: Any) -> Iterator[None]:
+    """Allocate and launch on the device that holds ``x`` (nothing to do for NumPy arrays)."""
+    if isinstance(x, np.ndarray):
+        yield
+        return
+    with x.device, cuda().gpus[x.device.id]:
+        yield
+
+
+# --------------------------------------------------------------------------- launches
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: the kernel, its grid and block sizes and its arguments."""
+
+    kernel: Any
+    grid: int
+    block: int
+    args: tuple[Any, ...]
+
+    def signature(self) -> tuple[Any, ...]:
+        """The numba types of the arguments: the kernel instance this launch compiles."""
+        from numba.cuda.typing.typeof import typeof
+
+        return tuple(typeof(a) for a in self.args)
+
+
+def launch(fn: Any, grid: int, block: int, *args: Any) -> None:
+    """Run kernel ``fn`` on ``grid`` blocks of ``block`` threads (nothing for an empty grid).
+
+    CuPy arguments go to the kernel as numba device arrays on CuPy's current
+    stream (see the module docstring); NumPy arguments run under the simulator.
+    """
+    if grid <= 0:
+        return
+    if _recorder is not None:
+        _recorder.append(Launch(fn, grid, block, args))
+        return
+    device_args = [_kernel_arg(a) for a in args]
+    if any(isinstance(a, np.ndarray) for a in args):
+        if not _env.simulator():
+            raise TypeError("numba-cuda kernels take CuPy arrays on a GPU (NumPy arrays only under the simulator)")
+        fn[grid, block](*device_args)
+        return
+    import cupy
+
+    stream = cuda().external_stream(cupy.cuda.get_current_stream().ptr)
+    fn[grid, block, stream](*device_args)
+
+
+def _kernel_arg(a: Any) -> Any:
+    """A CuPy array as a numba device array (no stream synchronisation); anything else as it is."""
+    if isinstance(a, np.ndarray) or not hasattr(a, "__cuda_array_interface__"):
+        return a
+    return cuda().as_cuda_array(a, sync=False)
+
+
+@contextlib.contextmanager
+def record_launches() -> Iterator[list[Launch]]:
+    """Collect the launches made inside the block instead of running them (NumPy stand-ins for the arrays).
+
+    >>> with record_launches() as launches:
+    ...     pass
+    >>> launches
+    []
+    """
+    global _recorder
+    previous, _recorder = _recorder, []
+    try:
+        yield _recorder
+    finally:
+        _recorder = previous
+
+
+@contextlib.contextmanager
+def compile_target(cc: tuple[int, int]) -> Iterator[None]:
+    """Compile for compute capability ``cc`` with no GPU present.
+
+    numba-cuda compiles a device function for "the current device" when a
+    kernel that calls it is typed, which needs a driver; inside this block
+    that device is a stand-in of capability ``cc``.  For compile checks only
+    (:mod:`npsparseattn.cuda.numba_compile`).
+    """
+    from numba.cuda import dispatcher
+
+    original = dispatcher.get_current_device
+    dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=cc)
+    try:
+        yield
+    finally:
+        dispatcher.get_current_device = original
+
+
+def grid_limit_check(n: int, what: str) -> int:
+    """``n`` blocks fit a one-dimensional grid (2**31 - 1); ``ValueError`` naming ``what`` otherwise."""
+    if n > 2**31 - 1:
+        raise ValueError(f"{what} needs {n} thread blocks, more than a CUDA grid holds (2**31 - 1)")
+    return n
+
+
+def ceil_log2(n: int) -> int:
+    """Bits needed for values ``< n``."""
+    return max(1, math.ceil(math.log2(max(n, 2))))
