@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -37,6 +36,7 @@ MAX_HEAD_DIM = 128  # the widest shared-memory tiles (numba_tiles.HEAD_DIMS)
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 UNBOUNDED = 1 << 40  # a window side without a bound
+MAX_GRID = 2**31 - 1  # blocks of a one-dimensional grid
 
 _recorder: list[Launch] | None = None
 
@@ -88,6 +88,11 @@ def device_function(fn: Callable) -> Callable:
     if _env.simulator():
         return fn
     return cuda().jit(device=True, forceinline=True)(fn)
+
+
+def threads_per_block(gpu: int, simulated: int = 32) -> int:
+    """``gpu`` threads per block on a GPU, ``simulated`` under the simulator (a Python thread each)."""
+    return simulated if _env.simulator() else gpu
 
 
 def blocks(n: int, size: int) -> int:
@@ -164,6 +169,8 @@ def launch(fn: Any, grid: int, block: int, *args: Any) -> None:
     """
     if grid <= 0:
         return
+    if grid > MAX_GRID:
+        raise ValueError(f"the problem needs {grid} thread blocks, more than a CUDA grid holds ({MAX_GRID})")
     if _recorder is not None:
         _recorder.append(Launch(fn, grid, block, args))
         return
@@ -220,15 +227,3 @@ def compile_target(cc: tuple[int, int]) -> Iterator[None]:
         yield
     finally:
         dispatcher.get_current_device = original
-
-
-def grid_limit_check(n: int, what: str) -> int:
-    """``n`` blocks fit a one-dimensional grid (2**31 - 1); ``ValueError`` naming ``what`` otherwise."""
-    if n > 2**31 - 1:
-        raise ValueError(f"{what} needs {n} thread blocks, more than a CUDA grid holds (2**31 - 1)")
-    return n
-
-
-def ceil_log2(n: int) -> int:
-    """Bits needed for values ``< n``."""
-    return max(1, math.ceil(math.log2(max(n, 2))))

@@ -18,8 +18,8 @@ The products (:func:`ops`) keep their operands in registers (``RM + CN``
 shared loads for ``RM * CN`` multiply-adds); row reductions go through
 shared memory, not warp shuffles, so the simulator runs the same code.
 Every size is a compile-time constant of a kernel instance, chosen per head
-dimension by :func:`tiles`; all instances fit the 48 KiB of static shared
-memory a block may use (:func:`shared_floats`, checked by the tests).
+dimension by :func:`tiles`; every instance fits the 48 KiB of static shared
+memory a block may use (the compile checks read it from the PTX).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from npsparseattn.cuda import _env
 from npsparseattn.cuda.numba_runtime import device_function
 
 PAD = 4  # extra words per row of a probability tile: conflict-free writes from registers
-SHARED_LIMIT = 48 * 1024  # bytes of static shared memory per block
 HEAD_DIMS = (64, 128)  # head-dimension capacities of the GPU instances
 SIM_HEAD_DIMS = (16, 64, 128)  # the simulator's (small dimensions keep its per-thread Python loops short)
 
@@ -91,17 +90,6 @@ def tiles(kernel: str, head_dim: int, simulated: bool | None = None) -> Tiles:
     if simulated:
         return Tiles(4, 4, 2, 2, capacity)
     return _GPU_TILES[(kernel, capacity)]
-
-
-def shared_floats(kernel: str, t: Tiles) -> int:
-    """float32 words of shared memory a block of ``kernel`` with tiles ``t`` uses (see the kernels)."""
-    if kernel == "forward":  # Q^T, K^T then V, P^T, row maxima
-        return t.dp * t.rows + t.dp * (t.cols + 1) + t.cols * (t.rows + PAD) + t.rows * t.tc
-    if kernel == "dq":  # Q^T, dO^T, V^T then K^T, dS^T
-        return 2 * t.dp * t.rows + t.dp * (t.cols + 1) + t.cols * (t.rows + PAD)
-    if kernel == "dkdv":  # K^T, V^T, Q^T, dO^T, P^T, dS^T, the query rows' lse and delta
-        return 2 * t.dp * t.rows + 2 * t.dp * (t.cols + 1) + 2 * t.cols * (t.rows + PAD) + 2 * t.cols
-    raise ValueError(f"unknown kernel {kernel!r}")
 
 
 @lru_cache(maxsize=None)
