@@ -28,7 +28,7 @@ gradient: their ``P`` is never evaluated.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from npsparseattn.cuda.numba_runtime import (
@@ -37,9 +37,12 @@ from npsparseattn.cuda.numba_runtime import (
     blocks,
     cuda,
     empty,
+    is_bf16,
     kernel,
+    kernel_view,
     launch,
     on_device,
+    storage,
     window_bound,
 )
 from npsparseattn.cuda.numba_tiles import PAD, Tiles, ops, tiles
@@ -51,8 +54,8 @@ cu: Any = None
 Runs = tuple[Any, Any, Any]  # (ptr, start, stop) on the device: CSR rows of [start, stop) block ranges
 
 
-@lru_cache(maxsize=None)
-def forward_kernel(t: Tiles) -> Any:
+@cache
+def forward_kernel(t: Tiles, bf16: bool) -> Any:
     """The forward kernel of tiles ``t`` (see the module docstring).
 
     Arguments: ``q, k, v, out, lse, run_ptr, run_start, run_stop, lheads,
@@ -65,12 +68,17 @@ def forward_kernel(t: Tiles) -> Any:
     cu = cuda()
     from numba import float32, int64
 
-    o = ops(t)
+    o = ops(t, bf16)
+    narrow = storage(bf16)[1]
     scores, accumulate_t, load_by_row, load_by_col, load_rows = (
-        o.scores, o.accumulate_t, o.load_by_row, o.load_by_col, o.load_rows
+        o.scores,
+        o.accumulate_t,
+        o.load_by_row,
+        o.load_by_col,
+        o.load_rows,
     )
     tr_n, tc_n, rm, cn, dn, dp = t.tr, t.tc, t.rm, t.cn, t.dn, t.dp
-    rows, cols = t.rows, t.cols
+    rows, cols, threads = t.rows, t.cols, t.threads
     ks = cols + 1  # row stride of K^T
     pst = rows + PAD  # row stride of P^T
     n_rows_t, n_kt, n_pt, n_red = dp * rows, dp * ks, cols * pst, rows * tc_n  # shared-memory words
@@ -159,30 +167,33 @@ def forward_kernel(t: Tiles) -> Any:
         for i in range(rm):
             red[(tr + tr_n * i) * tc_n + tc] = row_sum[i]
         cu.syncthreads()
-        for i in range(rm):
-            row = i0 + tr + tr_n * i
-            if row < i1:
-                total = zero
-                for c in range(tc_n):
-                    total += red[(tr + tr_n * i) * tc_n + c]
-                seen = row_max[i] != neg_inf
-                inv = float32(1.0) / total if seen else zero
-                for n in range(dn):
-                    col = tc + tc_n * n
-                    if col < dv:
-                        out[b, h, row, col] = acc[i, n] * inv
-                if tc == 0:
-                    lse[b, h, row] = row_max[i] * float32(LN2) + float32(math.log(total)) if seen else neg_inf
+        for i in range(rm):  # normalised rows into the dead Q tile, then stored coalesced
+            r = tr + tr_n * i
+            total = zero
+            for c in range(tc_n):
+                total += red[r * tc_n + c]
+            seen = row_max[i] != neg_inf
+            inv = float32(1.0) / total if seen else zero
+            for n in range(dn):
+                qs[r * dp + tc + tc_n * n] = acc[i, n] * inv
+            if tc == 0 and i0 + r < i1:
+                lse[b, h, i0 + r] = row_max[i] * float32(LN2) + float32(math.log(total)) if seen else neg_inf
+        cu.syncthreads()
+        for e in range(tid, (i1 - i0) * dv, threads):
+            r = e // dv
+            out[b, h, i0 + r, e - r * dv] = narrow(qs[r * dp + e - r * dv])
 
     return kernel(forward)
 
 
-@lru_cache(maxsize=None)
-def row_dot_kernel() -> Any:
+@cache
+def row_dot_kernel(bf16: bool) -> Any:
     """``delta[b, h, i] = sum_c dout[b, h, i, c] * out[b, h, i, c]`` in float32, one thread per row."""
     global cu
     cu = cuda()
     from numba import float32
+
+    widen = storage(bf16)[0]
 
     def row_dot(dout, out, delta):
         hq, lq, dv = out.shape[1], out.shape[2], out.shape[3]
@@ -194,14 +205,14 @@ def row_dot_kernel() -> Any:
             h = bh - b * hq
             total = float32(0.0)
             for c in range(dv):
-                total += float32(dout[b, h, i, c]) * float32(out[b, h, i, c])
+                total += widen(dout[b, h, i, c]) * widen(out[b, h, i, c])
             delta[b, h, i] = total
 
     return kernel(row_dot)
 
 
-@lru_cache(maxsize=None)
-def dq_kernel(t: Tiles) -> Any:
+@cache
+def dq_kernel(t: Tiles, bf16: bool) -> Any:
     """The dQ pass of tiles ``t``: one block per (query tile, query head, batch), the forward's grid.
 
     Arguments: ``dout, q, k, v, lse, delta, dq``, then the forward's run and
@@ -213,7 +224,8 @@ def dq_kernel(t: Tiles) -> Any:
     cu = cuda()
     from numba import float32, int64
 
-    o = ops(t)
+    o = ops(t, bf16)
+    narrow = storage(bf16)[1]
     scores, accumulate_n, load_by_row, load_by_col = o.scores, o.accumulate_n, o.load_by_row, o.load_by_col
     tr_n, tc_n, rm, cn, dn, dp = t.tr, t.tc, t.rm, t.cn, t.dn, t.dp
     rows, cols = t.rows, t.cols
@@ -299,13 +311,13 @@ def dq_kernel(t: Tiles) -> Any:
                 for n in range(dn):
                     col = tc + tc_n * n
                     if col < d:
-                        dq[b, h, row, col] = acc[i, n] * sd
+                        dq[b, h, row, col] = narrow(acc[i, n] * sd)
 
     return kernel(dq_pass)
 
 
-@lru_cache(maxsize=None)
-def dkdv_kernel(t: Tiles) -> Any:
+@cache
+def dkdv_kernel(t: Tiles, bf16: bool) -> Any:
     """The dK/dV pass of tiles ``t`` (rows are keys, columns queries): one block per (key tile, key head, batch).
 
     Arguments: ``dout, q, k, v, lse, delta, dk, dv, col_ptr, col_start,
@@ -320,7 +332,8 @@ def dkdv_kernel(t: Tiles) -> Any:
     cu = cuda()
     from numba import float32
 
-    o = ops(t)
+    o = ops(t, bf16)
+    narrow = storage(bf16)[1]
     scores, accumulate_n, load_by_row, load_by_col = o.scores, o.accumulate_n, o.load_by_row, o.load_by_col
     tr_n, tc_n, rm, cn, dn, dp = t.tr, t.tc, t.rm, t.cn, t.dn, t.dp
     rows, cols, threads = t.rows, t.cols, t.threads
@@ -410,9 +423,9 @@ def dkdv_kernel(t: Tiles) -> Any:
                 for n in range(dn):
                     col = tc + tc_n * n
                     if col < d:
-                        dk[b, g, key, col] = acc_k[i, n] * sd
+                        dk[b, g, key, col] = narrow(acc_k[i, n] * sd)
                     if col < dv:
-                        dv_out[b, g, key, col] = acc_v[i, n]
+                        dv_out[b, g, key, col] = narrow(acc_v[i, n])
 
     return kernel(dkdv_pass)
 
@@ -468,9 +481,10 @@ def forward(
         bq, bk = block
         n_sub = blocks(bq, t.rows)
         grid = blocks(lq, bq) * n_sub * n_batch * hq
+        storage_args = (kernel_view(x) for x in (q, k, v, out))
         launch(
-            forward_kernel(t), grid, t.threads, q, k, v, out, lse, *runs, lheads, bq, bk, n_sub, scale * LOG2E,
-            offset, window_bound(left), window_bound(right),
+            forward_kernel(t, is_bf16(q)), grid, t.threads, *storage_args, lse, *runs, lheads, bq, bk, n_sub,
+            scale * LOG2E, offset, window_bound(left), window_bound(right),
         )  # fmt: skip
     return out, lse
 
@@ -511,19 +525,21 @@ def backward(
                 g.fill(0)
             return dq, dk, dv_out
         bq, bk = block
+        bf16 = is_bf16(q)
         mask = (scale * LOG2E, scale, offset, window_bound(left), window_bound(right))
+        dout_s, q_s, k_s, v_s, out_s, dq_s, dk_s, dv_s = (kernel_view(x) for x in (dout, q, k, v, out, *grads))
         tq = tiles("dq", max(d, dv))
         delta = empty(q, (n_batch, hq, lq), "float32")
-        launch(row_dot_kernel(), blocks(n_batch * hq * lq, tq.threads), tq.threads, dout, out, delta)
+        launch(row_dot_kernel(bf16), blocks(n_batch * hq * lq, tq.threads), tq.threads, dout_s, out_s, delta)
         n_sub = blocks(bq, tq.rows)
         launch(
-            dq_kernel(tq), blocks(lq, bq) * n_sub * n_batch * hq, tq.threads, dout, q, k, v, lse, delta, dq,
-            *runs, lheads, bq, bk, n_sub, *mask,
+            dq_kernel(tq, bf16), blocks(lq, bq) * n_sub * n_batch * hq, tq.threads, dout_s, q_s, k_s, v_s, lse,
+            delta, dq_s, *runs, lheads, bq, bk, n_sub, *mask,
         )  # fmt: skip
         tk = tiles("dkdv", max(d, dv))
         n_sub = blocks(bk, tk.rows)
         launch(
-            dkdv_kernel(tk), blocks(lk, bk) * n_sub * n_batch * hk, tk.threads, dout, q, k, v, lse, delta, dk,
-            dv_out, *columns, lheads, bq, bk, n_sub, *mask,
+            dkdv_kernel(tk, bf16), blocks(lk, bk) * n_sub * n_batch * hk, tk.threads, dout_s, q_s, k_s, v_s, lse,
+            delta, dk_s, dv_s, *columns, lheads, bq, bk, n_sub, *mask,
         )  # fmt: skip
     return dq, dk, dv_out

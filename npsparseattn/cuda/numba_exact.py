@@ -33,7 +33,7 @@ _ONE_RUN: dict[int | None, tuple[Any, Any, Any]] = {}
 
 def unsupported(problem: Any) -> list[str]:
     """Environment reasons (numba-cuda, CuPy, a GPU of compute capability 8.0+) and head dimensions above 128."""
-    return reasons(problem.dtype, (problem.q.shape[3], problem.v.shape[3]))
+    return reasons((problem.q.shape[3], problem.v.shape[3]))
 
 
 def _one_run(like: Any) -> tuple[Any, Any, Any]:

@@ -39,6 +39,8 @@ from npsparseattn.cuda.numba_runtime import (
     blocks,
     compute_dtype,
     empty,
+    is_bf16,
+    kernel_view,
     launch,
     on_device,
     reasons,
@@ -51,7 +53,7 @@ __all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_
 
 def unsupported(problem: Any) -> list[str]:
     """Environment reasons (numba-cuda, CuPy, a GPU of compute capability 8.0+) and head dimensions above 128."""
-    return reasons(problem.dtype, (problem.qk.shape[3], problem.v.shape[3]))
+    return reasons((problem.qk.shape[3], problem.v.shape[3]))
 
 
 def _key_scale(qk: Any) -> Any:
@@ -59,7 +61,7 @@ def _key_scale(qk: Any) -> Any:
     n_batch, n_heads, length, _ = qk.shape
     scale = empty(qk, (n_batch, n_heads, length), np.float32)
     threads = threads_per_block(128)
-    launch(kernels.key_scale_kernel(), blocks(scale.size, threads), threads, qk, scale)
+    launch(kernels.key_scale_kernel(is_bf16(qk)), blocks(scale.size, threads), threads, kernel_view(qk), scale)
     return scale
 
 
@@ -77,8 +79,8 @@ def _rounds(qk: Any, v: Any, order: Any, kscale: Any, options: tuple, with_outpu
     n_sub = blocks(chunk, t.rows)
     grid = n_items // chunk * n_sub * n_batch * n_heads
     launch(
-        kernels.forward_kernel(t), grid, t.threads, qk, v, order, kscale, *options, n_sub, with_output, rounds, rmax,
-        rsum,
+        kernels.forward_kernel(t, is_bf16(qk)), grid, t.threads, kernel_view(qk), kernel_view(v), order, kscale,
+        *options, n_sub, with_output, rounds, rmax, rsum,
     )  # fmt: skip
     return rounds, rmax, rsum
 
@@ -127,8 +129,8 @@ def forward(
         rounds, rmax, rsum = _rounds(qk, v, order, _key_scale(qk), options, True)
         threads = threads_per_block(128)
         launch(
-            kernels.combine_kernel(), blocks(out.size, threads), threads, rounds, rmax, rsum, inverse, n_hashes, out,
-            lse,
+            kernels.combine_kernel(is_bf16(qk)), blocks(out.size, threads), threads, rounds, rmax, rsum, inverse,
+            n_hashes, kernel_view(out), lse,
         )  # fmt: skip
     return out, lse
 
@@ -167,14 +169,16 @@ def backward(
             return dqk, dv_out
         n_items = order.shape[2]
         n_hashes = n_items // length
+        bf16 = is_bf16(qk)
         options = (chunk_size, chunks_before, chunks_after, bool(causal), bool(exclude_self))
         kscale = _key_scale(qk)
+        dout_s, qk_s, v_s, out_s = (kernel_view(x) for x in (dout, qk, v, out))
         _, rmax, rsum = _rounds(qk, v, order, kscale, options, False)
         per_position = [empty(qk, (n_batch, n_heads, length), np.float32) for _ in range(3)]
         threads = threads_per_block(128)
         launch(
-            kernels.row_stats_kernel(), blocks(n_batch * n_heads * length, threads), threads, rmax, rsum, inverse,
-            n_hashes, dout, out, *per_position,
+            kernels.row_stats_kernel(bf16), blocks(n_batch * n_heads * length, threads), threads, rmax, rsum,
+            inverse, n_hashes, dout_s, out_s, *per_position,
         )  # fmt: skip
         dq_s = empty(qk, (n_batch, n_heads, n_items, d), np.float32)
         dk_s = empty(qk, (n_batch, n_heads, n_items, d), np.float32)
@@ -185,10 +189,11 @@ def backward(
             n_sub = blocks(chunk_size, t.rows)
             grid = n_items // chunk_size * n_sub * n_batch * n_heads
             launch(
-                factory(t), grid, t.threads, dout, qk, v, order, kscale, *per_position, *options, n_sub, *results
-            )
+                factory(t, bf16), grid, t.threads, dout_s, qk_s, v_s, order, kscale, *per_position, *options, n_sub,
+                *results,
+            )  # fmt: skip
         launch(
-            kernels.gather_kernel(), blocks(n_batch * n_heads * length, threads), threads, qk, inverse, n_hashes,
-            dq_s, dk_s, dv_s, dqk, dv_out,
+            kernels.gather_kernel(bf16), blocks(n_batch * n_heads * length, threads), threads, qk_s, inverse,
+            n_hashes, dq_s, dk_s, dv_s, kernel_view(dqk), kernel_view(dv_out),
         )  # fmt: skip
     return dqk, dv_out

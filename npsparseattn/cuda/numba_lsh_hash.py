@@ -14,7 +14,7 @@ float32 product would, but the hashing is a small part of LSH attention.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -26,10 +26,13 @@ from npsparseattn.cuda.numba_runtime import (
     compute_dtype,
     cuda,
     empty,
+    is_bf16,
     kernel,
+    kernel_view,
     launch,
     on_device,
     reasons,
+    storage,
     threads_per_block,
     upload,
 )
@@ -45,15 +48,17 @@ cu: Any = None
 
 def unsupported(problem: Any) -> list[str]:
     """Environment reasons (numba-cuda, CuPy, a GPU of compute capability 8.0+); any head dimension hashes."""
-    return reasons(problem.dtype)
+    return reasons()
 
 
-@lru_cache(maxsize=None)
-def hash_kernel() -> Any:
+@cache
+def hash_kernel(bf16: bool) -> Any:
     """``buckets[m, r, i]`` of row ``x[m, i]`` under round ``r`` of ``rot`` (D, n_hashes * C), one thread a row."""
     global cu
     cu = cuda()
     from numba import float64
+
+    widen = storage(bf16)[0]
 
     def hash_rows(x, rot, factors, buckets):
         n_rows, length, d = x.shape
@@ -77,7 +82,7 @@ def hash_kernel() -> Any:
                 for c in range(half):
                     y = float64(0.0)
                     for k in range(d):
-                        y += float64(x[m, i, k]) * rot[k, start + c]
+                        y += float64(widen(x[m, i, k])) * rot[k, start + c]
                     if y > top:
                         top = y
                         i_top = c
@@ -115,5 +120,7 @@ def buckets(x: Any, rotations: np.ndarray, factors: tuple[int, ...]) -> Any:
         rot = upload(x, np.ascontiguousarray(rotations, np.float64).reshape(d, -1))
         factors_arr = upload(x, np.asarray(factors, np.int32))
         threads = threads_per_block(128)
-        launch(hash_kernel(), blocks(n_rows * length, threads), threads, x, rot, factors_arr, result)
+        launch(
+            hash_kernel(is_bf16(x)), blocks(n_rows * length, threads), threads, kernel_view(x), rot, factors_arr, result
+        )
     return result

@@ -30,10 +30,10 @@ every row sees something).
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
-from npsparseattn.cuda.numba_runtime import LN2, LOG2E, cuda, kernel
+from npsparseattn.cuda.numba_runtime import LN2, LOG2E, cuda, kernel, storage
 from npsparseattn.cuda.numba_tiles import PAD, Tiles, ops
 from npsparseattn.problems.lsh import KEY_EPS, NEG_CAUSAL, NEG_SELF
 
@@ -46,11 +46,13 @@ def _bind() -> None:
     cu = cuda()
 
 
-@lru_cache(maxsize=None)
-def key_scale_kernel() -> Any:
+@cache
+def key_scale_kernel(bf16: bool) -> Any:
     """``scale[b, h, p] = 1 / sqrt(mean(qk[b, h, p]^2) + 1e-6) / sqrt(D)``, float32, one thread a position."""
     _bind()
     from numba import float32
+
+    widen = storage(bf16)[0]
 
     def key_scale(qk, scale):
         n_heads, length, d = qk.shape[1], qk.shape[2], qk.shape[3]
@@ -62,7 +64,7 @@ def key_scale_kernel() -> Any:
             h = bh - b * n_heads
             total = float32(0.0)
             for c in range(d):
-                x = float32(qk[b, h, p, c])
+                x = widen(qk[b, h, p, c])
                 total += x * x
             norm = float32(math.sqrt(total / float32(d) + float32(KEY_EPS)))
             scale[b, h, p] = float32(1.0) / (norm * float32(math.sqrt(float32(d))))
@@ -70,8 +72,8 @@ def key_scale_kernel() -> Any:
     return kernel(key_scale)
 
 
-@lru_cache(maxsize=None)
-def forward_kernel(t: Tiles) -> Any:
+@cache
+def forward_kernel(t: Tiles, bf16: bool) -> Any:
     """The chunked forward of tiles ``t``.
 
     Arguments: ``qk, v, order, kscale, chunk, before, after, causal,
@@ -83,7 +85,8 @@ def forward_kernel(t: Tiles) -> Any:
     _bind()
     from numba import float32, int32, int64
 
-    o = ops(t)
+    o = ops(t, bf16)
+    widen = storage(bf16)[0]
     scores, accumulate_t = o.scores, o.accumulate_t
     tr_n, tc_n, rm, cn, dn, dp = t.tr, t.tc, t.rm, t.cn, t.dn, t.dp
     rows, cols, threads = t.rows, t.cols, t.threads
@@ -139,7 +142,7 @@ def forward_kernel(t: Tiles) -> Any:
         for e in range(tid, rows * d, threads):
             col = e // rows
             r = e - col * rows
-            qs[col * rows + r] = float32(qk[b, h, qpos[r], col]) if s0 + r < s1 else zero
+            qs[col * rows + r] = widen(qk[b, h, qpos[r], col]) if s0 + r < s1 else zero
         for step in range(-before, after + 1):
             w0 = ((c + step) % n_chunks) * chunk
             for j0 in range(w0, w0 + chunk, cols):
@@ -151,7 +154,7 @@ def forward_kernel(t: Tiles) -> Any:
                 for e in range(tid, n * d, threads):
                     j = e // d
                     col = e - j * d
-                    kv[col * ks + j] = float32(qk[b, h, kpos[j], col]) * kscale[b, h, kpos[j]]
+                    kv[col * ks + j] = widen(qk[b, h, kpos[j], col]) * kscale[b, h, kpos[j]]
                 cu.syncthreads()
                 scores(qs, rows, kv, ks, d, tr, tc, s)
                 for i in range(rm):
@@ -189,7 +192,7 @@ def forward_kernel(t: Tiles) -> Any:
                     for e in range(tid, n * dv, threads):
                         j = e // dv
                         col = e - j * dv
-                        kv[j * dp + col] = float32(v[b, h, kpos[j], col])
+                        kv[j * dp + col] = widen(v[b, h, kpos[j], col])
                     cu.syncthreads()
                     accumulate_t(ps, pst, kv, dp, n, tr, tc, acc)
         cu.syncthreads()
@@ -215,11 +218,13 @@ def forward_kernel(t: Tiles) -> Any:
     return kernel(lsh_forward)
 
 
-@lru_cache(maxsize=None)
-def combine_kernel() -> Any:
+@cache
+def combine_kernel(bf16: bool) -> Any:
     """``out[b, h, p, col]`` and ``lse[b, h, p]`` from the rounds of position ``p``; one thread per element."""
     _bind()
     from numba import float32
+
+    narrow = storage(bf16)[1]
 
     def combine(rounds, rmax, rsum, inverse, n_hashes, out, lse):
         n_heads, length, dv = out.shape[1], out.shape[2], out.shape[3]
@@ -241,18 +246,20 @@ def combine_kernel() -> Any:
             w = float32(math.exp2(rmax[b, h, slot] - top)) * rsum[b, h, slot]
             total += w
             value += w * rounds[b, h, slot, col]
-        out[b, h, p, col] = value / total
+        out[b, h, p, col] = narrow(value / total)
         if col == 0:
             lse[b, h, p] = top * float32(LN2) + float32(math.log(total))
 
     return kernel(combine)
 
 
-@lru_cache(maxsize=None)
-def row_stats_kernel() -> Any:
+@cache
+def row_stats_kernel(bf16: bool) -> Any:
     """Per position: the base-2 maximum ``pmax`` over its rounds, ``pinv = 1 / sum`` and ``delta = dout . out``."""
     _bind()
     from numba import float32
+
+    widen = storage(bf16)[0]
 
     def row_stats(rmax, rsum, inverse, n_hashes, dout, out, pmax, pinv, delta):
         n_heads, length, dv = out.shape[1], out.shape[2], out.shape[3]
@@ -274,14 +281,14 @@ def row_stats_kernel() -> Any:
         pinv[b, h, p] = float32(1.0) / total
         dot = float32(0.0)
         for col in range(dv):
-            dot += float32(dout[b, h, p, col]) * float32(out[b, h, p, col])
+            dot += widen(dout[b, h, p, col]) * widen(out[b, h, p, col])
         delta[b, h, p] = dot
 
     return kernel(row_stats)
 
 
-@lru_cache(maxsize=None)
-def dq_kernel(t: Tiles) -> Any:
+@cache
+def dq_kernel(t: Tiles, bf16: bool) -> Any:
     """The query side of the backward (tiles ``t``, the forward's grid): ``dq`` per slot, float32 (B, H, N, D).
 
     Arguments: ``dout, qk, v, order, kscale, pmax, pinv, delta, chunk, before,
@@ -291,15 +298,14 @@ def dq_kernel(t: Tiles) -> Any:
     _bind()
     from numba import float32, int32, int64
 
-    o = ops(t)
+    o = ops(t, bf16)
+    widen = storage(bf16)[0]
     scores, accumulate_n = o.scores, o.accumulate_n
     tr_n, tc_n, rm, cn, dn, dp = t.tr, t.tc, t.rm, t.cn, t.dn, t.dp
     rows, cols, threads = t.rows, t.cols, t.threads
     ks = cols + 1
     pst = rows + PAD
     n_rows_t, n_kt, n_pt = dp * rows, dp * ks, cols * pst
-    neg_causal = NEG_CAUSAL * LOG2E
-    neg_self = NEG_SELF * LOG2E
 
     def lsh_dq(dout, qk, v, order, kscale, pmax, pinv, delta, chunk, before, after, causal, exclude_self, n_sub, dq):
         qs = cu.shared.array(n_rows_t, float32)
@@ -348,11 +354,11 @@ def dq_kernel(t: Tiles) -> Any:
         for e in range(tid, rows * d, threads):
             col = e // rows
             r = e - col * rows
-            qs[col * rows + r] = float32(qk[b, h, qpos[r], col]) if s0 + r < s1 else zero
+            qs[col * rows + r] = widen(qk[b, h, qpos[r], col]) if s0 + r < s1 else zero
         for e in range(tid, rows * dv, threads):
             col = e // rows
             r = e - col * rows
-            dos[col * rows + r] = float32(dout[b, h, qpos[r], col]) if s0 + r < s1 else zero
+            dos[col * rows + r] = widen(dout[b, h, qpos[r], col]) if s0 + r < s1 else zero
         for step in range(-before, after + 1):
             w0 = ((c + step) % n_chunks) * chunk
             for j0 in range(w0, w0 + chunk, cols):
@@ -364,14 +370,14 @@ def dq_kernel(t: Tiles) -> Any:
                 for e in range(tid, n * dv, threads):
                     j = e // dv
                     col = e - j * dv
-                    kv[col * ks + j] = float32(v[b, h, kpos[j], col])
+                    kv[col * ks + j] = widen(v[b, h, kpos[j], col])
                 cu.syncthreads()
                 scores(dos, rows, kv, ks, dv, tr, tc, dpv)
                 cu.syncthreads()
                 for e in range(tid, n * d, threads):
                     j = e // d
                     col = e - j * d
-                    kv[col * ks + j] = float32(qk[b, h, kpos[j], col]) * kscale[b, h, kpos[j]]
+                    kv[col * ks + j] = widen(qk[b, h, kpos[j], col]) * kscale[b, h, kpos[j]]
                 cu.syncthreads()
                 scores(qs, rows, kv, ks, d, tr, tc, s)
                 for i in range(rm):
@@ -398,8 +404,8 @@ def dq_kernel(t: Tiles) -> Any:
     return kernel(lsh_dq)
 
 
-@lru_cache(maxsize=None)
-def dkdv_kernel(t: Tiles) -> Any:
+@cache
+def dkdv_kernel(t: Tiles, bf16: bool) -> Any:
     """The key side of the backward (tiles ``t``; rows are keys): ``dk`` (normalised-key side) and ``dv`` per slot.
 
     Arguments: ``dout, qk, v, order, kscale, pmax, pinv, delta, chunk, before,
@@ -410,7 +416,8 @@ def dkdv_kernel(t: Tiles) -> Any:
     _bind()
     from numba import float32, int32, int64
 
-    o = ops(t)
+    o = ops(t, bf16)
+    widen = storage(bf16)[0]
     scores, accumulate_n = o.scores, o.accumulate_n
     tr_n, tc_n, rm, cn, dn, dp = t.tr, t.tc, t.rm, t.cn, t.dn, t.dp
     rows, cols, threads = t.rows, t.cols, t.threads
@@ -471,12 +478,12 @@ def dkdv_kernel(t: Tiles) -> Any:
             r = e - col * rows
             value = zero
             if k0 + r < k1:
-                value = float32(qk[b, h, kpos[r], col]) * kscale[b, h, kpos[r]]
+                value = widen(qk[b, h, kpos[r], col]) * kscale[b, h, kpos[r]]
             ks_t[col * rows + r] = value
         for e in range(tid, rows * dv, threads):
             col = e // rows
             r = e - col * rows
-            vs_t[col * rows + r] = float32(v[b, h, kpos[r], col]) if k0 + r < k1 else zero
+            vs_t[col * rows + r] = widen(v[b, h, kpos[r], col]) if k0 + r < k1 else zero
         for step in range(-before, after + 1):
             w0 = ((c - step) % n_chunks) * chunk
             for i0 in range(w0, w0 + chunk, cols):
@@ -492,11 +499,11 @@ def dkdv_kernel(t: Tiles) -> Any:
                 for e in range(tid, m * d, threads):
                     j = e // d
                     col = e - j * d
-                    qs[col * qst + j] = float32(qk[b, h, qpos[j], col])
+                    qs[col * qst + j] = widen(qk[b, h, qpos[j], col])
                 for e in range(tid, m * dv, threads):
                     j = e // dv
                     col = e - j * dv
-                    dos[col * qst + j] = float32(dout[b, h, qpos[j], col])
+                    dos[col * qst + j] = widen(dout[b, h, qpos[j], col])
                 cu.syncthreads()
                 scores(ks_t, rows, qs, qst, d, tr, tc, s)
                 scores(vs_t, rows, dos, qst, dv, tr, tc, dpv)
@@ -537,8 +544,8 @@ def dkdv_kernel(t: Tiles) -> Any:
     return kernel(lsh_dkdv)
 
 
-@lru_cache(maxsize=None)
-def gather_kernel() -> Any:
+@cache
+def gather_kernel(bf16: bool) -> Any:
     """``dqk`` and ``dv`` of every position: its rounds summed, the key side through the normalisation's Jacobian.
 
     ``key = x * a / sqrt(D)`` with ``a = (mean(x^2) + eps)^-1/2``, so
@@ -546,6 +553,8 @@ def gather_kernel() -> Any:
     """
     _bind()
     from numba import float32
+
+    widen, narrow = storage(bf16)
 
     def gather(qk, inverse, n_hashes, dq_s, dk_s, dv_s, dqk, dv_out):
         n_heads, length, d = qk.shape[1], qk.shape[2], qk.shape[3]
@@ -560,7 +569,7 @@ def gather_kernel() -> Any:
         squares = float32(0.0)
         xg = float32(0.0)
         for col in range(d):
-            x = float32(qk[b, h, p, col])
+            x = widen(qk[b, h, p, col])
             g = float32(0.0)
             for r in range(n_hashes):
                 g += dk_s[b, h, inverse[b, h, r * length + p], col]
@@ -570,18 +579,18 @@ def gather_kernel() -> Any:
         root = float32(math.sqrt(float32(d)))
         coef = a * a * xg / float32(d)
         for col in range(d):
-            x = float32(qk[b, h, p, col])
+            x = widen(qk[b, h, p, col])
             gq = float32(0.0)
             g = float32(0.0)
             for r in range(n_hashes):
                 slot = inverse[b, h, r * length + p]
                 gq += dq_s[b, h, slot, col]
                 g += dk_s[b, h, slot, col]
-            dqk[b, h, p, col] = gq + a / root * (g - coef * x)
+            dqk[b, h, p, col] = narrow(gq + a / root * (g - coef * x))
         for col in range(dv):
             total = float32(0.0)
             for r in range(n_hashes):
                 total += dv_s[b, h, inverse[b, h, r * length + p], col]
-            dv_out[b, h, p, col] = total
+            dv_out[b, h, p, col] = narrow(total)
 
     return kernel(gather)

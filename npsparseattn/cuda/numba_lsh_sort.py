@@ -18,13 +18,12 @@ every run.  The last pass writes ``order`` and ``inverse`` directly.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import numpy as np
 
-from npsparseattn.cuda import _env
-from npsparseattn.cuda.numba_runtime import KINDS, cuda, empty, kernel, launch, on_device, threads_per_block
+from npsparseattn.cuda.numba_runtime import KINDS, cuda, empty, kernel, launch, on_device, reasons, threads_per_block
 
 __all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "compute_dtype", "sort", "unsupported"]
 
@@ -39,7 +38,7 @@ cu: Any = None
 
 def unsupported(problem: Any) -> list[str]:
     """Environment reasons only: numba-cuda, and outside the simulator CuPy and a GPU of compute capability 8.0+."""
-    return list(_env.numba_cuda_reasons())
+    return reasons()
 
 
 def compute_dtype(dtype: Any) -> np.dtype:
@@ -47,7 +46,7 @@ def compute_dtype(dtype: Any) -> np.dtype:
     return np.dtype(np.int32)
 
 
-@lru_cache(maxsize=None)
+@cache
 def sort_kernel(threads: int) -> Any:
     """The radix sort of ``threads`` threads per block; one block per (row, round)."""
     global cu

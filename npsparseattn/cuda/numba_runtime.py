@@ -15,7 +15,7 @@
 * **Recording.**  :func:`record_launches` collects the launches instead of
   running them; the compile checks use it to compile exactly the kernel
   signatures the backend launches, for compute capability 8.0 and 9.0,
-  without a GPU.
+  without a GPU (:mod:`npsparseattn.cuda.numba_compile`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from types import SimpleNamespace
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -46,16 +46,12 @@ def compute_dtype(dtype: Any) -> np.dtype:
     return np.dtype(dtype)
 
 
-def reasons(dtype: np.dtype, head_dims: tuple[int, ...] = ()) -> list[str]:
-    """Why the backend cannot take a problem of ``dtype`` with these head dimensions here (empty: it can)."""
+def reasons(head_dims: tuple[int, ...] = ()) -> list[str]:
+    """Why the backend cannot take a problem with these head dimensions here (empty: it can)."""
     found = list(_env.numba_cuda_reasons())
-    if dtype.name == "bfloat16" and _env.simulator():
-        found.append("bfloat16 does not exist under the CUDA simulator (NUMBA_ENABLE_CUDASIM=1)")
     wide = [d for d in head_dims if d > MAX_HEAD_DIM]
     if wide:
-        found.append(
-            f"head dimension {max(wide)} is wider than the {MAX_HEAD_DIM} columns of its shared-memory tiles"
-        )
+        found.append(f"head dimension {max(wide)} is wider than the {MAX_HEAD_DIM} columns of its shared-memory tiles")
     return found
 
 
@@ -93,6 +89,62 @@ def device_function(fn: Callable) -> Callable:
 def threads_per_block(gpu: int, simulated: int = 32) -> int:
     """``gpu`` threads per block on a GPU, ``simulated`` under the simulator (a Python thread each)."""
     return simulated if _env.simulator() else gpu
+
+
+@cache
+def storage(bf16: bool) -> tuple[Callable, Callable]:
+    """``(widen, narrow)``: a stored element to float32, and a float32 value to what is stored.
+
+    bfloat16 arrays reach the kernels viewed as uint16 (:func:`kernel_view`)
+    and are converted with bit operations: numba-cuda's own bfloat16 casts
+    call a function through the stack (local memory) at every element.
+    ``widen`` puts the 16 bits on top of a float32; ``narrow`` rounds to
+    nearest even (NaN stays NaN).  The other storage dtypes convert as numba
+    casts them.  The simulator runs the same bit operations in NumPy.
+    """
+    from numba import float32, int32, uint16, uint32
+
+    if not bf16:
+
+        def widen(v):
+            return float32(v)
+
+        def narrow(x):
+            return x
+
+    elif _env.simulator():
+
+        def widen(v):
+            return np.array(int(v) << 16, np.uint32).view(np.float32)[()]
+
+        def narrow(x):
+            bits = int(np.array(x, np.float32).view(np.uint32))
+            if x != x:
+                return np.uint16(0x7FC0)
+            return np.uint16(((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF)
+
+    else:
+        from numba.cuda import libdevice
+
+        def widen(v):
+            return libdevice.int_as_float(int32(uint32(v) << uint32(16)))
+
+        def narrow(x):
+            bits = uint32(libdevice.float_as_int(float32(x)))
+            rounded = uint16((bits + uint32(0x7FFF) + ((bits >> uint32(16)) & uint32(1))) >> uint32(16))
+            return rounded if x == x else uint16(0x7FC0)
+
+    return device_function(widen), device_function(narrow)
+
+
+def is_bf16(x: Any) -> bool:
+    """``x`` holds bfloat16 values (its kernels take the bit-converting instances)."""
+    return x.dtype.name == "bfloat16"
+
+
+def kernel_view(x: Any) -> Any:
+    """``x`` as the kernels read it: a bfloat16 array viewed as uint16 (see :func:`storage`), others as they are."""
+    return x.view(np.uint16) if is_bf16(x) else x
 
 
 def blocks(n: int, size: int) -> int:
@@ -208,22 +260,3 @@ def record_launches() -> Iterator[list[Launch]]:
         yield _recorder
     finally:
         _recorder = previous
-
-
-@contextlib.contextmanager
-def compile_target(cc: tuple[int, int]) -> Iterator[None]:
-    """Compile for compute capability ``cc`` with no GPU present.
-
-    numba-cuda compiles a device function for "the current device" when a
-    kernel that calls it is typed, which needs a driver; inside this block
-    that device is a stand-in of capability ``cc``.  For compile checks only
-    (:mod:`npsparseattn.cuda.numba_compile`).
-    """
-    from numba.cuda import dispatcher
-
-    original = dispatcher.get_current_device
-    dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=cc)
-    try:
-        yield
-    finally:
-        dispatcher.get_current_device = original

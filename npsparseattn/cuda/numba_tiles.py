@@ -25,11 +25,11 @@ memory a block may use (the compile checks read it from the PTX).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from types import SimpleNamespace
 
 from npsparseattn.cuda import _env
-from npsparseattn.cuda.numba_runtime import device_function
+from npsparseattn.cuda.numba_runtime import device_function, storage
 
 PAD = 4  # extra words per row of a probability tile: conflict-free writes from registers
 HEAD_DIMS = (64, 128)  # head-dimension capacities of the GPU instances
@@ -92,9 +92,11 @@ def tiles(kernel: str, head_dim: int, simulated: bool | None = None) -> Tiles:
     return _GPU_TILES[(kernel, capacity)]
 
 
-@lru_cache(maxsize=None)
-def ops(t: Tiles) -> SimpleNamespace:
+@cache
+def ops(t: Tiles, bf16: bool = False) -> SimpleNamespace:
     """The device helpers of tiles ``t``: products of shared-memory operands into register tiles, and loads.
+
+    ``bf16``: the loads' sources are bfloat16 arrays viewed as uint16.
 
     Products, for the thread ``(tr, tc)`` (``acc`` is its register tile,
     ``row_i = tr + TR*i``, ``col_j = tc + TC*j``):
@@ -111,7 +113,7 @@ def ops(t: Tiles) -> SimpleNamespace:
 
     Loads by all threads of a block (``tid`` is the thread's index) from a
     4-D array ``src[b, h, row, c]`` (rows ``r0 + r``, ``r < nr``; columns
-    ``c < nc``), widened to float32:
+    ``c < nc``), widened to float32 (:func:`~npsparseattn.cuda.numba_runtime.storage`):
 
     ``load_by_row(src, b, h, r0, nr, cap, nc, dst, stride, tid)``
         ``dst[c*stride + r]`` for ``r < cap`` (zeros past ``nr``); consecutive
@@ -129,6 +131,7 @@ def ops(t: Tiles) -> SimpleNamespace:
 
     tr_n, tc_n, rm, cn, dn = t.tr, t.tc, t.rm, t.cn, t.dn
     threads = t.threads
+    widen = storage(bf16)[0]
 
     @device_function
     def scores(a, sa, b, sb, kdim, tr, tc, acc):
@@ -174,21 +177,21 @@ def ops(t: Tiles) -> SimpleNamespace:
         for e in range(tid, cap * nc, threads):
             c = e // cap
             r = e - c * cap
-            dst[c * stride + r] = float32(src[b, h, r0 + r, c]) if r < nr else float32(0.0)
+            dst[c * stride + r] = widen(src[b, h, r0 + r, c]) if r < nr else float32(0.0)
 
     @device_function
     def load_by_col(src, b, h, r0, nr, nc, dst, stride, tid):
         for e in range(tid, nr * nc, threads):
             r = e // nc
             c = e - r * nc
-            dst[c * stride + r] = float32(src[b, h, r0 + r, c])
+            dst[c * stride + r] = widen(src[b, h, r0 + r, c])
 
     @device_function
     def load_rows(src, b, h, r0, nr, nc, dst, stride, tid):
         for e in range(tid, nr * nc, threads):
             r = e // nc
             c = e - r * nc
-            dst[r * stride + c] = float32(src[b, h, r0 + r, c])
+            dst[r * stride + c] = widen(src[b, h, r0 + r, c])
 
     return SimpleNamespace(
         scores=scores,
