@@ -70,13 +70,8 @@ def forward_kernel(t: Tiles, bf16: bool) -> Any:
 
     o = ops(t, bf16)
     narrow = storage(bf16)[1]
-    scores, accumulate_t, load_by_row, load_by_col, load_rows = (
-        o.scores,
-        o.accumulate_t,
-        o.load_by_row,
-        o.load_by_col,
-        o.load_rows,
-    )
+    clear, scores, accumulate_t = o.clear, o.scores, o.accumulate_t
+    load_by_row, load_by_col, load_rows = o.load_by_row, o.load_by_col, o.load_rows
     tr_n, tc_n, rm, cn, dn, dp = t.tr, t.tc, t.rm, t.cn, t.dn, t.dp
     rows, cols, threads = t.rows, t.cols, t.threads
     ks = cols + 1  # row stride of K^T
@@ -115,6 +110,8 @@ def forward_kernel(t: Tiles, bf16: bool) -> Any:
         tc = tid - tr * tc_n
         neg_inf = float32(-math.inf)
         zero = float32(0.0)
+        clear(kv, n_kt, tid)
+        cu.syncthreads()
         for i in range(rm):
             row = i0 + tr + tr_n * i
             row_max[i] = neg_inf
@@ -226,7 +223,8 @@ def dq_kernel(t: Tiles, bf16: bool) -> Any:
 
     o = ops(t, bf16)
     narrow = storage(bf16)[1]
-    scores, accumulate_n, load_by_row, load_by_col = o.scores, o.accumulate_n, o.load_by_row, o.load_by_col
+    clear, scores, accumulate_n = o.clear, o.scores, o.accumulate_n
+    load_by_row, load_by_col = o.load_by_row, o.load_by_col
     tr_n, tc_n, rm, cn, dn, dp = t.tr, t.tc, t.rm, t.cn, t.dn, t.dp
     rows, cols = t.rows, t.cols
     ks = cols + 1
@@ -268,6 +266,8 @@ def dq_kernel(t: Tiles, bf16: bool) -> Any:
         tr = tid // tc_n
         tc = tid - tr * tc_n
         zero = float32(0.0)
+        clear(kv, n_kt, tid)
+        cu.syncthreads()
         for i in range(rm):
             row = i0 + tr + tr_n * i
             for n in range(dn):
@@ -334,7 +334,8 @@ def dkdv_kernel(t: Tiles, bf16: bool) -> Any:
 
     o = ops(t, bf16)
     narrow = storage(bf16)[1]
-    scores, accumulate_n, load_by_row, load_by_col = o.scores, o.accumulate_n, o.load_by_row, o.load_by_col
+    clear, scores, accumulate_n = o.clear, o.scores, o.accumulate_n
+    load_by_row, load_by_col = o.load_by_row, o.load_by_col
     tr_n, tc_n, rm, cn, dn, dp = t.tr, t.tc, t.rm, t.cn, t.dn, t.dp
     rows, cols, threads = t.rows, t.cols, t.threads
     qst = cols + 1
@@ -376,6 +377,9 @@ def dkdv_kernel(t: Tiles, bf16: bool) -> Any:
         tr = tid // tc_n
         tc = tid - tr * tc_n
         zero = float32(0.0)
+        clear(qs, n_qt, tid)
+        clear(dos, n_qt, tid)
+        cu.syncthreads()
         for i in range(rm):
             for n in range(dn):
                 acc_k[i, n] = zero

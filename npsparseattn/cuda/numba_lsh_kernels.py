@@ -87,7 +87,7 @@ def forward_kernel(t: Tiles, bf16: bool) -> Any:
 
     o = ops(t, bf16)
     widen = storage(bf16)[0]
-    scores, accumulate_t = o.scores, o.accumulate_t
+    clear, scores, accumulate_t = o.clear, o.scores, o.accumulate_t
     tr_n, tc_n, rm, cn, dn, dp = t.tr, t.tc, t.rm, t.cn, t.dn, t.dp
     rows, cols, threads = t.rows, t.cols, t.threads
     ks = cols + 1
@@ -129,6 +129,8 @@ def forward_kernel(t: Tiles, bf16: bool) -> Any:
         tc = tid - tr * tc_n
         neg_inf = float32(-math.inf)
         zero = float32(0.0)
+        clear(kv, n_kt, tid)
+        cu.syncthreads()
         for e in range(tid, s1 - s0, threads):
             qpos[e] = order[b, h, s0 + e] % length
         cu.syncthreads()
@@ -300,7 +302,7 @@ def dq_kernel(t: Tiles, bf16: bool) -> Any:
 
     o = ops(t, bf16)
     widen = storage(bf16)[0]
-    scores, accumulate_n = o.scores, o.accumulate_n
+    clear, scores, accumulate_n = o.clear, o.scores, o.accumulate_n
     tr_n, tc_n, rm, cn, dn, dp = t.tr, t.tc, t.rm, t.cn, t.dn, t.dp
     rows, cols, threads = t.rows, t.cols, t.threads
     ks = cols + 1
@@ -339,6 +341,8 @@ def dq_kernel(t: Tiles, bf16: bool) -> Any:
         tr = tid // tc_n
         tc = tid - tr * tc_n
         zero = float32(0.0)
+        clear(kv, n_kt, tid)
+        cu.syncthreads()
         for e in range(tid, s1 - s0, threads):
             qpos[e] = order[b, h, s0 + e] % length
         cu.syncthreads()
@@ -418,7 +422,7 @@ def dkdv_kernel(t: Tiles, bf16: bool) -> Any:
 
     o = ops(t, bf16)
     widen = storage(bf16)[0]
-    scores, accumulate_n = o.scores, o.accumulate_n
+    clear, scores, accumulate_n = o.clear, o.scores, o.accumulate_n
     tr_n, tc_n, rm, cn, dn, dp = t.tr, t.tc, t.rm, t.cn, t.dn, t.dp
     rows, cols, threads = t.rows, t.cols, t.threads
     qst = cols + 1
@@ -464,6 +468,9 @@ def dkdv_kernel(t: Tiles, bf16: bool) -> Any:
         tr = tid // tc_n
         tc = tid - tr * tc_n
         zero = float32(0.0)
+        clear(qs, n_qt, tid)
+        clear(dos, n_qt, tid)
+        cu.syncthreads()
         for e in range(tid, k1 - k0, threads):
             kpos[e] = order[b, h, k0 + e] % length
         cu.syncthreads()

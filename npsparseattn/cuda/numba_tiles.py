@@ -122,7 +122,11 @@ def ops(t: Tiles, bf16: bool = False) -> SimpleNamespace:
         ``dst[c*stride + r]``, consecutive threads take consecutive columns
         (coalesced; conflict-free with a stride of ``cols + 1``);
     ``load_rows(src, b, h, r0, nr, nc, dst, stride, tid)``
-        ``dst[r*stride + c]``, coalesced.
+        ``dst[r*stride + c]``, coalesced;
+    ``clear(dst, size, tid)``
+        zeros, so that the parts of a tile no load writes (past a partial
+        tile, past the head dimension) hold numbers: they are multiplied and
+        then masked or dropped, never used.
 
     The helpers are inlined into the kernels (:func:`~npsparseattn.cuda.numba_runtime.device_function`),
     so the products' loops unroll over the constant tile sizes and ``acc`` stays in registers.
@@ -173,6 +177,11 @@ def ops(t: Tiles, bf16: bool = False) -> SimpleNamespace:
             ib += uint32(1)
 
     @device_function
+    def clear(dst, size, tid):
+        for e in range(tid, size, threads):
+            dst[e] = float32(0.0)
+
+    @device_function
     def load_by_row(src, b, h, r0, nr, cap, nc, dst, stride, tid):
         for e in range(tid, cap * nc, threads):
             c = e // cap
@@ -194,6 +203,7 @@ def ops(t: Tiles, bf16: bool = False) -> SimpleNamespace:
             dst[r * stride + c] = widen(src[b, h, r0 + r, c])
 
     return SimpleNamespace(
+        clear=clear,
         scores=scores,
         accumulate_t=accumulate_t,
         accumulate_n=accumulate_n,
