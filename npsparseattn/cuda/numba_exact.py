@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from npsparseattn.cuda import numba_attention
-from npsparseattn.cuda.numba_runtime import DTYPES, KINDS, compute_dtype, device_key, reasons, upload
+from npsparseattn.cuda.numba_runtime import DTYPES, KINDS, compute_dtype, device_key, head_dims, reasons, upload
 
 __all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]
 
@@ -33,7 +33,7 @@ _ONE_RUN: dict[int | None, tuple[Any, Any, Any]] = {}
 
 def unsupported(problem: Any) -> list[str]:
     """Environment reasons (numba-cuda, CuPy, a GPU of compute capability 8.0+) and head dimensions above 128."""
-    return reasons((problem.q.shape[3], problem.v.shape[3]))
+    return reasons(head_dims(problem))
 
 
 def _one_run(like: Any) -> tuple[Any, Any, Any]:

@@ -39,6 +39,7 @@ from npsparseattn.cuda.numba_runtime import (
     blocks,
     compute_dtype,
     empty,
+    head_dims,
     is_bf16,
     kernel_view,
     launch,
@@ -53,7 +54,7 @@ __all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_
 
 def unsupported(problem: Any) -> list[str]:
     """Environment reasons (numba-cuda, CuPy, a GPU of compute capability 8.0+) and head dimensions above 128."""
-    return reasons((problem.qk.shape[3], problem.v.shape[3]))
+    return reasons(head_dims(problem))
 
 
 def _key_scale(qk: Any) -> Any:

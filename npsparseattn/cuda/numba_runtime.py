@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -46,13 +47,19 @@ def compute_dtype(dtype: Any) -> np.dtype:
     return np.dtype(dtype)
 
 
-def reasons(head_dims: tuple[int, ...] = ()) -> list[str]:
-    """Why the backend cannot take a problem with these head dimensions here (empty: it can)."""
+def reasons(dims: tuple[int, ...] = ()) -> list[str]:
+    """Why the backend cannot take a problem with head dimensions ``dims`` here (empty: it can)."""
     found = list(_env.numba_cuda_reasons())
-    wide = [d for d in head_dims if d > MAX_HEAD_DIM]
+    wide = [d for d in dims if d > MAX_HEAD_DIM]
     if wide:
         found.append(f"head dimension {max(wide)} is wider than the {MAX_HEAD_DIM} columns of its shared-memory tiles")
     return found
+
+
+def head_dims(problem: Any) -> tuple[int, int]:
+    """``(D, Dv)`` of an attention problem, or of an LSH problem's dense form."""
+    dense = getattr(problem, "dense", problem)
+    return int(dense.q.shape[3]), int(dense.v.shape[3])
 
 
 def window_bound(value: int | None) -> int:
@@ -83,7 +90,10 @@ def device_function(fn: Callable) -> Callable:
     """
     if _env.simulator():
         return fn
-    return cuda().jit(device=True, forceinline=True)(fn)
+    jit = cuda().jit
+    if "forceinline" in inspect.signature(jit).parameters:
+        return jit(device=True, forceinline=True)(fn)
+    return jit(device=True, inline="always")(fn)  # numba-cuda before forceinline: inline in numba's IR
 
 
 def threads_per_block(gpu: int, simulated: int = 32) -> int:
