@@ -182,7 +182,7 @@ def test_launches_cover_every_kernel_and_storage_dtype():
         "combine", "row_stats", "lsh_dq", "lsh_dkdv", "gather",
     }  # fmt: skip
     forward = [launch for launch in LAUNCHES if launch.kernel.py_func.__name__ == "forward"]
-    storage = {numba_compile.describe(launch).split(",")[0] for launch in forward}
+    storage = {numba_compile.storage_dtype(launch) for launch in forward}
     assert len(forward) == 6 and storage == {"float16", "uint16", "float32"}  # bfloat16 travels as uint16
 
 

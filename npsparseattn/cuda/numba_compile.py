@@ -72,6 +72,12 @@ def read_ptx(ptx: str) -> tuple[int, int, int]:
     return shared, local, len(_F64_OP.findall(ptx))
 
 
+def storage_dtype(launch: Launch) -> str:
+    """The storage dtype a launch reads (uint16 for bfloat16): its array dtype other than float32/int32/float64."""
+    dtypes = [str(t.dtype) for t in launch.signature() if hasattr(t, "dtype")]
+    return next((d for d in dtypes if d not in ("float32", "int32", "float64")), "float32")
+
+
 def describe(launch: Launch) -> str:
     """The argument types of a launch, array dtypes first, compactly."""
     arrays = [str(t.dtype) for t in launch.signature() if hasattr(t, "dtype")]
@@ -176,10 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     """Print the compile report of every kernel instance; exit status 1 if any instance has a problem."""
     parser = argparse.ArgumentParser(prog="python -m npsparseattn.cuda.numba_compile", description=__doc__)
     parser.add_argument("--device", action="store_true", help="also compile for the current GPU (registers)")
+    parser.add_argument(
+        "--dtypes", nargs="+", default=["float16", "uint16", "float32"], help="storage dtypes (uint16 is bfloat16)"
+    )
     args = parser.parse_args(argv)
     failed = 0
     print(f"{'kernel':<12} {'dtypes':<34} {'cc':<5} {'shared':>8} {'local':>6} {'f64':>4}  problems")
     for launch in representative_launches():
+        if storage_dtype(launch) not in args.dtypes and launch.kernel.py_func.__name__ != "sort_rows":
+            continue
         for report in compile_report(launch):
             problems = report.problems()
             failed += bool(problems)

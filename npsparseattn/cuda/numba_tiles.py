@@ -120,7 +120,8 @@ def ops(t: Tiles, bf16: bool = False) -> SimpleNamespace:
         threads take consecutive rows (conflict-free with an unpadded stride);
     ``load_by_col(src, b, h, r0, nr, nc, dst, stride, tid)``
         ``dst[c*stride + r]``, consecutive threads take consecutive columns
-        (coalesced; conflict-free with a stride of ``cols + 1``);
+        (coalesced; conflict-free with a stride of ``cols + 1``); no
+        division per element: these run for every key tile;
     ``load_rows(src, b, h, r0, nr, nc, dst, stride, tid)``
         ``dst[r*stride + c]``, coalesced;
     ``clear(dst, size, tid)``
@@ -190,17 +191,25 @@ def ops(t: Tiles, bf16: bool = False) -> SimpleNamespace:
 
     @device_function
     def load_by_col(src, b, h, r0, nr, nc, dst, stride, tid):
-        for e in range(tid, nr * nc, threads):
-            r = e // nc
-            c = e - r * nc
-            dst[c * stride + r] = widen(src[b, h, r0 + r, c])
+        if nc >= threads:  # each thread takes columns tid, tid + threads, ... of every row
+            for r in range(nr):
+                for c in range(tid, nc, threads):
+                    dst[c * stride + r] = widen(src[b, h, r0 + r, c])
+        else:  # threads // nc rows at a time, one column each (one division per call, not per element)
+            c = tid % nc
+            for r in range(tid // nc, nr, threads // nc):
+                dst[c * stride + r] = widen(src[b, h, r0 + r, c])
 
     @device_function
     def load_rows(src, b, h, r0, nr, nc, dst, stride, tid):
-        for e in range(tid, nr * nc, threads):
-            r = e // nc
-            c = e - r * nc
-            dst[r * stride + c] = widen(src[b, h, r0 + r, c])
+        if nc >= threads:
+            for r in range(nr):
+                for c in range(tid, nc, threads):
+                    dst[r * stride + c] = widen(src[b, h, r0 + r, c])
+        else:
+            c = tid % nc
+            for r in range(tid // nc, nr, threads // nc):
+                dst[r * stride + c] = widen(src[b, h, r0 + r, c])
 
     return SimpleNamespace(
         clear=clear,
