@@ -166,10 +166,8 @@ def compile_report(launch: Launch, capabilities: tuple[tuple[int, int], ...] = C
 
 def device_report(launch: Launch) -> dict[str, Any]:
     """Registers, local and shared memory per thread/block of ``launch``'s instance compiled for the current GPU."""
-    from numba.cuda.typing.typeof import typeof
-
     kernel = launch.kernel
-    signature = tuple(typeof(a) for a in launch.args)
+    signature = launch.signature()
     kernel.compile(signature)
     return dict(
         registers=kernel.get_regs_per_thread(signature),

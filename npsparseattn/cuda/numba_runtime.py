@@ -179,11 +179,6 @@ def empty(like: Any, shape: tuple[int, ...], dtype: Any) -> Any:
     return array_module(like).empty(shape, dtype)
 
 
-def zeros(like: Any, shape: tuple[int, ...], dtype: Any) -> Any:
-    """A zero array of the kind of ``like`` (on its device)."""
-    return array_module(like).zeros(shape, dtype)
-
-
 def upload(like: Any, x: np.ndarray) -> Any:
     """The host array ``x`` as an array of the kind of ``like`` (a device copy for CuPy)."""
     return array_module(like).asarray(x)
@@ -218,8 +213,10 @@ class Launch:
 
     def signature(self) -> tuple[Any, ...]:
         """The numba types of the arguments: the kernel instance this launch compiles."""
-        from numba.cuda.typing.typeof import typeof
-
+        try:
+            from numba.cuda.typing.typeof import typeof
+        except ImportError:  # numba-cuda before it vendored numba's typing
+            from numba import typeof
         return tuple(typeof(a) for a in self.args)
 
 
