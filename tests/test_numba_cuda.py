@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 from conftest import FakeCupyArray, random_qkv
@@ -225,7 +226,7 @@ class StagedArray:
 
 
 def test_mpi_host_staging_moves_device_arrays_through_host_buffers(monkeypatch):
-    """A ring of one over MPI.COMM_SELF: the send is copied out, the receive lands on the device array at the wait."""
+    """A ring of one over MPI.COMM_SELF: sends copied out as bytes (bfloat16 too), received at the wait."""
     mpi = pytest.importorskip("mpi4py.MPI")
     from npsparseattn.distributed import MPIComm
 
@@ -236,10 +237,10 @@ def test_mpi_host_staging_moves_device_arrays_through_host_buffers(monkeypatch):
     comm = MPIComm(mpi.COMM_SELF, timeout=5, host_staging=True)
     assert comm.kinds == ("numpy", "cupy")
     assert MPIComm(mpi.COMM_SELF, timeout=5).kinds == ("numpy",)
-    send = [StagedArray(np.arange(6.0).reshape(2, 3)), StagedArray(np.arange(4, dtype=np.float32))]
-    recv = [StagedArray(np.zeros((2, 3))), StagedArray(np.zeros(4, np.float32))]
+    send = [StagedArray(np.arange(6.0).reshape(2, 3)), StagedArray(np.arange(4).astype(ml_dtypes.bfloat16))]
+    recv = [StagedArray(np.zeros((2, 3))), StagedArray(np.zeros(4, ml_dtypes.bfloat16))]
     transfer = comm.shift(send, recv, tag=2)
     assert np.all(recv[0].host == 0)  # nothing reaches the device array before the wait
     comm.wait(transfer)
     np.testing.assert_array_equal(recv[0].host, send[0].host)
-    np.testing.assert_array_equal(recv[1].host, send[1].host)
+    assert recv[1].host.dtype == send[1].host.dtype and np.array_equal(recv[1].host, send[1].host)

@@ -180,8 +180,13 @@ def empty(like: Any, shape: tuple[int, ...], dtype: Any) -> Any:
 
 
 def upload(like: Any, x: np.ndarray) -> Any:
-    """The host array ``x`` as an array of the kind of ``like`` (a device copy for CuPy)."""
-    return array_module(like).asarray(x)
+    """The host array ``x`` as an array of the kind of ``like``: a copy on the device that holds ``like``."""
+    if isinstance(like, np.ndarray):
+        return np.asarray(x)
+    import cupy
+
+    with like.device:
+        return cupy.asarray(x)
 
 
 def device_key(x: Any) -> int | None:

@@ -126,13 +126,14 @@ class MPIComm(Communicator):
         """:meth:`shift` of CuPy arrays through host buffers (``host_staging``)."""
         import cupy
 
-        host_send = [cupy.asnumpy(x) for x in send]
-        host_recv = [np.empty(tuple(x.shape), x.dtype) for x in recv]
+        # raw bytes, so any dtype travels (bfloat16 has no MPI datatype)
+        host_send = [cupy.asnumpy(x).reshape(-1).view(np.uint8) for x in send]
+        host_recv = [np.empty(int(np.prod(x.shape)) * x.dtype.itemsize, np.uint8) for x in recv]
         transfer = self.shift(host_send, host_recv, tag=tag)
 
         def deliver() -> None:
             for device, host in zip(recv, host_recv):
-                device.set(host)
+                device.set(host.view(device.dtype).reshape(device.shape))
 
         transfer.on_done = deliver
         transfer.buffers = (send, recv, host_send, host_recv)
