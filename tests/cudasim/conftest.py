@@ -38,3 +38,9 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
             "starting pytest (make test-cudasim)"
         )
     return True
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if HERE in Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.cudasim)
