@@ -23,6 +23,9 @@ base-2 units (``scale * log2(e)``) so the softmax needs ``exp2`` only.
 
 Rows with no visible key get output 0 and ``lse = -inf``, and contribute no
 gradient: their ``P`` is never evaluated.
+
+Each factory takes the tiles and ``bf16``: whether the storage arrays are
+bfloat16 viewed as uint16 (:func:`~npsparseattn.cuda.numba_runtime.storage`).
 """
 
 from __future__ import annotations

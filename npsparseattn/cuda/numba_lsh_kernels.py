@@ -25,6 +25,9 @@ every row sees something).
   a chunk, over the chunks whose windows hold it), each slot owned by one
   block: deterministic, no atomics; :func:`gather_kernel` sums every
   position's rounds and applies the key normalisation's Jacobian.
+
+Each factory takes ``bf16``: whether the storage arrays are bfloat16 viewed
+as uint16 (:func:`~npsparseattn.cuda.numba_runtime.storage`).
 """
 
 from __future__ import annotations

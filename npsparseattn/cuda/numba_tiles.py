@@ -73,7 +73,6 @@ _GPU_TILES = {
     ("dkdv", 64): Tiles(8, 8, 4, 4, 64),  # 32 keys x 32 queries
     ("dkdv", 128): Tiles(8, 8, 2, 2, 128),  # 16 x 16
 }
-KERNELS = ("forward", "dq", "dkdv")
 
 
 def tiles(kernel: str, head_dim: int, simulated: bool | None = None) -> Tiles:
