@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.npsparseattn-installed
 EXTRAS ?= test,mpi,plot,bench,docs
 
-.PHONY: demo test lint bench docs asv-smoke clean-cache
+.PHONY: demo test lint bench docs asv-smoke clean-cache test-cudasim gpu-check
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,18 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/npsparseattn bench attention
+
+# numba-cuda kernels executed on the host by the CUDA simulator, every kernel through the public API
+# (a separate run: NUMBA_ENABLE_CUDASIM must be set before numba is imported; docs/testing.md).
+test-cudasim: $(STAMP)
+	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest tests/cudasim
+
+# The first thing to run on a GPU machine: every gpu-marked test and the GPU benchmarks in under 6 minutes,
+# gpu-check.log, gpu-check.md and the benchmark JSON in $(GPU_CHECK_OUT).  Runs the machine's own python3
+# (CuPy, numba-cuda, PyTorch) on this checkout and installs nothing, so it needs no network.
+GPU_CHECK_OUT ?= build/gpu-check
+gpu-check:
+	$(PYTHON) tools/gpu_check.py $(GPU_CHECK_OUT)
 
 # The documentation site; Sphinx warnings are errors.
 docs: $(STAMP)

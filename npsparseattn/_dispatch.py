@@ -70,6 +70,11 @@ _TABLE: list[Row] = [
     Row("lsh_sort", "reference", "npsparseattn.reference.lsh_sort", 100, auto=False),
     Row("lsh_attention", "numba", "npsparseattn.cpu.lsh", 10),
     Row("lsh_attention", "reference", "npsparseattn.reference.lsh", 100, auto=False),
+    Row("attention", "numba-cuda", "npsparseattn.cuda.numba_exact", 30),
+    Row("block_sparse_attention", "numba-cuda", "npsparseattn.cuda.numba_block_sparse", 30),
+    Row("lsh_buckets", "numba-cuda", "npsparseattn.cuda.numba_lsh_hash", 30),
+    Row("lsh_sort", "numba-cuda", "npsparseattn.cuda.numba_lsh_sort", 30),
+    Row("lsh_attention", "numba-cuda", "npsparseattn.cuda.numba_lsh", 30),
 ]
 
 
@@ -163,7 +168,7 @@ def available_backends(op: str = "attention") -> list[str]:
     :class:`BackendError` names every reason it cannot.
 
     >>> available_backends("attention")
-    ['numba', 'reference']
+    ['numba', 'numba-cuda', 'reference']
     """
     return [impl.name for impl in implementations(op)]
 

@@ -333,7 +333,7 @@ def test_inputs_are_not_modified(rng):
 
 def test_dispatch(rng):
     qk, v = random_inputs(rng, (2,), 32, 8, 8, np.float32)
-    assert nsa.available_backends("lsh_attention") == ["numba", "reference"]
+    assert nsa.available_backends("lsh_attention") == ["numba", "numba-cuda", "reference"]
     kw = dict(n_buckets=4, n_hashes=2, chunk_size=8, seed=0)
     ref = lsh_attention(qk, v, backend="reference", **kw)
     assert ref.dtype == np.float32

@@ -72,3 +72,34 @@ def cupy_reasons(minimum: tuple[int, int] = MIN_COMPUTE_CAPABILITY) -> list[str]
     """Reasons CuPy arrays cannot be computed on here: CuPy missing, no GPU, or one too old."""
     missing = missing_package("cupy", "CuPy (cupy-cuda13x)")
     return [missing] if missing else device_reasons(minimum)
+
+
+def numba_cuda_reasons(minimum: tuple[int, int] = MIN_COMPUTE_CAPABILITY) -> list[str]:
+    """Reasons the ``numba-cuda`` backend cannot run here.
+
+    numba-cuda missing; under the simulator nothing else is needed (it runs on
+    the host); otherwise CuPy missing, no GPU or one too old
+    (:func:`cupy_reasons`), or numba-cuda unable to use the driver or to find
+    NVVM (:func:`_numba_gpu_reasons`).
+    """
+    missing = missing_package("numba_cuda", "numba-cuda")
+    if missing:
+        return [missing]
+    if simulator():
+        return []
+    return cupy_reasons(minimum) or list(_numba_gpu_reasons())
+
+
+@lru_cache(maxsize=1)
+def _numba_gpu_reasons() -> tuple[str, ...]:
+    """Why numba-cuda cannot compile for and launch on the GPU that CuPy found (checked once per process)."""
+    try:
+        from numba import cuda
+        from numba.cuda.cudadrv import nvvm
+
+        if not cuda.is_available():
+            return ("numba-cuda cannot use the CUDA driver (numba.cuda.is_available() is False)",)
+        nvvm.NVVM()
+    except Exception as err:  # a missing NVVM wheel or a broken driver both mean "cannot compile here"
+        return (f"numba-cuda cannot compile for this GPU ({type(err).__name__}: {err}; {INSTALL_HINT})",)
+    return ()

@@ -1,4 +1,5 @@
-"""MPI engine of the communicator interface (mpi4py), for NumPy arrays on CPU ranks.
+"""MPI engine of the communicator interface (mpi4py), for NumPy arrays on CPU ranks (and CuPy arrays staged
+through host memory, or with a CUDA-aware MPI).
 
 Transfers are ``Isend``/``Irecv`` of contiguous buffers; every wait polls
 ``Testall`` against a deadline, so a dead or stalled peer raises
@@ -58,6 +59,12 @@ class MPIComm(Communicator):
         Set True only if the MPI library is CUDA-aware: the communicator then
         also moves CuPy arrays (the current stream is synchronised before each
         send).  The pip ``mpich`` wheel is not CUDA-aware.
+    host_staging : bool
+        Move CuPy arrays through host memory over any MPI: each send is
+        copied to the host first (after the work queued on the current
+        stream), each receive lands in a host buffer and is copied to the GPU
+        when the wait completes.  Slower than NCCL, but it needs neither a
+        CUDA-aware MPI nor one GPU per rank: several ranks may share a GPU.
     abort_at_exit : bool
         After a timeout, end the process with ``MPI_Abort`` at exit instead of
         ``MPI_Finalize`` (which would hang on the lost peer).
@@ -77,6 +84,7 @@ class MPIComm(Communicator):
         *,
         timeout: float | None = None,
         cuda_aware: bool = False,
+        host_staging: bool = False,
         abort_at_exit: bool = True,
     ):
         mpi = import_mpi()
@@ -88,7 +96,8 @@ class MPIComm(Communicator):
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
         self.timeout = default_timeout() if timeout is None else check_timeout(timeout)
-        self.kinds = ("numpy", "cupy") if cuda_aware else ("numpy",)
+        self.kinds = ("numpy", "cupy") if cuda_aware or host_staging else ("numpy",)
+        self.host_staging = bool(host_staging) and not cuda_aware
         self.abort_at_exit = bool(abort_at_exit)
         self._abort_armed = False
 
@@ -96,7 +105,10 @@ class MPIComm(Communicator):
         """Post ``Irecv`` from the previous rank and ``Isend`` to the next (see :meth:`Communicator.shift`)."""
         tag = check_tag(tag)
         check_shift_arrays(send, recv)
-        if any(not isinstance(x, np.ndarray) for x in (*send, *recv)):
+        on_gpu = any(not isinstance(x, np.ndarray) for x in (*send, *recv))
+        if on_gpu and self.host_staging:
+            return self._staged_shift(send, recv, tag)
+        if on_gpu:
             _synchronize_cupy()
         base = _TAG_BASE + 16 * tag
         requests = [self.comm.Irecv(buf, source=self.prev_rank, tag=base + i) for i, buf in enumerate(recv)]
@@ -109,6 +121,23 @@ class MPIComm(Communicator):
             on_timeout=self.mark_failed,
             buffers=(send, recv),
         )
+
+    def _staged_shift(self, send: Sequence[Any], recv: Sequence[Any], tag: int) -> Transfer:
+        """:meth:`shift` of CuPy arrays through host buffers (``host_staging``)."""
+        import cupy
+
+        # raw bytes, so any dtype travels (bfloat16 has no MPI datatype)
+        host_send = [cupy.asnumpy(x).reshape(-1).view(np.uint8) for x in send]
+        host_recv = [np.empty(int(np.prod(x.shape)) * x.dtype.itemsize, np.uint8) for x in recv]
+        transfer = self.shift(host_send, host_recv, tag=tag)
+
+        def deliver() -> None:
+            for device, host in zip(recv, host_recv):
+                device.set(host.view(device.dtype).reshape(device.shape))
+
+        transfer.on_done = deliver
+        transfer.buffers = (send, recv, host_send, host_recv)
+        return transfer
 
     def allreduce(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
         """Element-wise ``op`` of a small host vector over all ranks (``Iallreduce`` with a deadline)."""
