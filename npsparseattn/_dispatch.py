@@ -61,8 +61,10 @@ class Row:
 
 _TABLE: list[Row] = [
     Row("attention", "numba", "npsparseattn.cpu.exact", 10),
+    Row("attention", "cupy", "npsparseattn.cuda.raw_exact", 20),
     Row("attention", "reference", "npsparseattn.reference.exact", 100, auto=False),
     Row("block_sparse_attention", "numba", "npsparseattn.cpu.block_sparse", 10),
+    Row("block_sparse_attention", "cupy", "npsparseattn.cuda.raw_block_sparse", 20),
     Row("block_sparse_attention", "reference", "npsparseattn.reference.block_sparse", 100, auto=False),
     Row("lsh_buckets", "numba", "npsparseattn.cpu.lsh_hash", 10),
     Row("lsh_buckets", "reference", "npsparseattn.reference.lsh_hash", 100, auto=False),
@@ -163,7 +165,7 @@ def available_backends(op: str = "attention") -> list[str]:
     :class:`BackendError` names every reason it cannot.
 
     >>> available_backends("attention")
-    ['numba', 'reference']
+    ['numba', 'cupy', 'reference']
     """
     return [impl.name for impl in implementations(op)]
 

@@ -17,6 +17,7 @@ import pytest
 from raw_support import DTYPES, bits, host_library
 
 from npsparseattn.cuda import raw_sources
+from npsparseattn.cuda.emulate import host
 from npsparseattn.cuda.emulate.host import EmulationError
 
 TAGS = {"float16": "npsa::f16", "bfloat16": "npsa::bf16"}
@@ -86,13 +87,13 @@ def test_pack2_rounds_to_nearest_even_low_half_first(rng, dtype):
     np.testing.assert_array_equal(back[~nan], expected[~nan].astype(np.float32))
 
 
-@pytest.mark.parametrize("reverse", [False, True])
-def test_cp_async_groups_complete_in_order_and_zero_fill(rng, reverse):
+@pytest.mark.parametrize("schedule", [0, host.REVERSE, host.GREEDY | host.EAGER_COPIES])
+def test_cp_async_groups_complete_in_order_and_zero_fill(rng, schedule):
     lib = host_library()
     src = rng.integers(0, 0xFFFF, size=(64, 8), dtype=np.uint16)
     dst = np.full((128, 8), 0xAAAA, np.uint16)
     valid = 45
-    lib.launch("npsa_test_cp_async", (1,), (64,), 64 * 16, [src, dst, np.int32(valid)], reverse=reverse)
+    lib.launch("npsa_test_cp_async", (1,), (64,), 64 * 16, [src, dst, np.int32(valid)], schedule=schedule)
     landed = src.copy()
     landed[valid:] = 0
     np.testing.assert_array_equal(dst[:32], src[:32])

@@ -53,6 +53,7 @@ SELFTEST = (
     "npsa_test_pack<npsa::bf16>",
     "npsa_test_cp_async",
     *(f"npsa_test_tiles<{t}, {d}>" for t in ELEMENT_TYPES.values() for d in HEAD_DIMS),
+    *(f"npsa_test_shapes<{d}>" for d in HEAD_DIMS),
 )
 FAULTS = tuple(f"npsa_test_fault<{mode}>" for mode in range(5))
 """Programs that break a rule on purpose: built for the host emulation only (tests of its checks)."""

@@ -23,6 +23,11 @@ import numpy as np
 from npsparseattn.cuda.emulate.build import library_path
 
 _LOCK = threading.Lock()  # the emulator keeps one launch state: one launch at a time
+REVERSE, GREEDY, EAGER_COPIES = 1, 2, 4
+"""Schedule flags (``npsa_emu::ScheduleFlags``, see ``npsa_host.h``): threads last-first; always resume the
+first ready thread (warps run ahead of each other from barrier to barrier); cp.async copies land at issue."""
+SCHEDULE = 0
+"""Default schedule of :meth:`HostLibrary.launch` (tests set it to run every kernel under another schedule)."""
 
 
 class EmulationError(RuntimeError):
@@ -89,10 +94,12 @@ class HostLibrary:
         shared_bytes: int,
         args: Sequence[Any],
         *,
-        reverse: bool = False,
+        schedule: int | None = None,
     ) -> None:
-        """Run instance ``name`` on the host; ``reverse`` schedules the threads of a block last-first."""
+        """Run instance ``name`` on the host under ``schedule`` (flags :data:`REVERSE`, :data:`GREEDY`,
+        :data:`EAGER_COPIES`; default :data:`SCHEDULE`)."""
         index = self._find(name)
+        schedule = SCHEDULE if schedule is None else schedule
         codes = "".join(_code(a) for a in args)
         expected = self.signature(name)
         if codes != expected:
@@ -120,7 +127,7 @@ class HostLibrary:
                 pointers,
                 (ctypes.c_ulonglong * max(1, len(ranges)))(*ranges),
                 len(ranges) // 2,
-                int(reverse),
+                int(schedule),
                 err,
                 len(err),
             )

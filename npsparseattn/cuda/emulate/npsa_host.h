@@ -9,6 +9,14 @@
 // the thread's cp.async.wait_group retires their group, so a read before the wait sees stale data.
 // Shared memory is refilled with 0xFF bytes (NaN in f16, bf16 and f32) before every block.
 //
+// Schedules (flags of a launch): by default the threads run in index order, each until it blocks,
+// round after round, so the warps of a block advance together, and copies land as late as allowed:
+// a read that misses its wait or barrier sees the fill.  REVERSE runs them last-first; GREEDY always
+// resumes the first ready thread, so one warp runs ahead to its next __syncthreads before the next
+// warp starts; EAGER_COPIES lands cp.async copies at issue, so with GREEDY a copy that overwrites a
+// buffer another warp still has to read (a missing barrier before the reuse) corrupts that read.  A
+// race-free kernel gives the same bits under every schedule.
+//
 // What is checked (each failure ends the launch with a message, like a CUDA launch error):
 // global accesses (ldg/stg/cp.async/atomic_add) inside the buffers registered for the launch and
 // aligned; shared accesses inside the dynamic shared memory and 16-byte aligned for ldmatrix and
@@ -111,8 +119,10 @@ struct Launch {
   jmp_buf sched;
   ucontext_t sched_uc;
   Fiber* cur = nullptr;
-  bool reverse = false;
+  bool reverse = false, greedy = false, eager_copies = false;
 };
+
+enum ScheduleFlags { REVERSE = 1, GREEDY = 2, EAGER_COPIES = 4 };
 
 inline Launch* L = nullptr;
 constexpr size_t STACK = 256 * 1024;
@@ -267,25 +277,23 @@ inline bool run_block() {
   }
   const int n = static_cast<int>(L->nthreads);
   for (;;) {
-    bool progressed = false, all_done = true;
+    bool progressed = false;
     for (int k = 0; k < n; ++k) {
       Fiber& f = L->fibers[L->reverse ? n - 1 - k : k];
-      if (f.state == READY) {
-        run_fiber(f);
-        progressed = true;
-        if (L->failed) return false;
-      }
-      all_done = all_done && f.state == DONE;
-    }
-    if (all_done) {
-      bool done = true;
-      for (Fiber& f : L->fibers) done = done && f.state == DONE;
-      if (done) return true;
+      if (f.state != READY) continue;
+      run_fiber(f);
+      if (L->failed) return false;
+      progressed = true;
+      if (L->greedy) break;  // rescan from the first thread
     }
     if (!progressed) {
-      L->error = deadlock_report();
-      L->failed = true;
-      return false;
+      for (Fiber& f : L->fibers)
+        if (f.state != DONE) {
+          L->error = deadlock_report();
+          L->failed = true;
+          return false;
+        }
+      return true;
     }
   }
 }
@@ -530,7 +538,8 @@ inline void cp_async_16(u32 dst, const void* src, bool full) {
     npsa_emu::check_global(src, 16, 16, "cp.async source");
     std::memcpy(c.data, src, 16);
   }
-  f->copies.push_back(c);
+  if (npsa_emu::L->eager_copies) std::memcpy(npsa_emu::L->smem.data() + dst, c.data, 16);
+  else f->copies.push_back(c);
 }
 
 inline void cp_async_commit() { ++npsa_emu::L->cur->committed; }

@@ -2,7 +2,7 @@
 //
 // Under the host emulation they check the emulated fragment layouts and the emulator's own checks;
 // on a GPU the same kernels check that the layouts the kernels assume are the hardware's.
-#include "npsa_tile.cuh"
+#include "npsa_attn.cuh"
 
 using namespace npsa;
 
@@ -126,6 +126,16 @@ __global__ void npsa_test_tiles(const u16* a, const u16* bt, int bt_valid, const
       stg(c2 + at_, o[nb][i]);
       stg(c3 + at_, o3[nb][i]);
     }
+}
+
+// The launch geometry of the attention kernels for head dimension D, for the Python side to check
+// its own copy against: forward BQ, BK, shared bytes; backward BK, BQ, shared bytes; threads.
+template <int D>
+__global__ void npsa_test_shapes(int* out) {
+  if (threadIdx.x != 0) return;
+  const int values[7] = {FwdShape<D>::BQ, FwdShape<D>::BK, FwdShape<D>::SMEM, BwdShape<D>::BK,
+                         BwdShape<D>::BQ, BwdShape<D>::SMEM, NTHREADS};
+  for (int i = 0; i < 7; ++i) stg(out + i, values[i]);
 }
 
 // Programs that break a rule, for the emulator's checks (MODE):
