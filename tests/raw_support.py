@@ -108,3 +108,24 @@ def assert_within_twice_naive(results, naive, reference, labels=("out", "dq", "d
         err = np.abs(np.asarray(got, np.float64) - ref).max(initial=0.0)
         bound = 2 * np.abs(np.asarray(low, np.float64) - ref).max(initial=0.0) + eps
         assert err <= bound, f"{label}: error {err:.3g} > 2 x the naive error + eps = {bound:.3g}"
+
+
+class KernelRunner:
+    """Launches single kernel instances on NumPy arrays: on the host build (``"emulated"``) or, copying the
+    arrays to the GPU and back, on a CUDA device (``"gpu"``)."""
+
+    def __init__(self, name: str, monkeypatch):
+        self.mode = RawMode(name, monkeypatch)
+        self.name = name
+
+    def launch(self, kernel, grid, block, shared_bytes, args, schedule=None):
+        if self.name == "emulated":
+            host_library().launch(kernel, grid, block, shared_bytes, args, schedule=schedule)
+            return
+        from npsparseattn.cuda import raw_loader
+
+        on_device = [self.mode.put(a)[0] if isinstance(a, np.ndarray) else a for a in args]
+        raw_loader.launcher().launch(kernel, grid, block, shared_bytes, on_device)
+        for a, d in zip(args, on_device):
+            if isinstance(a, np.ndarray):
+                a[...] = self.mode.get(d)

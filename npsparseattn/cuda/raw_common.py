@@ -92,8 +92,9 @@ def blocks(n: int, size: int) -> int:
 
 
 def fwd_shared_bytes(d: int) -> int:
-    """npsa::FwdShape<D>::SMEM: Q tile (64 rows) and double-buffered K and V tiles (64 rows), rows of D + 8."""
-    return (64 + 4 * 64) * (d + 8) * 2
+    """npsa::FwdShape<D>::SMEM: double-buffered K and V tiles of 64 rows of D + 8 elements (Q passes through
+    the first K buffer)."""
+    return 4 * 64 * (d + 8) * 2
 
 
 def bwd_query_tile(d: int) -> int:

@@ -10,12 +10,14 @@ using namespace npsa;
 
 // grid (ceil(Lq / BQ), Hq, B), NTHREADS threads, FwdShape<D>::SMEM bytes of dynamic shared memory.
 template <class T, int D, bool MASKED>
-__global__ void __launch_bounds__(NTHREADS)
+__global__ void __launch_bounds__(NTHREADS, 1)
     npsa_attn_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
                   u16* __restrict__ out, float* __restrict__ lse, int lq, int lk, int hq, int hk, int off, int left,
                   int right, float c) {
   constexpr int BQ = FwdShape<D>::BQ, BK = FwdShape<D>::BK;
-  const int h = blockIdx.y, b = blockIdx.z, i0 = blockIdx.x * BQ;
+  // masked (causal): the last query tiles see the most keys; start them first for a shorter tail
+  const int tile = MASKED ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z, i0 = tile * BQ;
   const int rows = min(BQ, lq - i0), hkv = h / (hq / hk);
   const long long qrow = (static_cast<long long>(b) * hq + h) * lq + i0;
   const long long kbase = (static_cast<long long>(b) * hk + hkv) * lk * D;
@@ -30,7 +32,7 @@ __global__ void __launch_bounds__(NTHREADS)
 
 // grid (ceil(Lk / BK), Hk, B), NTHREADS threads, BwdShape<D>::SMEM bytes.  Run npsa_bwd_prep first.
 template <class T, int D, bool MASKED>
-__global__ void __launch_bounds__(NTHREADS)
+__global__ void __launch_bounds__(NTHREADS, 1)
     npsa_attn_bwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
                   const u16* __restrict__ dout, const float* __restrict__ lse2, const float* __restrict__ delta,
                   float* __restrict__ dq_acc, u16* __restrict__ dk, u16* __restrict__ dv, int lq, int lk, int hq,
@@ -55,7 +57,7 @@ __global__ void __launch_bounds__(NTHREADS)
 // (+inf for an empty row, so that its P is 0), and the row of dq_acc set to zero.
 // grid ceil(rows / 32), NTHREADS threads (4 per row), no shared memory.
 template <class T, int D>
-__global__ void __launch_bounds__(NTHREADS)
+__global__ void __launch_bounds__(NTHREADS, 1)
     npsa_bwd_prep(const u16* __restrict__ out, const u16* __restrict__ dout, const float* __restrict__ lse,
                   float* __restrict__ lse2, float* __restrict__ delta, float* __restrict__ dq_acc, int rows) {
   constexpr int PER = D / 32;  // 16-byte chunks per thread
@@ -90,7 +92,7 @@ __global__ void __launch_bounds__(NTHREADS)
 // dq = T(dq_acc * scale), 8 elements per thread; `n` elements in all (a multiple of 8).
 // grid ceil(n / 8 / NTHREADS), NTHREADS threads.
 template <class T>
-__global__ void __launch_bounds__(NTHREADS)
+__global__ void __launch_bounds__(NTHREADS, 1)
     npsa_dq_store(const float* __restrict__ dq_acc, u16* __restrict__ dq, long long n, float scale) {
   const long long at = (static_cast<long long>(blockIdx.x) * NTHREADS + threadIdx.x) * 8;
   if (at >= n) return;

@@ -14,7 +14,7 @@ using namespace npsa;
 
 // grid (nqb * qchunks, Hq, B) with qchunks = ceil(bq / BQ); NTHREADS threads, FwdShape<D>::SMEM bytes.
 template <class T, int D, bool MASKED>
-__global__ void __launch_bounds__(NTHREADS)
+__global__ void __launch_bounds__(NTHREADS, 1)
     npsa_bsa_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
                  u16* __restrict__ out, float* __restrict__ lse, const int* __restrict__ ptr,
                  const int* __restrict__ run_start, const int* __restrict__ run_stop, int lq, int lk, int hq, int hk,
@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(NTHREADS)
 // grid (nkb * kchunks, Hk, B) with kchunks = ceil(bk / BK); NTHREADS threads, BwdShape<D>::SMEM bytes.
 // ptr/run_start/run_stop: the runs of the transposed layout (rows: key blocks, runs of query blocks).
 template <class T, int D, bool MASKED>
-__global__ void __launch_bounds__(NTHREADS)
+__global__ void __launch_bounds__(NTHREADS, 1)
     npsa_bsa_bwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
                  const u16* __restrict__ dout, const float* __restrict__ lse2, const float* __restrict__ delta,
                  float* __restrict__ dq_acc, u16* __restrict__ dk, u16* __restrict__ dv, const int* __restrict__ ptr,

@@ -34,10 +34,10 @@ struct Cursor {
 // A contiguous span [lo, hi), tiles aligned to multiples of `step` (dense attention).
 struct SpanWalk {
   int first, lo, hi, step, start;
-  __device__ SpanWalk(int lo_, int hi_, int step_)
+  __device__ __forceinline__ SpanWalk(int lo_, int hi_, int step_)
       : first(lo_ < hi_ ? lo_ - lo_ % step_ : hi_), lo(lo_), hi(hi_), step(step_), start(first) {}
-  __device__ void reset(int) { start = first; }
-  __device__ bool next(Cursor& c) {
+  __device__ __forceinline__ void reset(int) { start = first; }
+  __device__ __forceinline__ bool next(Cursor& c) {
     if (start >= hi) return false;
     c.start = start, c.lo = lo, c.hi = hi;
     start += step;
@@ -53,12 +53,12 @@ struct RunWalk {
   const int* run_stop;
   int unit, clip_lo, clip_hi, step, row_stride, heads;
   int row, p, pend, start, lo, hi;
-  __device__ void reset(int h) {
+  __device__ __forceinline__ void reset(int h) {
     const int r = (heads > 1 ? h : 0) * row_stride + row;
     p = ldg(ptr + r), pend = ldg(ptr + r + 1);
     start = hi = 0;
   }
-  __device__ bool next(Cursor& c) {
+  __device__ __forceinline__ bool next(Cursor& c) {
     while (start >= hi) {
       if (p >= pend) return false;
       lo = max(ldg(run_start + p) * unit, clip_lo);
@@ -77,8 +77,8 @@ template <class W>
 struct HeadWalk {
   W walk;
   int h, h_end;
-  __device__ HeadWalk(W w, int h0, int h1) : walk(w), h(h0), h_end(h1) { walk.reset(h); }
-  __device__ bool next(Cursor& c) {
+  __device__ __forceinline__ HeadWalk(W w, int h0, int h1) : walk(w), h(h0), h_end(h1) { walk.reset(h); }
+  __device__ __forceinline__ bool next(Cursor& c) {
     for (;;) {
       if (walk.next(c)) {
         c.head = h;
@@ -95,9 +95,11 @@ struct HeadWalk {
 template <int D>
 struct FwdShape {
   static constexpr int BQ = 16 * NWARPS, BK = 64;
-  static constexpr int Q_BYTES = Tile<D>::template bytes<BQ>();
   static constexpr int KV_BYTES = Tile<D>::template bytes<BK>();
-  static constexpr int SMEM = Q_BYTES + 4 * KV_BYTES;  // Q, K and V double-buffered
+  // K and V double-buffered; the Q tile (read into registers before the first K/V load) and the
+  // output tile of the epilogue use the first K buffer
+  static constexpr int SMEM = 4 * KV_BYTES;
+  static_assert(BQ <= BK, "the Q tile lives in a K buffer");
 };
 
 // Softmax attention of `rows` query rows (q, out, lse point at the first) over the key tiles of
@@ -109,7 +111,7 @@ __device__ __forceinline__ void forward_rows(const u16* q, const u16* k, const u
   constexpr int BQ = S::BQ, BK = S::BK;
   NPSA_DECLARE_SMEM(smem);
   const int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP, g = lane / 4, t = lane % 4;
-  const u32 sq = smem_u32(smem), sk = sq + S::Q_BYTES, sv = sk + 2 * S::KV_BYTES;
+  const u32 sq = smem_u32(smem), sk = sq, sv = sk + 2 * S::KV_BYTES;
   const int i_last = i0 + rows - 1;
 
   auto load_kv = [&](const Cursor& cur, int buf) {
@@ -120,8 +122,16 @@ __device__ __forceinline__ void forward_rows(const u16* q, const u16* k, const u
     cp_async_commit();
   };
 
+  // Q -> registers (this warp's 16 rows as A fragments), then its shared memory goes to K and V
   load_tile<BQ, D, NTHREADS>(sq, q, D, rows, tid);
   cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  u32 qf[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) a_rows<D>(qf[kk], sq, warp * 16, kk * 16, lane);
+  __syncthreads();
+
   Cursor cur, nxt;
   bool have = walk.next(cur);
   if (have) load_kv(cur, 0);
@@ -130,9 +140,8 @@ __device__ __forceinline__ void forward_rows(const u16* q, const u16* k, const u
   float o[D / 8][4];
 #pragma unroll
   for (int nd = 0; nd < D / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.f;
-  u32 qf[D / 16][4];
 
-  for (int it = 0, buf = 0; have; ++it, buf ^= 1) {
+  for (int buf = 0; have; buf ^= 1) {
     const bool have_next = walk.next(nxt);
     if (have_next) {
       load_kv(nxt, buf ^ 1);
@@ -140,12 +149,8 @@ __device__ __forceinline__ void forward_rows(const u16* q, const u16* k, const u
       cp_async_commit();
       cp_async_commit();
     }
-    cp_async_wait<3>();  // Q and this tile's K have landed (V and the next tile may be in flight)
+    cp_async_wait<3>();  // this tile's K has landed (its V and the next tile may be in flight)
     __syncthreads();
-    if (it == 0) {
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) a_rows<D>(qf[kk], sq, warp * 16, kk * 16, lane);
-    }
 
     // S = Q K^T for this warp's 16 rows
     const u32 kt = sk + buf * S::KV_BYTES;
@@ -225,7 +230,7 @@ __device__ __forceinline__ void forward_rows(const u16* q, const u16* k, const u
     have = have_next;
   }
 
-  // epilogue: normalise, stage the output tile in shared memory (over Q), store 16-byte rows
+  // epilogue: normalise, stage the output tile in shared memory (first K buffer), store 16-byte rows
   cp_async_wait<0>();
   __syncthreads();
 #pragma unroll
