@@ -180,3 +180,41 @@ def test_refusals_name_the_reason(rng, monkeypatch):
     monkeypatch.delenv("NPSPARSEATTN_CUDA_EMULATE")
     with pytest.raises(nsa.BackendError, match=r"backend 'cupy' cannot run attention: takes CuPy arrays, got NumPy"):
         nsa.attention(q, k, v, backend="cupy")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("mask", [dict(), dict(causal=True), dict(window=(300, 0))], ids=["full", "causal", "window"])
+def test_gpu_sizes_match_reference_within_twice_naive(rng, monkeypatch, dtype, mask):
+    """Sequence lengths of many tiles, every head dimension: only where a GPU is."""
+    mode = RawMode("gpu", monkeypatch)
+    for d in (64, 128, 32, 96):
+        q, k, v, dout = _inputs(rng, dtype, batch=2, hq=4, hk=2, lq=1000, lk=1100, d=d)
+        check(mode, q, k, v, dout, mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mask", [dict(), dict(causal=True)], ids=["full", "causal"])
+def test_gpu_agrees_with_the_numba_cuda_backend(rng, monkeypatch, mask):
+    """Two independent GPU implementations: each within twice the naive error, so within four of each other."""
+    mode = RawMode("gpu", monkeypatch)
+    if "numba-cuda" not in nsa.available_backends("attention"):
+        pytest.skip("the numba-cuda backend is not registered")
+    q, k, v, dout = _inputs(rng, "float16", batch=2, hq=4, hk=2, lq=300, lk=333, d=64)
+    on_gpu = mode.put(q, k, v, dout)
+    results = {}
+    for name in ("cupy", "numba-cuda"):
+        try:
+            out, lse = nsa.attention(*on_gpu[:3], return_lse=True, backend=name, **mask)
+        except nsa.BackendError as err:
+            pytest.skip(str(err))
+        grads = nsa.attention_backward(on_gpu[3], *on_gpu[:3], out, lse, backend=name, **mask)
+        results[name] = [mode.get(x) for x in (out, *grads)]
+    q64, k64, v64, do64 = (x.astype(np.float64) for x in (q, k, v, dout))
+    reference_results = [reference.attention(q64, k64, v64, **mask)[0],
+                         *reference.attention_backward(do64, q64, k64, v64, **mask)]  # fmt: skip
+    naive = naive_attention(q, k, v, dout, _mask(300, 333, **mask), 64**-0.5, q.dtype)
+    labels = ("out", "dq", "dk", "dv")
+    for label, ours, theirs, low, ref in zip(labels, results["cupy"], results["numba-cuda"], naive, reference_results):
+        naive_err = np.abs(low.astype(np.float64) - ref).max()
+        assert np.abs(ours.astype(np.float64) - theirs.astype(np.float64)).max() <= 4 * naive_err + 1e-4, label

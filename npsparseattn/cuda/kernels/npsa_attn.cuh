@@ -230,9 +230,9 @@ __device__ __forceinline__ void forward_rows(const u16* q, const u16* k, const u
     have = have_next;
   }
 
-  // epilogue: normalise, stage the output tile in shared memory (first K buffer), store 16-byte rows
-  cp_async_wait<0>();
-  __syncthreads();
+  // epilogue: normalise, stage the output tile in shared memory (first K buffer), store 16-byte rows.
+  // No barrier first: the loop's last barrier (or, with no tile, the one after the Q fragments) came
+  // after every read of the buffers, and only empty cp.async groups are still open.
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     l[r] += shfl_xor(l[r], 1);
