@@ -34,15 +34,15 @@ def _pair(lo: int, hi: int) -> int:
     return int(lo) | (int(hi) << 16)
 
 
-def test_mma_fragments_match_the_matrix_product(rng, kernels):
-    for dtype, tag in TAGS.items():
-        a = rng.standard_normal((16, 16)).astype(DTYPES[dtype])
-        b = rng.standard_normal((16, 8)).astype(DTYPES[dtype])
-        c = rng.standard_normal((16, 8)).astype(np.float32)
-        d = np.full((16, 8), np.nan, np.float32)
-        kernels.launch(f"npsa_test_mma<{tag}>", (1,), (32,), 0, [bits(a), bits(b), c, d])
-        expected = a.astype(np.float64) @ b.astype(np.float64) + c
-        np.testing.assert_allclose(d, expected, rtol=1e-6, atol=1e-6, err_msg=dtype)
+@pytest.mark.parametrize("dtype", list(TAGS))
+def test_mma_fragments_match_the_matrix_product(rng, kernels, dtype):
+    a = rng.standard_normal((16, 16)).astype(DTYPES[dtype])
+    b = rng.standard_normal((16, 8)).astype(DTYPES[dtype])
+    c = rng.standard_normal((16, 8)).astype(np.float32)
+    d = np.full((16, 8), np.nan, np.float32)
+    kernels.launch(f"npsa_test_mma<{TAGS[dtype]}>", (1,), (32,), 0, [bits(a), bits(b), c, d])
+    expected = a.astype(np.float64) @ b.astype(np.float64) + c
+    np.testing.assert_allclose(d, expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("trans", [False, True])
