@@ -35,8 +35,8 @@ SHAPES = [
 def check_against_reference(q, k, v, kw, dtype, backend=None):
     """Forward and backward of ``backend`` (a BackendCase; default: auto on NumPy) against the float64 oracle."""
     be = AutoCase("attention") if backend is None else backend
-    tol = be.tolerance(dtype)
     be.require(attention_problem(q, k, v, **kw))
+    tol = be.tolerance(dtype)
     out, lse = nsa.attention(*be.put(q, k, v), return_lse=True, backend=be.name, **kw)
     out, lse = be.get(out), be.get(lse)
     ref_out, ref_lse = reference.attention(q, k, v, **kw)

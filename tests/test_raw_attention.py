@@ -218,3 +218,16 @@ def test_gpu_agrees_with_the_numba_cuda_backend(rng, monkeypatch, mask):
     for label, ours, theirs, low, ref in zip(labels, results["cupy"], results["numba-cuda"], naive, reference_results):
         naive_err = np.abs(low.astype(np.float64) - ref).max()
         assert np.abs(ours.astype(np.float64) - theirs.astype(np.float64)).max() <= 4 * naive_err + 1e-4, label
+
+
+def test_kernel_entry_points_refuse_arrays_they_would_misread(rng, monkeypatch):
+    RawMode("emulated", monkeypatch)
+    q, k, v, dout = _inputs(rng, "float16", lq=40, d=32)
+    kw = dict(scale=0.2, offset=0, left=None, right=None)
+    with pytest.raises(ValueError, match="k must be C-contiguous for the cupy kernels"):
+        raw_exact.forward(q, k[..., ::-1, :], v, **kw)
+    with pytest.raises(TypeError, match="v has dtype float32; the cupy kernels need float16"):
+        raw_exact.forward(q, k, v.astype(np.float32), **kw)
+    out, lse = raw_exact.forward(q, k, v, **kw)
+    with pytest.raises(TypeError, match="lse has dtype float64; the cupy kernels need float32"):
+        raw_exact.backward(dout, q, k, v, out, lse.astype(np.float64), **kw)

@@ -109,6 +109,7 @@ def forward(
     out : (B, Hq, Lq, D), lse : (B, Hq, Lq) float32; rows with no visible stored key get 0 and ``-inf``.
     """
     xp = array_module("numpy" if isinstance(q, np.ndarray) else "cupy")
+    raw_common.check_arrays(q.dtype, q=q, k=k, v=v)
     n_batch, hq, lq, d = q.shape
     hk, lk = k.shape[1], k.shape[2]
     out_t, out_k = output_buffer(out, (n_batch, hq, lq, d), q.dtype, xp)
@@ -152,6 +153,7 @@ def backward(
     ``q``, ``k``, ``v``; ``dk``/``dv`` are summed over each GQA group.
     """
     xp = array_module("numpy" if isinstance(q, np.ndarray) else "cupy")
+    raw_common.check_arrays(q.dtype, lse, q=q, k=k, v=v, dout=dout, out=out)
     n_batch, hq, lq, d = q.shape
     hk, lk = k.shape[1], k.shape[2]
     targets = (None, None, None) if grads is None else grads

@@ -74,6 +74,20 @@ def environment_reasons() -> list[str]:
     return _env.cupy_reasons()
 
 
+def check_arrays(dtype: Any, lse: Any = None, **arrays: Any) -> None:
+    """The kernels read raw pointers: every array C-contiguous, ``arrays`` all of ``dtype`` (float16 or
+    bfloat16), ``lse`` float32.  ``ValueError``/``TypeError`` naming the array otherwise (the public
+    functions copy and cast before calling the kernels)."""
+    if np.dtype(dtype).name not in HALF_DTYPES:
+        raise TypeError(f"the cupy kernels read float16 or bfloat16, got {np.dtype(dtype).name}")
+    for name, x in {**arrays, **({} if lse is None else {"lse": lse})}.items():
+        want = np.float32 if name == "lse" else dtype
+        if x.dtype != np.dtype(want):
+            raise TypeError(f"{name} has dtype {x.dtype.name}; the cupy kernels need {np.dtype(want).name}")
+        if not x.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous for the cupy kernels")
+
+
 def window_args(left: int | None, right: int | None, lq: int, lk: int) -> tuple[bool, int, int]:
     """``(masked, left, right)`` for the kernels: a side of ``None`` becomes a bound no pair reaches,
     and every bound is clamped so that ``i + offset +- bound`` stays inside int32."""

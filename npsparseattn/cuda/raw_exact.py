@@ -86,6 +86,7 @@ def forward(
     out : (B, Hq, Lq, D) input dtype, lse : (B, Hq, Lq) float32; a row with no visible key gets 0 and ``-inf``.
     """
     xp = _xp(q)
+    raw_common.check_arrays(q.dtype, q=q, k=k, v=v)
     n_batch, hq, lq, d = q.shape
     hk, lk = k.shape[1], k.shape[2]
     out_t, out_k = output_buffer(out, (n_batch, hq, lq, d), q.dtype, xp)
@@ -125,6 +126,7 @@ def backward(
     ``k``, ``v`` in the input dtype; ``dk``/``dv`` are summed over each GQA group.
     """
     xp = _xp(q)
+    raw_common.check_arrays(q.dtype, lse, q=q, k=k, v=v, dout=dout, out=out)
     n_batch, hq, lq, d = q.shape
     hk, lk = k.shape[1], k.shape[2]
     targets = (None, None, None) if grads is None else grads

@@ -8,7 +8,9 @@ per kernel, its registers, spill stores/loads, stack frame and shared memory.
 No compile cache is involved: each call compiles.
 
 A GPU run compiles the same translation unit through ``cupy.RawModule``
-(:mod:`npsparseattn.cuda.raw_loader`); the options here are the same.
+(:mod:`npsparseattn.cuda.raw_loader`) with :func:`options`, to which CuPy
+appends ``-arch=sm_XX``, ``--device-as-default-execution-space`` and
+``-ftz=true``; :func:`compile_source` passes the same (:data:`CUPY_APPENDS`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from npsparseattn.cuda import raw_sources
 
 ARCHS = ("sm_80", "sm_90")
+CUPY_APPENDS = ("--device-as-default-execution-space", "-ftz=true")
 
 
 def options(arch: str | None = None) -> list[str]:
@@ -121,7 +124,7 @@ def compile_source(source: str, arch: str, names: tuple[str, ...] | None = None)
     try:
         for name in names:
             _check(nvrtc.nvrtcAddNameExpression(prog, name.encode()), f"nvrtcAddNameExpression({name})")
-        opts = [o.encode() for o in [*options(arch), "--ptxas-options=-v"]]
+        opts = [o.encode() for o in [*options(arch), *CUPY_APPENDS, "--ptxas-options=-v"]]
         (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         size = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
         buf = b" " * size

@@ -8,8 +8,8 @@ It is compiled with ``-include npsa_host.h`` (the emulation of CUDA) by the host
 C++ compiler (``$CXX``, default ``g++``; GCC 12 or newer, or a Clang with
 ``_Float16``).
 
-The library is cached in ``$NPSPARSEATTN_CACHE_DIR`` (default
-``~/.cache/npsparseattn``) under a name that hashes the generated source, the
+The library is cached in :func:`cache_dir` (``$NPSPARSEATTN_CACHE_DIR``,
+default ``~/.cache/npsparseattn``) under a name that hashes the generated source, the
 emulation headers, the compiler and its flags, so an edit anywhere rebuilds it
 and an unchanged tree never does.  Concurrent builds are serialised with a lock
 file and the result is moved into place atomically.
@@ -52,9 +52,17 @@ def compiler() -> list[str]:
 
 
 def cache_dir() -> Path:
-    """Where built libraries are kept: ``$NPSPARSEATTN_CACHE_DIR`` or ``~/.cache/npsparseattn``."""
+    """Where built libraries are kept: ``$NPSPARSEATTN_CACHE_DIR``, else ``~/.cache/npsparseattn``, else (no
+    writable home) a folder in the system's temporary directory."""
     root = os.environ.get("NPSPARSEATTN_CACHE_DIR")
-    return Path(root) if root else Path.home() / ".cache" / "npsparseattn"
+    if root:
+        return Path(root)
+    home = Path.home() / ".cache" / "npsparseattn"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        return home
+    except OSError:
+        return Path(tempfile.gettempdir()) / f"npsparseattn-{os.getuid()}"
 
 
 def host_instances() -> tuple[str, ...]:
