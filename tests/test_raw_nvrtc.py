@@ -14,7 +14,7 @@ import pytest
 
 from npsparseattn.cuda import raw_common, raw_nvrtc, raw_sources
 
-pytestmark = pytest.mark.slow  # about a minute per architecture on two cores
+pytestmark = pytest.mark.slow  # about a minute for both architectures on two cores
 
 MAX_SHARED = {"sm_80": 166912, "sm_90": 232448}  # opt-in dynamic shared memory per block (A100, H100/H200)
 
