@@ -81,9 +81,11 @@ def test_instances_cover_dtype_head_dim_and_mask():
 @pytest.mark.parametrize("d", raw_sources.HEAD_DIMS)
 def test_python_launch_geometry_matches_the_kernels(request, monkeypatch, mode, d):
     runner = KernelRunner(mode, monkeypatch)
-    out = np.zeros(7, np.int32)
+    out = np.zeros(10, np.int32)
     runner.launch(f"npsa_test_shapes<{d}>", (1,), (32,), 0, [out])
-    fwd_bq, fwd_bk, fwd_smem, bwd_bk, bwd_bq, bwd_smem, threads = out.tolist()
-    assert (fwd_bq, fwd_bk, threads) == (raw_exact.BQ, 64, raw_common.NTHREADS)
+    dense_bq, dense_bk, dense_smem, sparse_bq, sparse_bk, sparse_smem, bwd_bk, bwd_bq, bwd_smem, threads = out.tolist()
+    assert (dense_bq, sparse_bq) == (raw_common.fwd_rows(d), raw_common.fwd_rows(d, sparse=True))
+    assert dense_bk == sparse_bk == 64 and threads == raw_common.NTHREADS
+    assert dense_smem == sparse_smem == raw_common.fwd_shared_bytes(d)
     assert (bwd_bk, bwd_bq) == (raw_exact.BK, raw_common.bwd_query_tile(d))
-    assert fwd_smem == raw_common.fwd_shared_bytes(d) and bwd_smem == raw_common.bwd_shared_bytes(d)
+    assert bwd_smem == raw_common.bwd_shared_bytes(d)

@@ -42,7 +42,6 @@ from npsparseattn.layouts import BlockLayout
 
 __all__ = ["DTYPES", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]
 
-BQ = 64  # query rows per forward CTA
 BK = 64  # keys per backward CTA
 _RUNS_CACHE: OrderedDict[tuple[int, bool, str, int], tuple[BlockLayout, tuple[Any, Any, Any]]] = OrderedDict()
 _RUNS_CACHE_SIZE = 8
@@ -116,7 +115,7 @@ def forward(
     lse_t, lse_k = output_buffer(lse, (n_batch, hq, lq), np.float32, xp)
     if lq > 0:
         bq, bk = layout.block
-        nqb, chunks = layout.n_query_blocks, blocks(bq, BQ)
+        nqb, chunks = layout.n_query_blocks, blocks(bq, raw_common.fwd_rows(d, sparse=True))
         masked, left_b, right_b = raw_common.window_args(left, right, lq, lk)
         ints = (lq, lk, hq, hk, bq, bk, nqb, layout.heads, chunks, offset, left_b, right_b)
         raw_loader.launcher().launch(

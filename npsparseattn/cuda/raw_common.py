@@ -105,9 +105,15 @@ def blocks(n: int, size: int) -> int:
     return -(-n // size)
 
 
+def fwd_rows(d: int, *, sparse: bool = False) -> int:
+    """Query rows per forward CTA: npsa::DenseFwdShape<D>::BQ (two m-tiles of 16 rows per warp for
+    D <= 64, one above) or npsa::SparseFwdShape<D>::BQ (one)."""
+    return 64 if sparse or d > 64 else 128
+
+
 def fwd_shared_bytes(d: int) -> int:
-    """npsa::FwdShape<D>::SMEM: double-buffered K and V tiles of 64 rows of D + 8 elements (Q passes through
-    the first K buffer)."""
+    """npsa::FwdShape<D, MT>::SMEM: double-buffered K and V tiles of 64 rows of D + 8 elements (Q passes
+    through the K buffers)."""
     return 4 * 64 * (d + 8) * 2
 
 

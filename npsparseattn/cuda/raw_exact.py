@@ -1,10 +1,10 @@
 """Tiled exact attention on tensor cores (CUDA C++, ``kernels/attention.cu``): backend ``"cupy"`` of ``attention``.
 
-Forward: one CTA of 4 warps per (64 query rows, query head, batch); Q stays in
-registers as mma fragments, K and V tiles of 64 keys are double-buffered in
-shared memory with ``cp.async``; ``S = Q K^T`` and ``O += P V`` run as
-``mma.sync.m16n8k16`` with float32 accumulators, the online softmax in
-registers (base 2).  Key tiles outside the causal/window band are never
+Forward: one CTA of 4 warps per (128 query rows for D <= 64, else 64; query
+head; batch), each warp 32 or 16 rows; Q stays in registers as mma fragments,
+K and V tiles of 64 keys are double-buffered in shared memory with
+``cp.async``; ``S = Q K^T`` and ``O += P V`` run as ``mma.sync.m16n8k16``
+with float32 accumulators, the online softmax in registers (base 2).  Key tiles outside the causal/window band are never
 visited; tiles fully inside it skip the element mask.
 
 Backward (FlashAttention-2): ``npsa_bwd_prep`` computes ``delta = rowsum(dO * O)``
@@ -42,7 +42,6 @@ from npsparseattn.cuda.raw_common import (
 
 __all__ = ["DTYPES", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]
 
-BQ = 64  # npsa::FwdShape<D>::BQ: query rows per forward CTA
 BK = 64  # npsa::BwdShape<D>::BK: keys per backward CTA
 
 
@@ -95,7 +94,7 @@ def forward(
         masked, left_b, right_b = raw_common.window_args(left, right, lq, lk)
         raw_loader.launcher().launch(
             raw_sources.instance("npsa_attn_fwd", q.dtype.name, d, masked),
-            (blocks(lq, BQ), hq, n_batch),
+            (blocks(lq, raw_common.fwd_rows(d)), hq, n_batch),
             (NTHREADS,),
             raw_common.fwd_shared_bytes(d),
             [q, k, v, out_k, lse_k, *map(np.int32, (lq, lk, hq, hk, offset, left_b, right_b)),

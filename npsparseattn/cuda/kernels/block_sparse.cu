@@ -12,14 +12,14 @@
 
 using namespace npsa;
 
-// grid (nqb * qchunks, Hq, B) with qchunks = ceil(bq / BQ); NTHREADS threads, FwdShape<D>::SMEM bytes.
+// grid (nqb * qchunks, Hq, B) with qchunks = ceil(bq / BQ); NTHREADS threads, SparseFwdShape<D>::SMEM bytes.
 template <class T, int D, bool MASKED>
 __global__ void __launch_bounds__(NTHREADS, 1)
     npsa_bsa_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
                  u16* __restrict__ out, float* __restrict__ lse, const int* __restrict__ ptr,
                  const int* __restrict__ run_start, const int* __restrict__ run_stop, int lq, int lk, int hq, int hk,
                  int bq, int bk, int nqb, int lheads, int qchunks, int off, int left, int right, float c) {
-  constexpr int BQ = FwdShape<D>::BQ, BK = FwdShape<D>::BK;
+  constexpr int BQ = SparseFwdShape<D>::BQ, BK = SparseFwdShape<D>::BK;
   const int h = blockIdx.y, b = blockIdx.z, block = blockIdx.x / qchunks;
   const int i0 = block * bq + (blockIdx.x % qchunks) * BQ;
   const int rows = min(BQ, min((block + 1) * bq, lq) - i0);
@@ -34,8 +34,8 @@ __global__ void __launch_bounds__(NTHREADS, 1)
   }
   RunWalk walk{ptr, run_start, run_stop, bk, lo, hi, BK, nqb, lheads, block};
   walk.reset(h);
-  forward_rows<T, D, MASKED>(q + qrow * D, k + kbase, v + kbase, out + qrow * D, lse + qrow, i0, rows, lk,
-                             Mask{off, left, right}, c, walk);
+  forward_rows<T, D, 1, MASKED>(q + qrow * D, k + kbase, v + kbase, out + qrow * D, lse + qrow, i0, rows, lk,
+                                Mask{off, left, right}, c, walk);
 }
 
 // grid (nkb * kchunks, Hk, B) with kchunks = ceil(bk / BK); NTHREADS threads, BwdShape<D>::SMEM bytes.

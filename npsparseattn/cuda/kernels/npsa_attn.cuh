@@ -7,8 +7,8 @@
 // walked axis) and, when MASKED, i + off - left <= j <= i + off + right.  Scores are kept in base-2
 // units (s * scale * log2 e), so the softmax needs ex2 only; lse is returned in natural log.
 //
-// Block: NWARPS warps.  Forward: a CTA owns BQ = 16 * NWARPS query rows, warp w rows 16w..16w+15,
-// and walks key tiles of BK keys.  Backward: a CTA owns BK = 16 * NWARPS keys, warp w keys
+// Block: NWARPS warps.  Forward: a CTA owns BQ = 16 * MT * NWARPS query rows, warp w MT m-tiles of
+// 16 rows, and walks key tiles of BK keys.  Backward: a CTA owns BK = 16 * NWARPS keys, warp w keys
 // 16w..16w+15, and walks query tiles of BQ queries (over every query head of its GQA group),
 // accumulating dK, dV in registers and adding dQ = dS K to a float buffer with atomics.
 #pragma once
@@ -92,27 +92,37 @@ struct HeadWalk {
 
 // ------------------------------------------------------------------------------------------ forward
 
-template <int D>
+// MT m-tiles of 16 query rows per warp: each K/V fragment read from shared memory then feeds MT
+// products, so MT = 2 halves the shared-memory traffic per FLOP (at the price of registers).
+template <int D, int MT>
 struct FwdShape {
-  static constexpr int BQ = 16 * NWARPS, BK = 64;
+  static constexpr int BQ = 16 * MT * NWARPS, BK = 64;
   static constexpr int KV_BYTES = Tile<D>::template bytes<BK>();
   // K and V double-buffered; the Q tile (read into registers before the first K/V load) and the
-  // output tile of the epilogue use the first K buffer
+  // output tile of the epilogue use the K buffers
   static constexpr int SMEM = 4 * KV_BYTES;
-  static_assert(BQ <= BK, "the Q tile lives in a K buffer");
+  static_assert(BQ <= 2 * BK, "the Q tile lives in the K buffers");
 };
 
+// The dense forward takes two m-tiles per warp where the registers allow it (D <= 64); the
+// block-sparse forward takes one, so that 64-row layout blocks fill a CTA.
+template <int D>
+using DenseFwdShape = FwdShape<D, D <= 64 ? 2 : 1>;
+template <int D>
+using SparseFwdShape = FwdShape<D, 1>;
+
 // Softmax attention of `rows` query rows (q, out, lse point at the first) over the key tiles of
-// `walk` (k, v point at key 0 of the key head); `lk` keys exist.
-template <class T, int D, bool MASKED, class W>
+// `walk` (k, v point at key 0 of the key head); `lk` keys exist.  Warp w owns rows
+// 16 MT w .. 16 MT (w + 1) - 1 of the CTA.
+template <class T, int D, int MT, bool MASKED, class W>
 __device__ __forceinline__ void forward_rows(const u16* q, const u16* k, const u16* v, u16* out, float* lse,
                                              int i0, int rows, int lk, Mask mask, float c, W walk) {
-  using S = FwdShape<D>;
+  using S = FwdShape<D, MT>;
   constexpr int BQ = S::BQ, BK = S::BK;
   NPSA_DECLARE_SMEM(smem);
   const int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP, g = lane / 4, t = lane % 4;
   const u32 sq = smem_u32(smem), sk = sq, sv = sk + 2 * S::KV_BYTES;
-  const int i_last = i0 + rows - 1;
+  const int i_last = i0 + rows - 1, row0 = warp * 16 * MT;
 
   auto load_kv = [&](const Cursor& cur, int buf) {
     const int valid = min(BK, lk - cur.start);
@@ -122,24 +132,31 @@ __device__ __forceinline__ void forward_rows(const u16* q, const u16* k, const u
     cp_async_commit();
   };
 
-  // Q -> registers (this warp's 16 rows as A fragments), then its shared memory goes to K and V
+  // Q -> registers (this warp's rows as A fragments), then its shared memory goes to K and V
   load_tile<BQ, D, NTHREADS>(sq, q, D, rows, tid);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
-  u32 qf[D / 16][4];
+  u32 qf[MT][D / 16][4];
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) a_rows<D>(qf[kk], sq, warp * 16, kk * 16, lane);
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) a_rows<D>(qf[mt][kk], sq, row0 + mt * 16, kk * 16, lane);
   __syncthreads();
 
   Cursor cur, nxt;
   bool have = walk.next(cur);
   if (have) load_kv(cur, 0);
 
-  float m[2] = {-inf(), -inf()}, l[2] = {0.f, 0.f};
-  float o[D / 8][4];
+  float m[MT][2], l[MT][2];
+  float o[MT][D / 8][4];
 #pragma unroll
-  for (int nd = 0; nd < D / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.f;
+  for (int mt = 0; mt < MT; ++mt) {
+    m[mt][0] = m[mt][1] = -inf();
+    l[mt][0] = l[mt][1] = 0.f;
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd) o[mt][nd][0] = o[mt][nd][1] = o[mt][nd][2] = o[mt][nd][3] = 0.f;
+  }
 
   for (int buf = 0; have; buf ^= 1) {
     const bool have_next = walk.next(nxt);
@@ -152,19 +169,24 @@ __device__ __forceinline__ void forward_rows(const u16* q, const u16* k, const u
     cp_async_wait<3>();  // this tile's K has landed (its V and the next tile may be in flight)
     __syncthreads();
 
-    // S = Q K^T for this warp's 16 rows
+    // S = Q K^T for this warp's rows
     const u32 kt = sk + buf * S::KV_BYTES;
-    float s[BK / 8][4];
+    float s[MT][BK / 8][4];
 #pragma unroll
-    for (int nb = 0; nb < BK / 8; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nb = 0; nb < BK / 8; ++nb) s[mt][nb][0] = s[mt][nb][1] = s[mt][nb][2] = s[mt][nb][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
       for (int n2 = 0; n2 < BK / 16; ++n2) {
         u32 b[2][2];
         b_rows<D>(b, kt, n2 * 16, kk * 16, lane);
-        mma_16816<T>(s[2 * n2], qf[kk], b[0]);
-        mma_16816<T>(s[2 * n2 + 1], qf[kk], b[1]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16816<T>(s[mt][2 * n2], qf[mt][kk], b[0]);
+          mma_16816<T>(s[mt][2 * n2 + 1], qf[mt][kk], b[1]);
+        }
       }
     }
 
@@ -173,45 +195,51 @@ __device__ __forceinline__ void forward_rows(const u16* q, const u16* k, const u
                           (!MASKED || (cur.start >= i_last + mask.off - mask.left &&
                                        cur.start + BK - 1 <= i0 + mask.off + mask.right));
 #pragma unroll
-    for (int nb = 0; nb < BK / 8; ++nb)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[nb][e] * c;
-        if (!interior) {
-          const int row = i0 + warp * 16 + g + 8 * (e / 2), col = cur.start + nb * 8 + 2 * t + (e % 2);
-          bool vis = col >= cur.lo && col < cur.hi;
-          if (MASKED) vis = vis && col >= row + mask.off - mask.left && col <= row + mask.off + mask.right;
-          if (!vis) x = -inf();
+      for (int nb = 0; nb < BK / 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float x = s[mt][nb][e] * c;
+          if (!interior) {
+            const int row = i0 + row0 + mt * 16 + g + 8 * (e / 2), col = cur.start + nb * 8 + 2 * t + (e % 2);
+            bool vis = col >= cur.lo && col < cur.hi;
+            if (MASKED) vis = vis && col >= row + mask.off - mask.left && col <= row + mask.off + mask.right;
+            if (!vis) x = -inf();
+          }
+          s[mt][nb][e] = x;
         }
-        s[nb][e] = x;
-      }
 
-    // online softmax: rows g (r = 0) and g + 8 (r = 1); each row is spread over the 4 lanes of a quad
+    // online softmax: rows g (r = 0) and g + 8 (r = 1) of each m-tile; a row is spread over the 4
+    // lanes of a quad
+    u32 pf[MT][BK / 16][4];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -inf();
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-      for (int nb = 0; nb < BK / 8; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * r], s[nb][2 * r + 1]));
-      mx = fmaxf(mx, shfl_xor(mx, 1));
-      mx = fmaxf(mx, shfl_xor(mx, 2));
-      const float m_new = fmaxf(m[r], mx);
-      const float base = m_new == -inf() ? 0.f : m_new;  // a row that has seen no key yet stays empty
-      const float alpha = exp2_approx(m[r] - base);
-      m[r] = m_new;
-      float sum = 0.f;
+      for (int r = 0; r < 2; ++r) {
+        float mx = -inf();
 #pragma unroll
-      for (int nb = 0; nb < BK / 8; ++nb) {
-        s[nb][2 * r] = exp2_approx(s[nb][2 * r] - base);
-        s[nb][2 * r + 1] = exp2_approx(s[nb][2 * r + 1] - base);
-        sum += s[nb][2 * r] + s[nb][2 * r + 1];
+        for (int nb = 0; nb < BK / 8; ++nb) mx = fmaxf(mx, fmaxf(s[mt][nb][2 * r], s[mt][nb][2 * r + 1]));
+        mx = fmaxf(mx, shfl_xor(mx, 1));
+        mx = fmaxf(mx, shfl_xor(mx, 2));
+        const float m_new = fmaxf(m[mt][r], mx);
+        const float base = m_new == -inf() ? 0.f : m_new;  // a row that has seen no key yet stays empty
+        const float alpha = exp2_approx(m[mt][r] - base);
+        m[mt][r] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int nb = 0; nb < BK / 8; ++nb) {
+          s[mt][nb][2 * r] = exp2_approx(s[mt][nb][2 * r] - base);
+          s[mt][nb][2 * r + 1] = exp2_approx(s[mt][nb][2 * r + 1] - base);
+          sum += s[mt][nb][2 * r] + s[mt][nb][2 * r + 1];
+        }
+        l[mt][r] = l[mt][r] * alpha + sum;  // partial: this lane's columns; the quad is summed at the end
+#pragma unroll
+        for (int nd = 0; nd < D / 8; ++nd) o[mt][nd][2 * r] *= alpha, o[mt][nd][2 * r + 1] *= alpha;
       }
-      l[r] = l[r] * alpha + sum;  // partial: this lane's columns only; the quad is summed at the end
-#pragma unroll
-      for (int nd = 0; nd < D / 8; ++nd) o[nd][2 * r] *= alpha, o[nd][2 * r + 1] *= alpha;
+      c_to_a<T, BK>(pf[mt], s[mt]);
     }
 
-    u32 pf[BK / 16][4];
-    c_to_a<T, BK>(pf, s);
     cp_async_wait<2>();  // this tile's V
     __syncthreads();
     const u32 vt = sv + buf * S::KV_BYTES;
@@ -221,8 +249,11 @@ __device__ __forceinline__ void forward_rows(const u16* q, const u16* k, const u
       for (int n2 = 0; n2 < D / 16; ++n2) {
         u32 b[2][2];
         b_cols<D>(b, vt, kk * 16, n2 * 16, lane);
-        mma_16816<T>(o[2 * n2], pf[kk], b[0]);
-        mma_16816<T>(o[2 * n2 + 1], pf[kk], b[1]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16816<T>(o[mt][2 * n2], pf[mt][kk], b[0]);
+          mma_16816<T>(o[mt][2 * n2 + 1], pf[mt][kk], b[1]);
+        }
       }
     }
     __syncthreads();  // this buffer is free for the tile after next
@@ -230,21 +261,24 @@ __device__ __forceinline__ void forward_rows(const u16* q, const u16* k, const u
     have = have_next;
   }
 
-  // epilogue: normalise, stage the output tile in shared memory (first K buffer), store 16-byte rows.
+  // epilogue: normalise, stage the output tile in shared memory (the K buffers), store 16-byte rows.
   // No barrier first: the loop's last barrier (or, with no tile, the one after the Q fragments) came
   // after every read of the buffers, and only empty cp.async groups are still open.
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += shfl_xor(l[r], 1);
-    l[r] += shfl_xor(l[r], 2);
-    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-    const int row = warp * 16 + g + 8 * r;
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int nd = 0; nd < D / 8; ++nd)
-      *reinterpret_cast<u32*>(smem + Tile<D>::at(row, nd * 8 + 2 * t)) =
-          pack2<T>(o[nd][2 * r] * inv, o[nd][2 * r + 1] * inv);
-    if (t == 0 && row < rows) stg(lse + row, l[r] > 0.f ? (m[r] + log2f(l[r])) * LN2 : -inf());
-  }
+    for (int r = 0; r < 2; ++r) {
+      float sum = l[mt][r];
+      sum += shfl_xor(sum, 1);
+      sum += shfl_xor(sum, 2);
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      const int row = row0 + mt * 16 + g + 8 * r;
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd)
+        *reinterpret_cast<u32*>(smem + Tile<D>::at(row, nd * 8 + 2 * t)) =
+            pack2<T>(o[mt][nd][2 * r] * inv, o[mt][nd][2 * r + 1] * inv);
+      if (t == 0 && row < rows) stg(lse + row, sum > 0.f ? (m[mt][r] + log2f(sum)) * LN2 : -inf());
+    }
   __syncthreads();
   constexpr int CHUNKS = D / 8;
   for (int ch = tid; ch < BQ * CHUNKS; ch += NTHREADS) {
