@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import SoloComm, random_array
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from raw_support import DTYPE_NAMES, DTYPES, MODES, RawMode, assert_within_twice_naive, naive_attention
 
 import npsparseattn as nsa
@@ -231,3 +233,19 @@ def test_kernel_entry_points_refuse_arrays_they_would_misread(rng, monkeypatch):
     out, lse = raw_exact.forward(q, k, v, **kw)
     with pytest.raises(TypeError, match="lse has dtype float64; the cupy kernels need float32"):
         raw_exact.backward(dout, q, k, v, out, lse.astype(np.float64), **kw)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    lq=st.sampled_from([1, 2, 63, 64, 65, 127, 128, 129, 200]),
+    lk=st.sampled_from([1, 15, 63, 64, 65, 128, 129, 190]),
+    group=st.sampled_from([1, 3]),
+    window=st.sampled_from([None, (0, None), (None, 0), (5, 70), (64, 0)]),
+    d=st.sampled_from([32, 64]),
+)
+def test_tile_boundaries(lq, lk, group, window, d):
+    """Lengths at and around the tile sizes (64 keys, 64 or 128 query rows), under several masks."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        mode = RawMode("emulated", monkeypatch)
+        q, k, v, dout = _inputs(np.random.default_rng(lq * 1000 + lk), "float16", hq=group, hk=1, lq=lq, lk=lk, d=d)
+        check(mode, q, k, v, dout, dict(window=window))
