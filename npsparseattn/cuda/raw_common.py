@@ -47,8 +47,8 @@ def unsupported(problem: Any) -> list[str]:
     name = problem.dtype.name
     if name not in HALF_DTYPES:
         reasons.append(
-            f"{name} inputs are not computed on tensor cores here: the cupy backend reads float16 and bfloat16; "
-            f"{name} goes to the numba-cuda backend on a GPU (numba on the CPU)"
+            f"{name} inputs go to the numba-cuda backend on a GPU (numba on the CPU): "
+            f"the cupy backend's tensor-core kernels read float16 and bfloat16"
         )
     d, dv = problem.q.shape[3], problem.v.shape[3]
     if d != dv:
