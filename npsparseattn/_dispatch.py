@@ -61,20 +61,22 @@ class Row:
 
 _TABLE: list[Row] = [
     Row("attention", "numba", "npsparseattn.cpu.exact", 10),
+    Row("attention", "cupy", "npsparseattn.cuda.raw_exact", 20),
+    Row("attention", "numba-cuda", "npsparseattn.cuda.numba_exact", 30),
     Row("attention", "reference", "npsparseattn.reference.exact", 100, auto=False),
     Row("block_sparse_attention", "numba", "npsparseattn.cpu.block_sparse", 10),
+    Row("block_sparse_attention", "cupy", "npsparseattn.cuda.raw_block_sparse", 20),
+    Row("block_sparse_attention", "numba-cuda", "npsparseattn.cuda.numba_block_sparse", 30),
     Row("block_sparse_attention", "reference", "npsparseattn.reference.block_sparse", 100, auto=False),
     Row("lsh_buckets", "numba", "npsparseattn.cpu.lsh_hash", 10),
+    Row("lsh_buckets", "numba-cuda", "npsparseattn.cuda.numba_lsh_hash", 30),
     Row("lsh_buckets", "reference", "npsparseattn.reference.lsh_hash", 100, auto=False),
     Row("lsh_sort", "numba", "npsparseattn.cpu.lsh_sort", 10),
+    Row("lsh_sort", "numba-cuda", "npsparseattn.cuda.numba_lsh_sort", 30),
     Row("lsh_sort", "reference", "npsparseattn.reference.lsh_sort", 100, auto=False),
     Row("lsh_attention", "numba", "npsparseattn.cpu.lsh", 10),
-    Row("lsh_attention", "reference", "npsparseattn.reference.lsh", 100, auto=False),
-    Row("attention", "numba-cuda", "npsparseattn.cuda.numba_exact", 30),
-    Row("block_sparse_attention", "numba-cuda", "npsparseattn.cuda.numba_block_sparse", 30),
-    Row("lsh_buckets", "numba-cuda", "npsparseattn.cuda.numba_lsh_hash", 30),
-    Row("lsh_sort", "numba-cuda", "npsparseattn.cuda.numba_lsh_sort", 30),
     Row("lsh_attention", "numba-cuda", "npsparseattn.cuda.numba_lsh", 30),
+    Row("lsh_attention", "reference", "npsparseattn.reference.lsh", 100, auto=False),
 ]
 
 
@@ -168,7 +170,7 @@ def available_backends(op: str = "attention") -> list[str]:
     :class:`BackendError` names every reason it cannot.
 
     >>> available_backends("attention")
-    ['numba', 'numba-cuda', 'reference']
+    ['numba', 'cupy', 'numba-cuda', 'reference']
     """
     return [impl.name for impl in implementations(op)]
 

@@ -288,7 +288,7 @@ def test_inputs_are_not_modified(rng):
 
 
 def test_backends(rng):
-    assert nsa.available_backends("block_sparse_attention") == ["numba", "numba-cuda", "reference"]
+    assert nsa.available_backends("block_sparse_attention") == ["numba", "cupy", "numba-cuda", "reference"]
     q, k, v = random_qkv(rng, hq=2, lq=30, d=8, dtype=np.float32)
     layout = layouts.causal(30, 8)
     ref = nsa.block_sparse_attention(q, k, v, layout, causal=True, backend="reference")

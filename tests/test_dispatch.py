@@ -35,7 +35,7 @@ def test_import_needs_no_backend_packages():
 def test_registry_imports_a_module_only_when_it_is_chosen():
     code = (
         "import sys, numpy as np, npsparseattn as nsa\n"
-        "assert nsa.available_backends('attention') == ['numba', 'numba-cuda', 'reference']\n"
+        "assert nsa.available_backends('attention') == ['numba', 'cupy', 'numba-cuda', 'reference']\n"
         "assert 'npsparseattn.cpu.exact' not in sys.modules\n"
         "nsa.attention(np.ones((4, 2)), np.ones((4, 2)), np.ones((4, 2)))\n"
         "assert 'npsparseattn.cpu.exact' in sys.modules\n"

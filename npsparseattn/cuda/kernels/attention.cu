@@ -1,0 +1,107 @@
+// Dense tiled attention, forward and backward (backend "cupy" of `attention`), and the two small
+// kernels every backward uses (also block_sparse.cu's).
+//
+// Arrays are C-contiguous: q (B, Hq, Lq, D), k and v (B, Hk, Lk, D), out (B, Hq, Lq, D),
+// lse (B, Hq, Lq) float.  T is npsa::f16 or npsa::bf16 (storage u16).  `c` is scale * log2(e).
+// MASKED = false ignores off/left/right (no causal mask, no window): only partial tiles are masked.
+#include "npsa_attn.cuh"
+
+using namespace npsa;
+
+// grid (ceil(Lq / BQ), Hq, B), NTHREADS threads, DenseFwdShape<D>::SMEM bytes of dynamic shared memory.
+template <class T, int D, bool MASKED>
+__global__ void __launch_bounds__(NTHREADS, 1)
+    npsa_attn_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
+                  u16* __restrict__ out, float* __restrict__ lse, int lq, int lk, int hq, int hk, int off, int left,
+                  int right, float c) {
+  using S = DenseFwdShape<D>;
+  constexpr int BQ = S::BQ, BK = S::BK, MT = BQ / (16 * NWARPS);
+  // masked (causal): the last query tiles see the most keys; start them first for a shorter tail
+  const int tile = MASKED ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z, i0 = tile * BQ;
+  const int rows = min(BQ, lq - i0), hkv = h / (hq / hk);
+  const long long qrow = (static_cast<long long>(b) * hq + h) * lq + i0;
+  const long long kbase = (static_cast<long long>(b) * hk + hkv) * lk * D;
+  int lo = 0, hi = lk;
+  if (MASKED) {
+    lo = max(0, i0 + off - left);
+    hi = min(lk, i0 + rows - 1 + off + right + 1);
+  }
+  forward_rows<T, D, MT, MASKED>(q + qrow * D, k + kbase, v + kbase, out + qrow * D, lse + qrow, i0, rows, lk,
+                                 Mask{off, left, right}, c, SpanWalk(lo, hi, BK));
+}
+
+// grid (ceil(Lk / BK), Hk, B), NTHREADS threads, BwdShape<D>::SMEM bytes.  Run npsa_bwd_prep first.
+template <class T, int D, bool MASKED>
+__global__ void __launch_bounds__(NTHREADS, 1)
+    npsa_attn_bwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
+                  const u16* __restrict__ dout, const float* __restrict__ lse2, const float* __restrict__ delta,
+                  float* __restrict__ dq_acc, u16* __restrict__ dk, u16* __restrict__ dv, int lq, int lk, int hq,
+                  int hk, int off, int left, int right, float c, float scale) {
+  constexpr int BK = BwdShape<D>::BK, BQ = BwdShape<D>::BQ;
+  const int hkv = blockIdx.y, b = blockIdx.z, j0 = blockIdx.x * BK;
+  const int kvalid = min(BK, lk - j0), group = hq / hk;
+  const long long krow = (static_cast<long long>(b) * hk + hkv) * lk + j0;
+  const long long qbase = static_cast<long long>(b) * hq;
+  int lo = 0, hi = lq;
+  if (MASKED) {
+    lo = max(0, j0 - off - right);
+    hi = min(lq, j0 + kvalid - 1 - off + left + 1);
+  }
+  backward_keys<T, D, MASKED>(q + qbase * lq * D, k + krow * D, v + krow * D, dout + qbase * lq * D,
+                              lse2 + qbase * lq, delta + qbase * lq, dq_acc + qbase * lq * D, dk + krow * D,
+                              dv + krow * D, j0, kvalid, lq, Mask{off, left, right}, c, scale,
+                              HeadWalk<SpanWalk>(SpanWalk(lo, hi, BQ), hkv * group, (hkv + 1) * group));
+}
+
+// Per query row (`rows` = B * Hq * Lq of them): delta = sum(dout * out), lse2 = lse * log2(e)
+// (+inf for an empty row, so that its P is 0), and the row of dq_acc set to zero.
+// grid ceil(rows / 32), NTHREADS threads (4 per row), no shared memory.
+template <class T, int D>
+__global__ void __launch_bounds__(NTHREADS, 1)
+    npsa_bwd_prep(const u16* __restrict__ out, const u16* __restrict__ dout, const float* __restrict__ lse,
+                  float* __restrict__ lse2, float* __restrict__ delta, float* __restrict__ dq_acc, int rows) {
+  constexpr int PER = D / 32;  // 16-byte chunks per thread
+  const int tid = threadIdx.x, part = tid % 4;
+  const long long row = static_cast<long long>(blockIdx.x) * (NTHREADS / 4) + tid / 4;
+  const bool ok = row < rows;
+  float sum = 0.f;
+  if (ok) {
+    for (int i = 0; i < PER; ++i) {
+      const long long at = row * D + (part * PER + i) * 8;
+      const u32x4 a = ldg(reinterpret_cast<const u32x4*>(out + at));
+      const u32x4 b = ldg(reinterpret_cast<const u32x4*>(dout + at));
+      const u32 aw[4] = {a.x, a.y, a.z, a.w}, bw[4] = {b.x, b.y, b.z, b.w};
+      for (int w = 0; w < 4; ++w) {
+        sum += to_float<T>(static_cast<u16>(aw[w] & 0xffffu)) * to_float<T>(static_cast<u16>(bw[w] & 0xffffu));
+        sum += to_float<T>(static_cast<u16>(aw[w] >> 16)) * to_float<T>(static_cast<u16>(bw[w] >> 16));
+      }
+      const u32x4 zero = {0u, 0u, 0u, 0u};
+      stg(reinterpret_cast<u32x4*>(dq_acc + at), zero);
+      stg(reinterpret_cast<u32x4*>(dq_acc + at + 4), zero);
+    }
+  }
+  sum += shfl_xor(sum, 1);
+  sum += shfl_xor(sum, 2);
+  if (ok && part == 0) {
+    const float x = ldg(lse + row);
+    stg(delta + row, sum);
+    stg(lse2 + row, x == -inf() ? inf() : x * LOG2E);
+  }
+}
+
+// dq = T(dq_acc * scale), 8 elements per thread; `n` elements in all (a multiple of 8).
+// grid ceil(n / 8 / NTHREADS), NTHREADS threads.
+template <class T>
+__global__ void __launch_bounds__(NTHREADS, 1)
+    npsa_dq_store(const float* __restrict__ dq_acc, u16* __restrict__ dq, long long n, float scale) {
+  const long long at = (static_cast<long long>(blockIdx.x) * NTHREADS + threadIdx.x) * 8;
+  if (at >= n) return;
+  const u32x4 a = ldg(reinterpret_cast<const u32x4*>(dq_acc + at));
+  const u32x4 b = ldg(reinterpret_cast<const u32x4*>(dq_acc + at + 4));
+  const u32x4 r = {pack2<T>(__uint_as_float(a.x) * scale, __uint_as_float(a.y) * scale),
+                   pack2<T>(__uint_as_float(a.z) * scale, __uint_as_float(a.w) * scale),
+                   pack2<T>(__uint_as_float(b.x) * scale, __uint_as_float(b.y) * scale),
+                   pack2<T>(__uint_as_float(b.z) * scale, __uint_as_float(b.w) * scale)};
+  stg(reinterpret_cast<u32x4*>(dq + at), r);
+}

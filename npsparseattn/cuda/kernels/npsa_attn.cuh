@@ -1,0 +1,482 @@
+// The FlashAttention-2 loops shared by the dense (attention.cu) and block-sparse (block_sparse.cu)
+// kernels.  They differ only in which tiles they visit: a *walk* yields the tiles one by one (a
+// contiguous span for dense attention, the runs of a CSR/CSC layout row for block-sparse), and the
+// loops below prefetch the next tile with cp.async while computing the current one.
+//
+// Visibility: query i sees key j iff lo <= j < hi (lo, hi: the span of the current tile, along the
+// walked axis) and, when MASKED, i + off - left <= j <= i + off + right.  Scores are kept in base-2
+// units (s * scale * log2 e), so the softmax needs ex2 only; lse is returned in natural log.
+//
+// Block: NWARPS warps.  Forward: a CTA owns BQ = 16 * MT * NWARPS query rows, warp w MT m-tiles of
+// 16 rows, and walks key tiles of BK keys.  Backward: a CTA owns BK = 16 * NWARPS keys, warp w keys
+// 16w..16w+15, and walks query tiles of BQ queries (over every query head of its GQA group),
+// accumulating dK, dV in registers and adding dQ = dS K to a float buffer with atomics.
+#pragma once
+#include "npsa_tile.cuh"
+
+namespace npsa {
+
+constexpr int NWARPS = 4;
+constexpr int NTHREADS = NWARPS * WARP;
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
+
+struct Mask {
+  int off, left, right;
+};
+
+// One tile of a walk: rows/columns [start, start + B) of the walked axis, of which [lo, hi) are
+// visible; `head` is the query head (backward walks over the heads of a GQA group).
+struct Cursor {
+  int start, lo, hi, head;
+};
+
+// A contiguous span [lo, hi), tiles aligned to multiples of `step` (dense attention).
+struct SpanWalk {
+  int first, lo, hi, step, start;
+  __device__ __forceinline__ SpanWalk(int lo_, int hi_, int step_)
+      : first(lo_ < hi_ ? lo_ - lo_ % step_ : hi_), lo(lo_), hi(hi_), step(step_), start(first) {}
+  __device__ __forceinline__ void reset(int) { start = first; }
+  __device__ __forceinline__ bool next(Cursor& c) {
+    if (start >= hi) return false;
+    c.start = start, c.lo = lo, c.hi = hi;
+    start += step;
+    return true;
+  }
+};
+
+// The runs of one CSR row: run p covers blocks [run_start[p], run_stop[p]) of `unit` tokens,
+// clipped to [clip_lo, clip_hi); `row_of(h)` picks the layout row for query head h.
+struct RunWalk {
+  const int* ptr;
+  const int* run_start;
+  const int* run_stop;
+  int unit, clip_lo, clip_hi, step, row_stride, heads;
+  int row, p, pend, start, lo, hi;
+  __device__ __forceinline__ void reset(int h) {
+    const int r = (heads > 1 ? h : 0) * row_stride + row;
+    p = ldg(ptr + r), pend = ldg(ptr + r + 1);
+    start = hi = 0;
+  }
+  __device__ __forceinline__ bool next(Cursor& c) {
+    while (start >= hi) {
+      if (p >= pend) return false;
+      lo = max(ldg(run_start + p) * unit, clip_lo);
+      hi = min(ldg(run_stop + p) * unit, clip_hi);
+      start = lo;
+      ++p;
+    }
+    c.start = start, c.lo = lo, c.hi = hi;
+    start += step;
+    return true;
+  }
+};
+
+// Every tile of `walk` for each query head in [h, h_end).
+template <class W>
+struct HeadWalk {
+  W walk;
+  int h, h_end;
+  __device__ __forceinline__ HeadWalk(W w, int h0, int h1) : walk(w), h(h0), h_end(h1) { walk.reset(h); }
+  __device__ __forceinline__ bool next(Cursor& c) {
+    for (;;) {
+      if (walk.next(c)) {
+        c.head = h;
+        return true;
+      }
+      if (++h >= h_end) return false;
+      walk.reset(h);
+    }
+  }
+};
+
+// ------------------------------------------------------------------------------------------ forward
+
+// MT m-tiles of 16 query rows per warp: each K/V fragment read from shared memory then feeds MT
+// products, so MT = 2 halves the shared-memory traffic per FLOP (at the price of registers).
+template <int D, int MT>
+struct FwdShape {
+  static constexpr int BQ = 16 * MT * NWARPS, BK = 64;
+  static constexpr int KV_BYTES = Tile<D>::template bytes<BK>();
+  // K and V double-buffered; the Q tile (read into registers before the first K/V load) and the
+  // output tile of the epilogue use the K buffers
+  static constexpr int SMEM = 4 * KV_BYTES;
+  static_assert(BQ <= 2 * BK, "the Q tile lives in the K buffers");
+};
+
+// The dense forward takes two m-tiles per warp where the registers allow it (D <= 64); the
+// block-sparse forward takes one, so that 64-row layout blocks fill a CTA.
+template <int D>
+using DenseFwdShape = FwdShape<D, D <= 64 ? 2 : 1>;
+template <int D>
+using SparseFwdShape = FwdShape<D, 1>;
+
+// Softmax attention of `rows` query rows (q, out, lse point at the first) over the key tiles of
+// `walk` (k, v point at key 0 of the key head); `lk` keys exist.  Warp w owns rows
+// 16 MT w .. 16 MT (w + 1) - 1 of the CTA.
+template <class T, int D, int MT, bool MASKED, class W>
+__device__ __forceinline__ void forward_rows(const u16* q, const u16* k, const u16* v, u16* out, float* lse,
+                                             int i0, int rows, int lk, Mask mask, float c, W walk) {
+  using S = FwdShape<D, MT>;
+  constexpr int BQ = S::BQ, BK = S::BK;
+  NPSA_DECLARE_SMEM(smem);
+  const int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP, g = lane / 4, t = lane % 4;
+  const u32 sq = smem_u32(smem), sk = sq, sv = sk + 2 * S::KV_BYTES;
+  const int i_last = i0 + rows - 1, row0 = warp * 16 * MT;
+
+  auto load_kv = [&](const Cursor& cur, int buf) {
+    const int valid = min(BK, lk - cur.start);
+    load_tile<BK, D, NTHREADS>(sk + buf * S::KV_BYTES, k + static_cast<long long>(cur.start) * D, D, valid, tid);
+    cp_async_commit();
+    load_tile<BK, D, NTHREADS>(sv + buf * S::KV_BYTES, v + static_cast<long long>(cur.start) * D, D, valid, tid);
+    cp_async_commit();
+  };
+
+  // Q -> registers (this warp's rows as A fragments), then its shared memory goes to K and V
+  load_tile<BQ, D, NTHREADS>(sq, q, D, rows, tid);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  u32 qf[MT][D / 16][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) a_rows<D>(qf[mt][kk], sq, row0 + mt * 16, kk * 16, lane);
+  __syncthreads();
+
+  Cursor cur, nxt;
+  bool have = walk.next(cur);
+  if (have) load_kv(cur, 0);
+
+  float m[MT][2], l[MT][2];
+  float o[MT][D / 8][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    m[mt][0] = m[mt][1] = -inf();
+    l[mt][0] = l[mt][1] = 0.f;
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd) o[mt][nd][0] = o[mt][nd][1] = o[mt][nd][2] = o[mt][nd][3] = 0.f;
+  }
+
+  for (int buf = 0; have; buf ^= 1) {
+    const bool have_next = walk.next(nxt);
+    if (have_next) {
+      load_kv(nxt, buf ^ 1);
+    } else {
+      cp_async_commit();
+      cp_async_commit();
+    }
+    cp_async_wait<3>();  // this tile's K has landed (its V and the next tile may be in flight)
+    __syncthreads();
+
+    // S = Q K^T for this warp's rows
+    const u32 kt = sk + buf * S::KV_BYTES;
+    float s[MT][BK / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nb = 0; nb < BK / 8; ++nb) s[mt][nb][0] = s[mt][nb][1] = s[mt][nb][2] = s[mt][nb][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+      for (int n2 = 0; n2 < BK / 16; ++n2) {
+        u32 b[2][2];
+        b_rows<D>(b, kt, n2 * 16, kk * 16, lane);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16816<T>(s[mt][2 * n2], qf[mt][kk], b[0]);
+          mma_16816<T>(s[mt][2 * n2 + 1], qf[mt][kk], b[1]);
+        }
+      }
+    }
+
+    // scale to base 2, mask what is not visible
+    const bool interior = cur.start >= cur.lo && cur.start + BK <= cur.hi &&
+                          (!MASKED || (cur.start >= i_last + mask.off - mask.left &&
+                                       cur.start + BK - 1 <= i0 + mask.off + mask.right));
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nb = 0; nb < BK / 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float x = s[mt][nb][e] * c;
+          if (!interior) {
+            const int row = i0 + row0 + mt * 16 + g + 8 * (e / 2), col = cur.start + nb * 8 + 2 * t + (e % 2);
+            bool vis = col >= cur.lo && col < cur.hi;
+            if (MASKED) vis = vis && col >= row + mask.off - mask.left && col <= row + mask.off + mask.right;
+            if (!vis) x = -inf();
+          }
+          s[mt][nb][e] = x;
+        }
+
+    // online softmax: rows g (r = 0) and g + 8 (r = 1) of each m-tile; a row is spread over the 4
+    // lanes of a quad
+    u32 pf[MT][BK / 16][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = -inf();
+#pragma unroll
+        for (int nb = 0; nb < BK / 8; ++nb) mx = fmaxf(mx, fmaxf(s[mt][nb][2 * r], s[mt][nb][2 * r + 1]));
+        mx = fmaxf(mx, shfl_xor(mx, 1));
+        mx = fmaxf(mx, shfl_xor(mx, 2));
+        const float m_new = fmaxf(m[mt][r], mx);
+        const float base = m_new == -inf() ? 0.f : m_new;  // a row that has seen no key yet stays empty
+        const float alpha = exp2_approx(m[mt][r] - base);
+        m[mt][r] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int nb = 0; nb < BK / 8; ++nb) {
+          s[mt][nb][2 * r] = exp2_approx(s[mt][nb][2 * r] - base);
+          s[mt][nb][2 * r + 1] = exp2_approx(s[mt][nb][2 * r + 1] - base);
+          sum += s[mt][nb][2 * r] + s[mt][nb][2 * r + 1];
+        }
+        l[mt][r] = l[mt][r] * alpha + sum;  // partial: this lane's columns; the quad is summed at the end
+#pragma unroll
+        for (int nd = 0; nd < D / 8; ++nd) o[mt][nd][2 * r] *= alpha, o[mt][nd][2 * r + 1] *= alpha;
+      }
+      c_to_a<T, BK>(pf[mt], s[mt]);
+    }
+
+    cp_async_wait<2>();  // this tile's V
+    __syncthreads();
+    const u32 vt = sv + buf * S::KV_BYTES;
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+#pragma unroll
+      for (int n2 = 0; n2 < D / 16; ++n2) {
+        u32 b[2][2];
+        b_cols<D>(b, vt, kk * 16, n2 * 16, lane);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16816<T>(o[mt][2 * n2], pf[mt][kk], b[0]);
+          mma_16816<T>(o[mt][2 * n2 + 1], pf[mt][kk], b[1]);
+        }
+      }
+    }
+    __syncthreads();  // this buffer is free for the tile after next
+    cur = nxt;
+    have = have_next;
+  }
+
+  // epilogue: normalise, stage the output tile in shared memory (the K buffers), store 16-byte rows.
+  // No barrier first: the loop's last barrier (or, with no tile, the one after the Q fragments) came
+  // after every read of the buffers, and only empty cp.async groups are still open.
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float sum = l[mt][r];
+      sum += shfl_xor(sum, 1);
+      sum += shfl_xor(sum, 2);
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      const int row = row0 + mt * 16 + g + 8 * r;
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd)
+        *reinterpret_cast<u32*>(smem + Tile<D>::at(row, nd * 8 + 2 * t)) =
+            pack2<T>(o[mt][nd][2 * r] * inv, o[mt][nd][2 * r + 1] * inv);
+      if (t == 0 && row < rows) stg(lse + row, sum > 0.f ? (m[mt][r] + log2f(sum)) * LN2 : -inf());
+    }
+  __syncthreads();
+  constexpr int CHUNKS = D / 8;
+  for (int ch = tid; ch < BQ * CHUNKS; ch += NTHREADS) {
+    const int r = ch / CHUNKS, col = (ch % CHUNKS) * 8;
+    if (r < rows)
+      stg(reinterpret_cast<u32x4*>(out + static_cast<long long>(r) * D + col),
+          *reinterpret_cast<const u32x4*>(smem + Tile<D>::at(r, col)));
+  }
+}
+
+// ----------------------------------------------------------------------------------------- backward
+
+template <int D>
+struct BwdShape {
+  static constexpr int BK = 16 * NWARPS;      // keys per CTA
+  static constexpr int BQ = D <= 64 ? 64 : 32;  // queries per step (registers: dK and dV live in them)
+  static constexpr int KV_BYTES = Tile<D>::template bytes<BK>();
+  static constexpr int Q_BYTES = Tile<D>::template bytes<BQ>();
+  static constexpr int DS_BYTES = Tile<BQ>::template bytes<BK>();  // dS^T, keys x queries
+  static constexpr int ROW_BYTES = 2 * BQ * 4;                      // lse2 and delta of one tile
+  static constexpr int SMEM = 2 * KV_BYTES + 4 * Q_BYTES + 2 * ROW_BYTES + DS_BYTES;
+};
+
+// Gradients of `kvalid` keys (k, v, dk, dv point at the first) from every query tile of `walk`.
+// Per query head h (cursor.head): q + h * lq * D, dout likewise, lse2 + h * lq, delta likewise,
+// dq_acc + h * lq * D (float, atomically accumulated, unscaled).
+template <class T, int D, bool MASKED, class W>
+__device__ __forceinline__ void backward_keys(const u16* q, const u16* k, const u16* v, const u16* dout,
+                                              const float* lse2, const float* delta, float* dq_acc, u16* dk, u16* dv,
+                                              int j0, int kvalid, int lq, Mask mask, float c, float scale, W walk) {
+  using S = BwdShape<D>;
+  constexpr int BK = S::BK, BQ = S::BQ;
+  NPSA_DECLARE_SMEM(smem);
+  const int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP, g = lane / 4, t = lane % 4;
+  const u32 s_k = smem_u32(smem), s_v = s_k + S::KV_BYTES, s_q = s_v + S::KV_BYTES;
+  const u32 s_do = s_q + 2 * S::Q_BYTES, s_ds = s_do + 2 * S::Q_BYTES;
+  float* rowvals = reinterpret_cast<float*>(smem + 2 * S::KV_BYTES + 4 * S::Q_BYTES + S::DS_BYTES);
+  const long long lq_d = static_cast<long long>(lq) * D;
+
+  auto load_queries = [&](const Cursor& cur, int buf) {
+    const int valid = min(BQ, lq - cur.start);
+    const long long at = cur.head * lq_d + static_cast<long long>(cur.start) * D;
+    load_tile<BQ, D, NTHREADS>(s_q + buf * S::Q_BYTES, q + at, D, valid, tid);
+    load_tile<BQ, D, NTHREADS>(s_do + buf * S::Q_BYTES, dout + at, D, valid, tid);
+    cp_async_commit();
+    if (tid < BQ) {  // padding rows: lse2 = +inf makes P = 0
+      const long long row = static_cast<long long>(cur.head) * lq + cur.start + tid;
+      const bool ok = tid < valid;
+      rowvals[buf * 2 * BQ + tid] = ok ? ldg(lse2 + row) : inf();
+      rowvals[buf * 2 * BQ + BQ + tid] = ok ? ldg(delta + row) : 0.f;
+    }
+  };
+
+  load_tile<BK, D, NTHREADS>(s_k, k, D, kvalid, tid);
+  load_tile<BK, D, NTHREADS>(s_v, v, D, kvalid, tid);
+  cp_async_commit();
+  Cursor cur, nxt;
+  bool have = walk.next(cur);
+  if (have) load_queries(cur, 0);
+  else cp_async_commit();
+
+  float dk_acc[D / 8][4], dv_acc[D / 8][4];
+#pragma unroll
+  for (int nd = 0; nd < D / 8; ++nd)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk_acc[nd][e] = dv_acc[nd][e] = 0.f;
+
+  const int key_row = j0 + warp * 16 + g;  // this lane's keys: key_row and key_row + 8
+  for (int buf = 0; have; buf ^= 1) {
+    const bool have_next = walk.next(nxt);
+    if (have_next) load_queries(nxt, buf ^ 1);
+    else cp_async_commit();
+    cp_async_wait<1>();  // K, V and this tile's Q, dO have landed
+    __syncthreads();
+    const u32 tq = s_q + buf * S::Q_BYTES, tdo = s_do + buf * S::Q_BYTES;
+    const float* l2 = rowvals + buf * 2 * BQ;
+    const float* dl = l2 + BQ;
+
+    // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys
+    float p[BQ / 8][4], ds[BQ / 8][4];
+#pragma unroll
+    for (int nb = 0; nb < BQ / 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) p[nb][e] = ds[nb][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      u32 ka[4], va[4];
+      a_rows<D>(ka, s_k, warp * 16, kk * 16, lane);
+      a_rows<D>(va, s_v, warp * 16, kk * 16, lane);
+#pragma unroll
+      for (int n2 = 0; n2 < BQ / 16; ++n2) {
+        u32 b[2][2];
+        b_rows<D>(b, tq, n2 * 16, kk * 16, lane);
+        mma_16816<T>(p[2 * n2], ka, b[0]);
+        mma_16816<T>(p[2 * n2 + 1], ka, b[1]);
+        b_rows<D>(b, tdo, n2 * 16, kk * 16, lane);
+        mma_16816<T>(ds[2 * n2], va, b[0]);
+        mma_16816<T>(ds[2 * n2 + 1], va, b[1]);
+      }
+    }
+
+    // P^T = 2^(c S^T - lse2), dS^T = P^T (dP^T - delta); masked entries are 0
+    const bool interior = kvalid == BK && cur.start >= cur.lo && cur.start + BQ <= cur.hi &&
+                          (!MASKED || (j0 >= cur.start + BQ - 1 + mask.off - mask.left &&
+                                       j0 + BK - 1 <= cur.start + mask.off + mask.right));
+#pragma unroll
+    for (int nb = 0; nb < BQ / 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = nb * 8 + 2 * t + (e % 2);
+        float pe = exp2_approx(p[nb][e] * c - l2[col]);
+        if (!interior) {
+          const int key = key_row + 8 * (e / 2), query = cur.start + col;
+          bool vis = key < j0 + kvalid && query >= cur.lo && query < cur.hi;
+          if (MASKED) vis = vis && key >= query + mask.off - mask.left && key <= query + mask.off + mask.right;
+          if (!vis) pe = 0.f;
+        }
+        p[nb][e] = pe;
+        ds[nb][e] = pe * (ds[nb][e] - dl[col]);
+      }
+
+    // dV += P^T dO, dK += dS^T Q
+    u32 pa[BQ / 16][4], sa[BQ / 16][4];
+    c_to_a<T, BQ>(pa, p);
+    c_to_a<T, BQ>(sa, ds);
+#pragma unroll
+    for (int kk = 0; kk < BQ / 16; ++kk) {
+#pragma unroll
+      for (int n2 = 0; n2 < D / 16; ++n2) {
+        u32 b[2][2];
+        b_cols<D>(b, tdo, kk * 16, n2 * 16, lane);
+        mma_16816<T>(dv_acc[2 * n2], pa[kk], b[0]);
+        mma_16816<T>(dv_acc[2 * n2 + 1], pa[kk], b[1]);
+        b_cols<D>(b, tq, kk * 16, n2 * 16, lane);
+        mma_16816<T>(dk_acc[2 * n2], sa[kk], b[0]);
+        mma_16816<T>(dk_acc[2 * n2 + 1], sa[kk], b[1]);
+      }
+    }
+
+    // dS^T (rounded to T, as the dK product used it) to shared memory for dQ = dS K
+    unsigned char* dst = smem + (s_ds - s_k);
+#pragma unroll
+    for (int kk = 0; kk < BQ / 16; ++kk)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = warp * 16 + g + 8 * (e % 2), col = kk * 16 + 8 * (e / 2) + 2 * t;
+        *reinterpret_cast<u32*>(dst + Tile<BQ>::at(row, col)) = sa[kk][e];
+      }
+    __syncthreads();
+
+    // dQ (BQ x D) = dS K: query m-tile warp % MT, columns split over the NWARPS / MT warps sharing it
+    constexpr int MT = BQ / 16, SPLIT = NWARPS / MT, DN = D / SPLIT;
+    static_assert(NWARPS % MT == 0 && DN % 16 == 0, "dQ tiling");
+    const int mt = warp % MT, n0 = (warp / MT) * DN;
+    float dq[DN / 8][4];
+#pragma unroll
+    for (int nd = 0; nd < DN / 8; ++nd) dq[nd][0] = dq[nd][1] = dq[nd][2] = dq[nd][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      u32 a[4];
+      a_cols<BQ>(a, s_ds, mt * 16, kk * 16, lane);
+#pragma unroll
+      for (int n2 = 0; n2 < DN / 16; ++n2) {
+        u32 b[2][2];
+        b_cols<D>(b, s_k, kk * 16, n0 + n2 * 16, lane);
+        mma_16816<T>(dq[2 * n2], a, b[0]);
+        mma_16816<T>(dq[2 * n2 + 1], a, b[1]);
+      }
+    }
+#pragma unroll
+    for (int e2 = 0; e2 < 2; ++e2) {
+      const int query = cur.start + mt * 16 + g + 8 * e2;
+      if (query < cur.lo || query >= cur.hi) continue;  // hi <= lq
+      float* row = dq_acc + cur.head * lq_d + static_cast<long long>(query) * D + n0 + 2 * t;
+#pragma unroll
+      for (int nd = 0; nd < DN / 8; ++nd) {
+        atomic_add(row + nd * 8, dq[nd][2 * e2]);
+        atomic_add(row + nd * 8 + 1, dq[nd][2 * e2 + 1]);
+      }
+    }
+    // No barrier here: the next iteration refills only buffers last read before the barrier above,
+    // and writes dS^T only after its own first barrier, which every warp reaches after its dQ.
+    cur = nxt;
+    have = have_next;
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int e2 = 0; e2 < 2; ++e2) {
+    const int r = warp * 16 + g + 8 * e2;
+    if (r >= kvalid) continue;
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd) {
+      const long long at = static_cast<long long>(r) * D + nd * 8 + 2 * t;
+      stg(reinterpret_cast<u32*>(dk + at), pack2<T>(dk_acc[nd][2 * e2] * scale, dk_acc[nd][2 * e2 + 1] * scale));
+      stg(reinterpret_cast<u32*>(dv + at), pack2<T>(dv_acc[nd][2 * e2], dv_acc[nd][2 * e2 + 1]));
+    }
+  }
+}
+
+}  // namespace npsa
