@@ -1,7 +1,7 @@
 """Exact tiled attention (``npsparseattn.attention``): forward and backward.
 
 Swept over sequence length, head dimension, causal masking and backend, at
-batch 1, 4 heads, float32.  ``track_*_gflops`` reports the attention FLOP
+batch 1, 4 heads, float32 (float16 on a half-precision backend).  ``track_*_gflops`` reports the attention FLOP
 rate; ``track_*_vs_matmul`` divides it by the rate of a square matrix product
 measured in the same call, which cancels most of the machine's speed (and its
 neighbours) out of the history.

@@ -2,7 +2,7 @@
 
 Swept over sequence length, layout density (a seeded random block mask that
 always keeps the diagonal; density 1 is the dense layout), causal masking and
-backend, at batch 1, 4 heads, D=64, 64x64 blocks, float32.  The FLOP count
+backend, at batch 1, 4 heads, D=64, 64x64 blocks, float32 (float16 on a half-precision backend).  The FLOP count
 is that of the stored blocks, so ``track_*_gflops`` stays comparable across
 densities: the cost must follow the number of stored blocks, not ``L^2``.
 """

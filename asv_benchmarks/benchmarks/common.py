@@ -48,14 +48,19 @@ def _implementation(op: str, name: str) -> _dispatch.Implementation:
 def unavailable(backend: str, op: str) -> list[str]:
     """Why ``backend`` cannot run ``op`` on this machine (empty: it can): the registry's reasons.
 
-    Asked for a small float32 problem on the array kind the backend reads.
+    Asked for a small problem in :func:`benchmark_dtype` on the array kind the backend reads.
     """
     if backend not in nsa.available_backends(op):
         return [f"npsparseattn has no {backend} implementation of {op}"]
     impl = _implementation(op, backend)
-    x = np.ones((1, 1, 8, 8), np.float32)
+    x = np.ones((1, 1, 8, 8), benchmark_dtype(impl))
     problem = dataclasses.replace(attention_problem(x, x, x), kind=_kind(impl))
     return impl.unsupported(problem)
+
+
+def benchmark_dtype(impl: _dispatch.Implementation) -> str:
+    """float32, or float16 for a backend that computes in half precision only (the tensor-core ``cupy``)."""
+    return "float32" if "float32" in impl.dtypes else "float16"
 
 
 def _kind(impl: _dispatch.Implementation) -> str:
@@ -74,6 +79,7 @@ class Backend:
         if reasons:
             raise SkipNotImplemented(f"{label or op} on {name}: " + "; ".join(reasons))
         self.name = name
+        self.dtype = benchmark_dtype(_implementation(op, name))
         self.gpu = _kind(_implementation(op, name)) == "cupy"
         if self.gpu:
             import cupy
@@ -82,9 +88,9 @@ class Backend:
         else:
             self.xp = np
 
-    def random(self, rng: np.random.Generator, shape: tuple[int, ...], dtype: str = "float32") -> Any:
-        """Standard-normal array on this backend's device."""
-        return self.xp.asarray(rng.standard_normal(shape).astype(dtype))
+    def random(self, rng: np.random.Generator, shape: tuple[int, ...], dtype: str | None = None) -> Any:
+        """Standard-normal array on this backend's device, in :attr:`dtype` unless told otherwise."""
+        return self.xp.asarray(rng.standard_normal(shape).astype(dtype or self.dtype))
 
     def sync(self) -> None:
         """Wait for queued GPU work (no-op on the CPU)."""
@@ -101,8 +107,8 @@ class Backend:
 
         return call
 
-    def matmul_gflops(self, dtype: str = "float32", size: int = MATMUL_SIZE) -> float:
-        """GFLOP/s of a square matrix product on this backend's device, measured now."""
+    def matmul_gflops(self, dtype: str | None = None, size: int = MATMUL_SIZE) -> float:
+        """GFLOP/s of a square matrix product on this backend's device in :attr:`dtype`, measured now."""
         rng = np.random.default_rng(0)
         a = self.random(rng, (size, size), dtype)
         b = self.random(rng, (size, size), dtype)
