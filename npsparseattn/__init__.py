@@ -15,12 +15,17 @@ layouts
 ring_attention, ring_attention_backward, shard, unshard
     Exact attention over a sequence sharded across MPI ranks or GPUs (K/V travel
     a ring); communicators in ``npsparseattn.distributed``.
+merge_states
+    The exact merge of two partial attention results by their lse.
 available_backends, register_backend, BackendError
     The backend registry: which implementations exist for an operation, how
     to add one (a module per operation on the kernel contract of
     :mod:`npsparseattn.problems`), the error that explains a refusal.
 reference
     Dense float64 oracle (module).
+
+Every operation also accepts DLPack arrays (PyTorch tensors, JAX arrays) and
+returns the caller's kind.
 
 Importing the package imports no backend: the registry imports a backend's
 module the first time it is chosen (so neither numba nor CuPy is loaded
@@ -34,7 +39,8 @@ from npsparseattn._dispatch import BackendError, available_backends, register_ba
 from npsparseattn.block_sparse import block_sparse_attention, block_sparse_attention_backward
 from npsparseattn.exact import attention, attention_backward
 from npsparseattn.lsh import lsh_attention, lsh_attention_backward, lsh_buckets, lsh_rotations, lsh_sort
-from npsparseattn.ring import merge_states, ring_attention, ring_attention_backward, shard, unshard
+from npsparseattn.merge import merge_states
+from npsparseattn.ring import ring_attention, ring_attention_backward, shard, unshard
 
 __version__ = "0.1.0"
 
