@@ -75,13 +75,13 @@ def _device_type(x: Any) -> int:
     return int(x.__dlpack_device__()[0])
 
 
-def _generic_native(x: Any) -> Any:
+def _generic_native(x: Any, name: str) -> Any:
     device = _device_type(x)
     if device in (_CPU, _CUDA_HOST):
         return np.from_dlpack(x)
     if device in _CUDA:
         return _cupy().from_dlpack(x)
-    raise TypeError(f"arrays on DLPack device type {device} are not supported (CPU and CUDA are)")
+    raise TypeError(f"{name} is on DLPack device type {device}; arrays on the CPU and CUDA GPUs are supported")
 
 
 def _generic_back(a: Any, like: Any) -> Any:
@@ -92,18 +92,18 @@ def _generic_back(a: Any, like: Any) -> Any:
 # --------------------------------------------------------------------------- PyTorch
 
 
-def _torch_native(x: Any) -> Any:
+def _torch_native(x: Any, name: str) -> Any:
     torch = sys.modules["torch"]
     if x.requires_grad:
         raise TypeError(
-            "a tensor that requires grad was passed; npsparseattn's functions take plain arrays: pass "
-            "tensor.detach(), or use npsparseattn.interop.torch.attention for gradients"
+            f"{name} requires grad; npsparseattn's functions take plain arrays: pass {name}.detach(), or use "
+            f"npsparseattn.interop.torch.attention for gradients"
         )
     if x.dtype == torch.bfloat16:
         if x.device.type != "cpu":
-            raise TypeError("bfloat16 GPU tensors are not supported: CuPy has no bfloat16 dtype")
+            raise TypeError(f"{name} is a bfloat16 GPU tensor; CuPy has no bfloat16 dtype to read it as")
         return np.from_dlpack(x.view(torch.int16)).view(_bfloat16())
-    return _generic_native(x)
+    return _generic_native(x, name)
 
 
 def _torch_back(a: Any, like: Any) -> Any:
@@ -116,16 +116,16 @@ def _torch_back(a: Any, like: Any) -> Any:
 # --------------------------------------------------------------------------- JAX
 
 
-def _jax_native(x: Any) -> Any:
+def _jax_native(x: Any, name: str) -> Any:
     jax = sys.modules.get("jax")
     if jax is not None and isinstance(x, jax.core.Tracer):
         raise TypeError(
-            "a JAX tracer was passed (inside jax.jit, grad or vmap); npsparseattn's functions need concrete "
-            "arrays: use npsparseattn.interop.jax.attention, which runs as a host callback"
+            f"{name} is a JAX tracer (inside jax.jit, grad or vmap); npsparseattn's functions need concrete "
+            f"arrays: use npsparseattn.interop.jax.attention, which runs as a host callback"
         )
     if x.dtype == _bfloat16() and _device_type(x) == _CPU:
         return np.asarray(x)
-    return _generic_native(x)
+    return _generic_native(x, name)
 
 
 def _jax_back(a: Any, like: Any) -> Any:
@@ -140,7 +140,7 @@ class Framework:
     """How arrays of one framework are read (``native``) and given back (``back``)."""
 
     name: str
-    native: Callable[[Any], Any]
+    native: Callable[[Any, str], Any]
     back: Callable[[Any, Any], Any]
 
 
@@ -177,6 +177,7 @@ class _Caller:
 
     def native(self, x: Any, name: str) -> Any:
         framework = framework_of(x)
+        array = framework.native(x, name)
         if self.framework is None:
             self.framework, self.like, self.name, self.device = framework, x, name, _device(x)
         elif framework.name != self.framework.name:
@@ -189,7 +190,7 @@ class _Caller:
                 f"{self.name} is on {_device_name(self.device)} but {name} is on {_device_name(_device(x))}; "
                 f"pass all arrays on one device"
             )
-        return framework.native(x)
+        return array
 
     def back(self, result: Any) -> Any:
         if isinstance(result, np.ndarray) or is_cupy_array(result):
