@@ -18,4 +18,4 @@ module follows the kernel contract of :mod:`npsparseattn.problems`.
 from __future__ import annotations
 
 KINDS = ("numpy",)
-DTYPES = ("float16", "float32", "float64")  # float16 is read as float32
+DTYPES = ("float16", "bfloat16", "float32", "float64")  # float16 and bfloat16 are read as float32
