@@ -85,9 +85,7 @@ def attention_varlen(
     return_lse = check_flag(return_lse, "return_lse")
     p = varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, window=window, scale=scale)
     impl = select("attention_varlen", p, backend)
-    out, lse = impl.module.forward(
-        *kernel_inputs(impl, p.dtype, p.q, p.k, p.v), p.cu_seqlens_q, p.cu_seqlens_k, **p.visibility()
-    )
+    out, lse = impl.module.forward(*kernel_inputs(impl, p.dtype, p.q, p.k, p.v), *p.kernel_offsets(), **p.visibility())
     out, lse = cast_outputs(p.dtype, out, lse)
     return (out, lse) if return_lse else out
 
@@ -143,8 +141,6 @@ def attention_varlen_backward(
     g = varlen_gradient_inputs(p, dout, out, lse)
     impl = select("attention_varlen", p, backend)
     dout_k, q_k, k_k, v_k, out_k = kernel_inputs(impl, p.dtype, g.dout, p.q, p.k, p.v, g.out)
-    grads = impl.module.backward(
-        dout_k, q_k, k_k, v_k, out_k, kernel_lse(impl, p.dtype, g.lse), p.cu_seqlens_q, p.cu_seqlens_k,
-        **p.visibility(),
-    )  # fmt: skip
+    lse_k = kernel_lse(impl, p.dtype, g.lse)
+    grads = impl.module.backward(dout_k, q_k, k_k, v_k, out_k, lse_k, *p.kernel_offsets(), **p.visibility())
     return cast_grads(p.dtype, grads)

@@ -149,6 +149,9 @@ def test_plan_covers_every_visible_key_once():
         n = lengths[b]
         assert chunks[0, 1] == max(0, i0 + n - 3 - 2000) and chunks[-1, 2] == n
     assert np.all(costs > 0)
+    tiles, tasks, first, _ = cpu_kvcache.plan(lengths, 4, 8, 2, 3, 2000, 0, 4, all_heads=True)
+    assert tiles.tolist() == [[b, 0, 8, 0, 3] for b in range(4)]  # small pages: every head of a sequence
+    assert tasks[first[1] : first[2], 2][-1] == 5000 and tasks.shape[0] > 4
 
 
 def test_cache_seqlens_as_an_int_and_empty_caches(rng):
@@ -246,3 +249,14 @@ def test_read_only_and_shared_slots_are_refused_before_writing(rng):
     # reading a read-only cache is fine
     out = nsa.attention_with_kvcache(q, frozen, v_pages, cache_seqlens=np.array([2, 2]), block_table=shared)
     assert np.isfinite(out).all()
+
+
+def test_gpu_arrays_are_refused_with_every_backends_reason(rng, fake_cupy):
+    q = FakeCupyArray(random_array(rng, (2, 4, 1, 8)))
+    k_cache, v_cache = (FakeCupyArray(x) for x in random_array(rng, (2, 2, 2, 16, 8)))
+    with pytest.raises(nsa.BackendError) as info:
+        nsa.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=np.array([3, 4], np.int32))
+    message = str(info.value)
+    assert "no backend can run attention_with_kvcache for these inputs" in message
+    assert "numba: takes NumPy arrays, got CuPy" in message
+    assert "reference: not chosen automatically (pass backend='reference' to use it)" in message

@@ -217,3 +217,13 @@ def test_shape_and_dtype_errors(rng, fake_cupy):
         nsa.attention_varlen_backward(out, q, k, v, out, lse[:, :4], cu_q, cu_k)
     with pytest.raises(TypeError, match=r"out has dtype float32; expected float64 like q"):
         nsa.attention_varlen_backward(out, q, k, v, out.astype(np.float32), lse, cu_q, cu_k)
+
+
+def test_gpu_arrays_are_refused_with_every_backends_reason(rng, fake_cupy):
+    q, k, v, cu_q, cu_k = packed(rng, [5, 2], [5, 2])
+    with pytest.raises(nsa.BackendError) as info:
+        nsa.attention_varlen(FakeCupyArray(q), FakeCupyArray(k), FakeCupyArray(v), cu_q, cu_k)
+    message = str(info.value)
+    assert "no backend can run attention_varlen for these inputs" in message
+    assert "numba: takes NumPy arrays, got CuPy" in message
+    assert "reference: not chosen automatically (pass backend='reference' to use it)" in message

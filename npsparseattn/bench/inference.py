@@ -89,7 +89,7 @@ def paged_copy(cache: np.ndarray, page_size: int, rng: np.random.Generator) -> t
     pages = padded.reshape(batch, heads, per_seq, page_size, dim).transpose(0, 2, 1, 3, 4)
     pages = pages.reshape(batch * per_seq, heads, page_size, dim)
     where = rng.permutation(batch * per_seq)
-    shuffled = np.empty_like(pages)
+    shuffled = np.empty(pages.shape, cache.dtype)  # C order, as a page pool is allocated
     shuffled[where] = pages
     return shuffled, where.reshape(batch, per_seq).astype(np.int32)
 

@@ -51,6 +51,8 @@ TOLERANCE = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-5, "float64": 1e-1
 
 KEY_TILE = 256  # keys per step (fewer at a page's end)
 QUERY_TILE = 128  # query rows per tile when the GQA group is not folded
+SMALL_ROWS = 16  # tiles of at most this many query rows multiply by loops over key rows, larger ones by BLAS
+SWEEP_BYTES = 65536  # pages whose per-head slab is smaller are read all heads at once
 FOLD_ROWS = 64  # fold a GQA group's G * Lq query rows into one tile up to this many rows
 MIN_SPLIT = 1024  # fewest keys in one flash-decoding chunk
 TASKS_PER_THREAD = 4  # split keys until there are about this many tasks per thread
@@ -61,31 +63,98 @@ def unsupported(problem) -> list[str]:
     return []
 
 
+@njit(inline="always", fastmath=FASTMATH)
+def _scores_by_rows(q_rows, keys, n, c, s):
+    """``s[:R, :n] = c * q_rows @ keys[:n].T`` one key row at a time (each key row read once for all R rows)."""
+    for j in range(n):
+        key = keys[j]
+        for r in range(q_rows.shape[0]):
+            query = q_rows[r]
+            total = like(0.0, s)
+            for d in range(key.shape[0]):
+                total += query[d] * key[d]
+            s[r, j] = c * total
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _accumulate_by_rows(p, values, n, rows, acc):
+    """``acc[:rows] += p[:rows, :n] @ values[:n]`` one value row at a time."""
+    for j in range(n):
+        value = values[j]
+        for r in range(rows):
+            weight = p[r, j]
+            acc_row = acc[r]
+            for d in range(value.shape[0]):
+                acc_row[d] += weight * value[d]
+
+
 @njit(inline="always")
-def _page_step(gemm, q, kc, vc, b, h0, nh, i0, m, hk, page, slot, j0, n, off, left, right, n_keys, c, s, acc,
-               row_max, row_sum):  # fmt: skip
-    """Rows of ``nh`` heads x ``m`` queries against keys ``[j0, j0 + n)``, slots ``slot..`` of ``page``."""
-    one = like(1.0, q)
-    ld = s.shape[1]
-    rows = nh * m
-    qp = row_address(q, b, h0, i0)
-    kp = row_address(kc, page, hk, slot)
-    gemm_nt(gemm, rows, n, q.shape[3], c, qp, row_stride(q), kp, row_stride(kc), like(0.0, q), s.ctypes.data, ld)
-    for g in range(nh):
-        r0 = g * m
-        online_softmax_tile(s[r0 : r0 + m], m, n, i0, j0, off, left, right, n_keys, row_max[r0 : r0 + m],
-                            row_sum[r0 : r0 + m], acc[r0 : r0 + m])  # fmt: skip
-    vp = row_address(vc, page, hk, slot)
-    gemm_nn(gemm, rows, vc.shape[3], n, one, s.ctypes.data, ld, vp, row_stride(vc), one, acc.ctypes.data, acc.shape[1])
+def _head_rows(h0, nh, m, group, hk):
+    """Query heads ``[hs, he)`` of a tile of heads ``[h0, h0 + nh)`` that read KV head ``hk``, and their first row."""
+    hs = max(h0, hk * group)
+    he = min(h0 + nh, (hk + 1) * group)
+    return hs, he, (hs - h0) * m
+
+
+@njit(inline="always")
+def _tile_scores(gemm, q, q_rows, kc, table, b, h0, nh, i0, m, j0, n, c, s, small):
+    """``s[:rows, :n] = c * Q K^T`` for logical keys ``[j0, j0 + n)``: page segment by segment, and within a
+    segment every KV head of the tile in turn (a page's heads are adjacent in memory, so small pages stream).
+
+    ``small``: few rows per KV head (decoding), so the product runs as loops that
+    read each key row once for all its rows; otherwise as BLAS GEMMs.
+    """
+    page_size = kc.shape[2]
+    group = q.shape[1] // kc.shape[1]
+    col = 0
+    while col < n:
+        pos = j0 + col
+        slot = pos % page_size
+        seg = min(n - col, page_size - slot)
+        page = table[b, pos // page_size]
+        for hk in range(h0 // group, (h0 + nh - 1) // group + 1):
+            hs, he, r0 = _head_rows(h0, nh, m, group, hk)
+            rows = (he - hs) * m
+            if small:
+                _scores_by_rows(q_rows[r0 : r0 + rows], kc[page, hk, slot : slot + seg], seg, c, s[r0:, col:])
+            else:
+                gemm_nt(gemm, rows, seg, q.shape[3], c, row_address(q, b, hs, i0), row_stride(q),
+                        row_address(kc, page, hk, slot), row_stride(kc), like(0.0, q),
+                        s.ctypes.data + (r0 * s.shape[1] + col) * s.itemsize, s.shape[1])  # fmt: skip
+        col += seg
+
+
+@njit(inline="always")
+def _tile_values(gemm, vc, table, b, h0, nh, m, group, j0, n, s, acc, small):
+    """``acc[:rows] += P V`` for the probabilities ``s[:rows, :n]`` of keys ``[j0, j0 + n)``, in the order of
+    :func:`_tile_scores`."""
+    page_size = vc.shape[2]
+    one = like(1.0, acc)
+    col = 0
+    while col < n:
+        pos = j0 + col
+        slot = pos % page_size
+        seg = min(n - col, page_size - slot)
+        page = table[b, pos // page_size]
+        for hk in range(h0 // group, (h0 + nh - 1) // group + 1):
+            hs, he, r0 = _head_rows(h0, nh, m, group, hk)
+            rows = (he - hs) * m
+            if small:
+                _accumulate_by_rows(s[r0:, col:], vc[page, hk, slot : slot + seg], seg, rows, acc[r0:])
+            else:
+                gemm_nn(gemm, rows, vc.shape[3], seg, one, s.ctypes.data + (r0 * s.shape[1] + col) * s.itemsize,
+                        s.shape[1], row_address(vc, page, hk, slot), row_stride(vc), one,
+                        acc.ctypes.data + r0 * acc.shape[1] * acc.itemsize, acc.shape[1])  # fmt: skip
+        col += seg
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _decode_kernel(q, kc, vc, seqlens, table, tiles, tasks, order, starts, out, lse, part_out, part_lse, direct,
-                   scale, left, right, rows_max, bk, gemm):  # fmt: skip
+                   scale, left, right, rows_max, bk, small_rows, gemm):  # fmt: skip
     lq = q.shape[2]
     group = q.shape[1] // kc.shape[1]
-    page_size = kc.shape[2]
     c = like(scale * LOG2E, q)
+    q_flat = q.reshape(q.shape[0], q.shape[1] * lq, q.shape[3])  # row h * Lq + i of a batch entry: contiguous q
     for w in prange(starts.shape[0] - 1):
         s = np.empty((rows_max, bk), q.dtype)
         acc = np.empty((rows_max, vc.shape[3]), q.dtype)
@@ -95,21 +164,22 @@ def _decode_kernel(q, kc, vc, seqlens, table, tiles, tasks, order, starts, out, 
             task = order[t]
             tile, k_start, k_stop = tasks[task, 0], tasks[task, 1], tasks[task, 2]
             b, h0, nh, i0, m = tiles[tile, 0], tiles[tile, 1], tiles[tile, 2], tiles[tile, 3], tiles[tile, 4]
-            hk = h0 // group
             n_keys = seqlens[b]
             off = n_keys - lq
             rows = nh * m
+            q_rows = q_flat[b, h0 * lq + i0 : h0 * lq + i0 + rows]
+            small = min(nh, group) * m <= small_rows
             acc[:rows] = 0
             row_max[:rows] = -np.inf
             row_sum[:rows] = 0
-            j0 = k_start
-            while j0 < k_stop:
-                slot = j0 % page_size
-                n = min(bk, k_stop - j0, page_size - slot)
-                page = table[b, j0 // page_size]
-                _page_step(gemm, q, kc, vc, b, h0, nh, i0, m, hk, page, slot, j0, n, off, left, right, n_keys, c, s,
-                           acc, row_max, row_sum)  # fmt: skip
-                j0 += n
+            for j0 in range(k_start, k_stop, bk):
+                n = min(bk, k_stop - j0)
+                _tile_scores(gemm, q, q_rows, kc, table, b, h0, nh, i0, m, j0, n, c, s, small)
+                for g in range(nh):
+                    r0 = g * m
+                    online_softmax_tile(s[r0 : r0 + m], m, n, i0, j0, off, left, right, n_keys, row_max[r0 : r0 + m],
+                                        row_sum[r0 : r0 + m], acc[r0 : r0 + m])  # fmt: skip
+                _tile_values(gemm, vc, table, b, h0, nh, m, group, j0, n, s, acc, small)
             if direct:
                 for g in range(nh):
                     r0 = g * m
@@ -147,9 +217,13 @@ def _merge_kernel(tiles, first, part_out, part_lse, out, lse):
             lse[b, h, i] = top + np.log(total)
 
 
-def _row_tiles(batch: int, hq: int, hk: int, lq: int) -> np.ndarray:
-    """Row tiles ``(b, h0, nh, i0, m)`` (T, 5): whole GQA groups when they fit :data:`FOLD_ROWS`, else per head."""
+def _row_tiles(batch: int, hq: int, hk: int, lq: int, all_heads: bool) -> np.ndarray:
+    """Row tiles ``(b, h0, nh, i0, m)`` (T, 5): every head of a sequence (``all_heads``), whole GQA groups
+    when they fit :data:`FOLD_ROWS`, else one head and up to :data:`QUERY_TILE` queries."""
     group = hq // hk
+    if all_heads:
+        b = np.arange(batch)
+        return np.stack([b, np.zeros_like(b), np.full_like(b, hq), np.zeros_like(b), np.full_like(b, lq)], axis=1)
     if group * lq <= FOLD_ROWS:
         b, g = np.divmod(np.arange(batch * hk), hk)
         return np.stack([b, g * group, np.full_like(b, group), np.zeros_like(b), np.full_like(b, lq)], axis=1)
@@ -159,7 +233,15 @@ def _row_tiles(batch: int, hq: int, hk: int, lq: int) -> np.ndarray:
 
 
 def plan(
-    seqlens: np.ndarray, batch: int, hq: int, hk: int, lq: int, left: int, right: int, threads: int
+    seqlens: np.ndarray,
+    batch: int,
+    hq: int,
+    hk: int,
+    lq: int,
+    left: int,
+    right: int,
+    threads: int,
+    all_heads: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(tiles, tasks, first, costs)``: row tiles, their key chunks ``(tile, start, stop)``, chunk ranges, costs.
 
@@ -169,7 +251,7 @@ def plan(
     :data:`TASKS_PER_THREAD` tasks per thread.  Chunks of tile ``t`` are
     tasks ``first[t]:first[t+1]``; every tile has at least one.
     """
-    tiles = _row_tiles(batch, hq, hk, lq).astype(np.int64)
+    tiles = _row_tiles(batch, hq, hk, lq, all_heads).astype(np.int64)
     n_keys = seqlens.astype(np.int64)[tiles[:, 0]]
     off = n_keys - lq
     lo = np.clip(tiles[:, 3] + off - left, 0, n_keys)
@@ -232,17 +314,23 @@ def forward(
         return out, lse
     q = np.ascontiguousarray(q)
     left_b, right_b = window_bound(left), window_bound(right)
-    tiles, tasks, first, costs = plan(np.asarray(seqlens), batch, hq, hk, lq, left_b, right_b, get_num_threads())
+    # small pages: a tile takes every head of a sequence, so it reads each page's heads in one sweep
+    small_pages = k_cache.shape[2] * k_cache.shape[3] * k_cache.itemsize < SWEEP_BYTES and hq * lq <= FOLD_ROWS
+    tiles, tasks, first, costs = plan(
+        np.asarray(seqlens), batch, hq, hk, lq, left_b, right_b, get_num_threads(), all_heads=small_pages
+    )
     rows_max = int((tiles[:, 2] * tiles[:, 4]).max())
     direct = tasks.shape[0] == tiles.shape[0]
     n_parts = 1 if direct else tasks.shape[0]
     part_out = np.empty((n_parts, 1, rows_max, dv), q.dtype)
     part_lse = np.empty((n_parts, 1, rows_max), q.dtype)
     order, starts = deal(costs)
+    # the loops over key rows vectorise on C-ordered pages only; other layouts go through BLAS's leading dimension
+    small_rows = SMALL_ROWS if k_cache.flags.c_contiguous and v_cache.flags.c_contiguous else 0
     with single_threaded_blas():
         _decode_kernel(
             q, k_cache, v_cache, seqlens, block_table, tiles, tasks, order, starts, out, lse, part_out, part_lse,
-            direct, scale, left_b, right_b, rows_max, KEY_TILE, gemm_address(q.dtype),
+            direct, scale, left_b, right_b, rows_max, KEY_TILE, small_rows, gemm_address(q.dtype),
         )  # fmt: skip
         if not direct:
             _merge_kernel(tiles, first, part_out, part_lse, out, lse)

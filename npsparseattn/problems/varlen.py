@@ -73,18 +73,16 @@ def _offsets(cu: Any, name: str, total: int, kind: str) -> np.ndarray:
 class VarlenProblem:
     """Validated packed sequences: ``q`` (Hq, Tq, D), ``k`` (Hk, Tk, D), ``v`` (Hk, Tk, Dv) and their offsets.
 
-    ``cu_seqlens_q``/``cu_seqlens_k`` are int32 arrays of the problem's kind;
-    ``seqlens_q``/``seqlens_k`` the host (NumPy int64) lengths of each
-    sequence.  ``left``/``right`` are the window with causal folded in.
+    ``offsets_q``/``offsets_k`` are the validated offsets on the host
+    (NumPy int64), :meth:`kernel_offsets` gives them as the kernels read
+    them.  ``left``/``right`` are the window with causal folded in.
     """
 
     q: Any
     k: Any
     v: Any
-    cu_seqlens_q: Any
-    cu_seqlens_k: Any
-    seqlens_q: np.ndarray
-    seqlens_k: np.ndarray
+    offsets_q: np.ndarray
+    offsets_k: np.ndarray
     kind: str
     dtype: np.dtype
     scale: float
@@ -94,7 +92,12 @@ class VarlenProblem:
 
     @property
     def n_seqs(self) -> int:
-        return self.seqlens_q.shape[0]
+        return self.offsets_q.shape[0] - 1
+
+    def kernel_offsets(self) -> tuple[Any, Any]:
+        """``(cu_seqlens_q, cu_seqlens_k)`` as int32 arrays of the problem's kind (copied to the GPU for CuPy)."""
+        xp = array_module(self.kind)
+        return xp.asarray(self.offsets_q.astype(np.int32)), xp.asarray(self.offsets_k.astype(np.int32))
 
     def visibility(self) -> dict[str, Any]:
         """The keywords of the varlen kernel contract: ``scale``, ``left``, ``right`` (offsets are per sequence)."""
@@ -135,15 +138,12 @@ def varlen_problem(
         )
     causal = check_flag(causal, "causal")
     left, right = check_window(window, causal)
-    xp = array_module(kind)
     return VarlenProblem(
         q=q,
         k=k,
         v=v,
-        cu_seqlens_q=xp.asarray(host_q.astype(np.int32)),
-        cu_seqlens_k=xp.asarray(host_k.astype(np.int32)),
-        seqlens_q=np.diff(host_q),
-        seqlens_k=np.diff(host_k),
+        offsets_q=host_q,
+        offsets_k=host_k,
         kind=kind,
         dtype=dtype,
         scale=check_scale(scale, q.shape[-1]),
