@@ -1,16 +1,23 @@
 """Attention over a paged KV cache on the CPU (numba): backend ``"numba"`` of ``attention_with_kvcache``.
 
 The cache arrives as pages (P, Hk, page_size, D|Dv); a contiguous cache is
-one page per sequence.  Key tiles never cross a page: a tile is up to
-``KEY_TILE`` keys of one page, read in place through the page's row stride
-(BLAS leading dimension), so a paged cache costs what a contiguous one does
-once pages hold a few dozen keys.
+one page per sequence.  A key tile is up to ``KEY_TILE`` consecutive logical
+positions; its products run page segment by page segment, each read in
+place through the page's row stride, and the online softmax runs once per
+tile whatever the page size.
 
 **Row tiles.**  Decoding has few queries per sequence, so the query rows of a
 whole GQA group are one tile when ``G * Lq <= FOLD_ROWS``: the ``G`` query
 heads that share a key/value head read each key tile once (PyTorch's SDPA
-reads it ``G`` times).  Longer query blocks (chunked prefill against a
-cache) are tiled per query head, ``QUERY_TILE`` rows at a time.
+reads it ``G`` times).  When a page holds less than ``SWEEP_BYTES`` per head,
+a tile takes every head of the sequence and reads each page's heads, which
+are adjacent in memory, in one sweep.  Longer query blocks (chunked prefill
+against a cache) are tiled per query head, ``QUERY_TILE`` rows at a time.
+
+**Products.**  Up to ``SMALL_ROWS`` query rows per KV head (decoding) on
+C-ordered pages: loops that read each key and value row once for all rows
+(vectorised over D); otherwise BLAS GEMMs on the tile, which read any row
+stride.
 
 **Flash-decoding.**  A row tile's visible keys are split into chunks when
 there are too few row tiles to keep every thread busy (``Lq = 1``, a single
@@ -18,9 +25,6 @@ sequence); each chunk is a task that writes a partial ``(out, lse)``, and a
 second kernel merges the chunks of each row tile exactly (the merge of
 :mod:`npsparseattn.merge`).  Tasks are dealt to one work list per thread
 (:func:`npsparseattn.cpu._schedule.deal`), heaviest first.
-
-Per key tile the work is the shared one: a score GEMM, the online softmax of
-:mod:`npsparseattn.cpu._tiles` per head of the tile, a ``P @ V`` GEMM.
 """
 
 from __future__ import annotations
