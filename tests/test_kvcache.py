@@ -260,3 +260,14 @@ def test_gpu_arrays_are_refused_with_every_backends_reason(rng, fake_cupy):
     assert "no backend can run attention_with_kvcache for these inputs" in message
     assert "numba: takes NumPy arrays, got CuPy" in message
     assert "reference: not chosen automatically (pass backend='reference' to use it)" in message
+
+
+def test_float32_error_stays_small_over_a_long_cache(rng):
+    """200000 keys summed in float32: the decoding loops round once per key tile, not once per key.
+
+    Measured: about 7e-7 this way; summing key by key gives about 4e-6.
+    """
+    k_cache, v_cache = (random_array(rng, (1, 1, 200_000, 16), np.float32) for _ in range(2))
+    q = random_array(rng, (1, 4, 1, 16), np.float32)
+    out = nsa.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=200_000)
+    assert rel_err(out, reference.attention(q, k_cache, v_cache, causal=True)[0]) < 2e-6

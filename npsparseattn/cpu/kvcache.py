@@ -129,10 +129,17 @@ def _tile_scores(gemm, q, q_rows, kc, table, b, h0, nh, i0, m, j0, n, c, s, smal
 
 
 @njit(inline="always")
-def _tile_values(gemm, vc, table, b, h0, nh, m, group, j0, n, s, acc, small):
+def _tile_values(gemm, vc, table, b, h0, nh, m, group, j0, n, s, acc, tile_acc, small):
     """``acc[:rows] += P V`` for the probabilities ``s[:rows, :n]`` of keys ``[j0, j0 + n)``, in the order of
-    :func:`_tile_scores`."""
+    :func:`_tile_scores`.
+
+    The loops sum the tile into ``tile_acc`` first and add that to ``acc``
+    (as a GEMM with ``beta = 1`` does): one rounding per tile, not per key, in
+    the running sum of a long cache.
+    """
     page_size = vc.shape[2]
+    if small:
+        tile_acc[: nh * m] = 0
     one = like(1.0, acc)
     col = 0
     while col < n:
@@ -144,12 +151,17 @@ def _tile_values(gemm, vc, table, b, h0, nh, m, group, j0, n, s, acc, small):
             hs, he, r0 = _head_rows(h0, nh, m, group, hk)
             rows = (he - hs) * m
             if small:
-                _accumulate_by_rows(s[r0:, col:], vc[page, hk, slot : slot + seg], seg, rows, acc[r0:])
+                _accumulate_by_rows(s[r0:, col:], vc[page, hk, slot : slot + seg], seg, rows, tile_acc[r0:])
             else:
                 gemm_nn(gemm, rows, vc.shape[3], seg, one, s.ctypes.data + (r0 * s.shape[1] + col) * s.itemsize,
                         s.shape[1], row_address(vc, page, hk, slot), row_stride(vc), one,
                         acc.ctypes.data + r0 * acc.shape[1] * acc.itemsize, acc.shape[1])  # fmt: skip
         col += seg
+    if small:
+        for r in range(nh * m):
+            acc_row, tile_row = acc[r], tile_acc[r]
+            for d in range(acc_row.shape[0]):
+                acc_row[d] += tile_row[d]
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
@@ -162,6 +174,7 @@ def _decode_kernel(q, kc, vc, seqlens, table, tiles, tasks, order, starts, out, 
     for w in prange(starts.shape[0] - 1):
         s = np.empty((rows_max, bk), q.dtype)
         acc = np.empty((rows_max, vc.shape[3]), q.dtype)
+        tile_acc = np.empty((rows_max, vc.shape[3]), q.dtype)
         row_max = np.empty(rows_max, q.dtype)
         row_sum = np.empty(rows_max, q.dtype)
         for t in range(starts[w], starts[w + 1]):
@@ -183,7 +196,7 @@ def _decode_kernel(q, kc, vc, seqlens, table, tiles, tasks, order, starts, out, 
                     r0 = g * m
                     online_softmax_tile(s[r0 : r0 + m], m, n, i0, j0, off, left, right, n_keys, row_max[r0 : r0 + m],
                                         row_sum[r0 : r0 + m], acc[r0 : r0 + m])  # fmt: skip
-                _tile_values(gemm, vc, table, b, h0, nh, m, group, j0, n, s, acc, small)
+                _tile_values(gemm, vc, table, b, h0, nh, m, group, j0, n, s, acc, tile_acc, small)
             if direct:
                 for g in range(nh):
                     r0 = g * m
