@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.npsparseattn-installed
-EXTRAS ?= test,mpi,plot,bench,docs,cuda
+EXTRAS ?= test,mpi,plot,bench,docs,cuda,interop
 
 .PHONY: demo test lint bench docs asv-smoke clean-cache test-cudasim gpu-check
 

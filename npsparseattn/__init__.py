@@ -15,12 +15,23 @@ layouts
 ring_attention, ring_attention_backward, shard, unshard
     Exact attention over a sequence sharded across MPI ranks or GPUs (K/V travel
     a ring); communicators in ``npsparseattn.distributed``.
+attention_varlen, attention_varlen_backward
+    Packed batches of sequences of different lengths (flash-attn's varlen).
+attention_with_kvcache
+    Decoding against a contiguous or paged KV cache, appending new tokens in
+    place (flash-attn's ``flash_attn_with_kvcache``; flash-decoding splits).
+merge_states
+    The exact merge of two partial attention results by their lse.
 available_backends, register_backend, BackendError
     The backend registry: which implementations exist for an operation, how
     to add one (a module per operation on the kernel contract of
     :mod:`npsparseattn.problems`), the error that explains a refusal.
 reference
     Dense float64 oracle (module).
+
+Every operation also accepts DLPack arrays (PyTorch tensors, JAX arrays) and
+returns the caller's kind; ``npsparseattn.interop.torch`` and
+``npsparseattn.interop.jax`` hold autograd/``custom_vjp`` adapters.
 
 Importing the package imports no backend: the registry imports a backend's
 module the first time it is chosen (so neither numba nor CuPy is loaded
@@ -33,8 +44,11 @@ from npsparseattn import layouts, reference
 from npsparseattn._dispatch import BackendError, available_backends, register_backend
 from npsparseattn.block_sparse import block_sparse_attention, block_sparse_attention_backward
 from npsparseattn.exact import attention, attention_backward
+from npsparseattn.kvcache import attention_with_kvcache
 from npsparseattn.lsh import lsh_attention, lsh_attention_backward, lsh_buckets, lsh_rotations, lsh_sort
-from npsparseattn.ring import merge_states, ring_attention, ring_attention_backward, shard, unshard
+from npsparseattn.merge import merge_states
+from npsparseattn.ring import ring_attention, ring_attention_backward, shard, unshard
+from npsparseattn.varlen import attention_varlen, attention_varlen_backward
 
 __version__ = "0.1.0"
 
@@ -43,6 +57,9 @@ __all__ = [
     "__version__",
     "attention",
     "attention_backward",
+    "attention_varlen",
+    "attention_varlen_backward",
+    "attention_with_kvcache",
     "available_backends",
     "block_sparse_attention",
     "block_sparse_attention_backward",

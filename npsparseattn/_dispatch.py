@@ -35,6 +35,8 @@ OPERATIONS = (
     "lsh_sort",
     "lsh_attention",
     "ring_attention",
+    "attention_varlen",
+    "attention_with_kvcache",
 )
 ALIASES = {"ring_attention": "attention"}  # ring attention runs the attention kernels block by block
 
@@ -77,6 +79,10 @@ _TABLE: list[Row] = [
     Row("lsh_attention", "numba", "npsparseattn.cpu.lsh", 10),
     Row("lsh_attention", "numba-cuda", "npsparseattn.cuda.numba_lsh", 30),
     Row("lsh_attention", "reference", "npsparseattn.reference.lsh", 100, auto=False),
+    Row("attention_varlen", "numba", "npsparseattn.cpu.varlen", 10),
+    Row("attention_varlen", "reference", "npsparseattn.reference.varlen", 100, auto=False),
+    Row("attention_with_kvcache", "numba", "npsparseattn.cpu.kvcache", 10),
+    Row("attention_with_kvcache", "reference", "npsparseattn.reference.kvcache", 100, auto=False),
 ]
 
 

@@ -7,12 +7,14 @@ from typing import Any
 from npsparseattn._checks import check_backend, check_flag
 from npsparseattn._dispatch import select
 from npsparseattn._glue import cast_grads, cast_outputs, kernel_inputs, kernel_lse
+from npsparseattn.interop.dlpack import accepts_dlpack
 from npsparseattn.layouts import BlockLayout
 from npsparseattn.problems import attention_problem, check_layout, gradient_inputs
 
 Window = tuple[int | None, int | None]
 
 
+@accepts_dlpack
 def block_sparse_attention(
     q: Any,
     k: Any,
@@ -80,6 +82,7 @@ def block_sparse_attention(
     return (p.restore(out), p.restore(lse)) if return_lse else p.restore(out)
 
 
+@accepts_dlpack
 def block_sparse_attention_backward(
     dout: Any,
     q: Any,

@@ -7,11 +7,13 @@ from typing import Any
 from npsparseattn._checks import check_backend, check_flag
 from npsparseattn._dispatch import select
 from npsparseattn._glue import cast_grads, cast_outputs, kernel_inputs, kernel_lse
+from npsparseattn.interop.dlpack import accepts_dlpack
 from npsparseattn.problems import attention_problem, gradient_inputs
 
 Window = tuple[int | None, int | None]
 
 
+@accepts_dlpack
 def attention(
     q: Any,
     k: Any,
@@ -85,6 +87,7 @@ def attention(
     return (p.restore(out), p.restore(lse)) if return_lse else p.restore(out)
 
 
+@accepts_dlpack
 def attention_backward(
     dout: Any,
     q: Any,

@@ -29,6 +29,7 @@ from typing import Any
 from npsparseattn._checks import check_backend, check_flag
 from npsparseattn._dispatch import select
 from npsparseattn._glue import cast_grads, cast_outputs, kernel_inputs, kernel_lse
+from npsparseattn.interop.dlpack import accepts_dlpack
 from npsparseattn.problems import LSHProblem, buckets_problem, gradient_inputs, lsh_problem, lsh_rotations, sort_problem
 from npsparseattn.problems.lsh import NBuckets, bucket_factors
 
@@ -48,6 +49,7 @@ def _sort_plan(problem: LSHProblem, backend: str) -> tuple[Any, Any]:
     return hashing.restore(order), hashing.restore(inverse)
 
 
+@accepts_dlpack
 def lsh_buckets(
     x: Any,
     n_buckets: NBuckets,
@@ -99,6 +101,7 @@ def lsh_buckets(
     return p.restore(impl.module.buckets(rows, p.rotations, p.factors))
 
 
+@accepts_dlpack
 def lsh_sort(buckets: Any, *, backend: str = "auto") -> tuple[Any, Any]:
     """The sort plan of LSH attention: items sorted by (round, bucket, position).
 
@@ -141,6 +144,7 @@ def lsh_sort(buckets: Any, *, backend: str = "auto") -> tuple[Any, Any]:
     return p.restore(order), p.restore(inverse)
 
 
+@accepts_dlpack
 def lsh_attention(
     qk: Any,
     v: Any,
@@ -235,6 +239,7 @@ def lsh_attention(
     return (problem.restore(out), problem.restore(lse)) if return_lse else problem.restore(out)
 
 
+@accepts_dlpack
 def lsh_attention_backward(
     dout: Any,
     qk: Any,

@@ -6,7 +6,7 @@ of rank ``(r - s) mod P``, posts the transfer of that shard to rank ``r + 1``
 *before* computing on it, computes its queries against it with the
 ``attention`` kernels the registry chooses (``backend``: any implementation
 of ``attention``, so a GPU backend serves CuPy arrays), and merges the
-partial ``(out, lse)`` exactly (:func:`merge_states`).  After ``P`` steps
+partial ``(out, lse)`` exactly (:func:`npsparseattn.merge_states`).  After ``P`` steps
 every query has seen every key.
 
 Shardings (:func:`shard`): ``"contiguous"`` gives rank ``r`` the ``r``-th of
@@ -45,6 +45,8 @@ from npsparseattn._dispatch import Implementation, backend_names, select
 from npsparseattn._glue import kernel_array, kernel_lse
 from npsparseattn.distributed.agree import Field, RankArgumentError, agree
 from npsparseattn.distributed.base import Communicator
+from npsparseattn.interop.dlpack import accepts_dlpack
+from npsparseattn.merge import merge_into
 from npsparseattn.problems import AttentionProblem, attention_problem, gradient_inputs, lse_dtype
 
 SHARDINGS = ("zigzag", "contiguous")
@@ -114,6 +116,7 @@ def _axis(x: Any, axis: Any) -> int:
     return int(axis) % x.ndim
 
 
+@accepts_dlpack
 def shard(x: Any, rank: int, world: int, sharding: str = "zigzag", *, axis: int = -2) -> Any:
     """The part of the full sequence ``x`` that ``rank`` of ``world`` holds (a copy).
 
@@ -150,6 +153,7 @@ def shard(x: Any, rank: int, world: int, sharding: str = "zigzag", *, axis: int 
     return xp.concatenate(parts, axis=ax)
 
 
+@accepts_dlpack
 def unshard(shards: Sequence[Any], sharding: str = "zigzag", *, axis: int = -2) -> Any:
     """Inverse of :func:`shard`: the full sequence from every rank's shard, in rank order.
 
@@ -183,49 +187,6 @@ def unshard(shards: Sequence[Any], sharding: str = "zigzag", *, axis: int = -2) 
             local += stop - start
     placed.sort(key=lambda item: item[0])
     return xp.concatenate([p for _, p in placed], axis=ax)
-
-
-# --------------------------------------------------------------------------- merge
-
-
-def merge_states(out: Any, lse: Any, block_out: Any, block_lse: Any) -> tuple[Any, Any]:
-    """Merge a partial attention result into an accumulator, exactly, in place.
-
-    With ``lse = logaddexp(lse_a, lse_b)``:
-    ``out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b``.  Rows where
-    both ``lse`` are ``-inf`` (no visible key yet) stay ``out = 0``,
-    ``lse = -inf``; a ``-inf`` side gets weight exactly 0, the other exactly 1.
-    Arithmetic is in the accumulator's dtype (float32 or float64).
-
-    Parameters
-    ----------
-    out : (..., L, Dv) accumulator, updated in place
-    lse : (..., L) accumulator, updated in place
-    block_out : (..., L, Dv) partial output over some keys
-    block_lse : (..., L) its log-sum-exp
-
-    Returns
-    -------
-    ``(out, lse)``, the updated accumulators.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> out, lse = np.zeros((1, 2)), np.full(1, -np.inf)
-    >>> _ = merge_states(out, lse, np.array([[1.0, 2.0]]), np.array([0.0]))
-    >>> _ = merge_states(out, lse, np.array([[3.0, 4.0]]), np.array([0.0]))
-    >>> out, lse                                       # equal weights
-    (array([[2., 3.]]), array([0.69314718]))
-    """
-    xp = array_module(common_kind(out=out, block_out=block_out))
-    new = xp.logaddexp(lse, block_lse.astype(lse.dtype, copy=False))
-    safe = xp.where(xp.isfinite(new), new, 0)
-    weight_a = xp.exp(lse - safe)[..., None]
-    weight_b = xp.exp(block_lse - safe).astype(out.dtype, copy=False)[..., None]
-    out *= weight_a
-    out += weight_b * block_out
-    lse[...] = new
-    return out, lse
 
 
 # --------------------------------------------------------------------------- schedule
@@ -499,6 +460,7 @@ def _prepare(
 # --------------------------------------------------------------------------- forward
 
 
+@accepts_dlpack
 def ring_attention(
     q: Any,
     k: Any,
@@ -633,7 +595,7 @@ def _forward(ring: _Ring) -> tuple[Any, Any]:
             if key not in q_parts:
                 q_parts[key] = ring.compute(q[:, :, call.q])
             block_out, block_lse = ring.forward(q_parts[key], k_cur[:, :, call.k], v_cur[:, :, call.k], call)
-            merge_states(out[:, :, call.q], lse[:, :, call.q], block_out, block_lse)
+            merge_into(out[:, :, call.q], lse[:, :, call.q], block_out, block_lse)
         if transfer is not None:
             comm.wait(transfer)
             current = incoming
@@ -643,6 +605,7 @@ def _forward(ring: _Ring) -> tuple[Any, Any]:
 # --------------------------------------------------------------------------- backward
 
 
+@accepts_dlpack
 def ring_attention_backward(
     dout: Any,
     q: Any,

@@ -106,6 +106,8 @@ BACKEND_FIXTURES = {
     "lsh_backend": "lsh_attention",
     "lsh_buckets_backend": "lsh_buckets",
     "lsh_sort_backend": "lsh_sort",
+    "varlen_backend": "attention_varlen",
+    "kvcache_backend": "attention_with_kvcache",
 }
 
 

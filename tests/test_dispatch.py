@@ -18,7 +18,7 @@ from npsparseattn import _dispatch, layouts, reference
 from npsparseattn.problems import attention_problem
 
 PACKAGE = Path(nsa.__file__).parent
-PUBLIC_MODULES = ("exact.py", "block_sparse.py", "lsh.py", "ring.py")
+PUBLIC_MODULES = ("exact.py", "block_sparse.py", "lsh.py", "ring.py", "merge.py", "varlen.py", "kvcache.py")
 BACKEND_PACKAGES = ("npsparseattn.cpu", "npsparseattn.cuda", "npsparseattn.reference")
 
 
@@ -157,6 +157,8 @@ KERNELS = {
     "lsh_buckets": ("buckets",),
     "lsh_sort": ("sort",),
     "lsh_attention": ("forward", "backward"),
+    "attention_varlen": ("forward", "backward"),
+    "attention_with_kvcache": ("forward",),
 }
 CONTRACT = ("KINDS", "DTYPES", "TOLERANCE", "STRIDED_ROWS", "compute_dtype", "unsupported")
 

@@ -1,4 +1,4 @@
-"""Ring attention pieces that need no MPI: shard/unshard, the exact merge, the block schedule."""
+"""Ring attention pieces that need no MPI: shard/unshard and the block schedule (the merge: test_merge.py)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,10 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import random_qkv, rel_err
 
 import npsparseattn as nsa
 from npsparseattn import ring
-from npsparseattn.reference import masked_softmax, visibility_mask
+from npsparseattn.reference import visibility_mask
 
 # ---------------------------------------------------------------- shard / unshard
 
@@ -71,72 +70,6 @@ def test_unshard_errors(rng):
         nsa.unshard(shards[::-1])
     with pytest.raises(ValueError, match=r"unshard needs the shards of at least one rank"):
         nsa.unshard([])
-
-
-# ---------------------------------------------------------------- merge
-
-
-def _partial(q, k, v, cols, scale):
-    """Dense float64 attention of q over the keys in ``cols`` only: (out, lse)."""
-    mask = np.zeros((q.shape[-2], k.shape[-2]), dtype=bool)
-    mask[:, cols] = True
-    p, lse = masked_softmax(scale * q @ k.swapaxes(-1, -2), mask, np)
-    return p @ v, lse
-
-
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_merging_partials_over_a_partition_of_keys_is_exact(rng, dtype):
-    q, k, v = random_qkv(rng, hq=3, lq=17, lk=40, d=8, dv=5)
-    scale = 0.4
-    parts = np.array_split(rng.permutation(40), 4)
-    out = np.zeros((3, 17, 5), dtype)
-    lse = np.full((3, 17), -np.inf, dtype)
-    for cols in parts:
-        block_out, block_lse = _partial(q, k, v, cols, scale)
-        ring.merge_states(out, lse, block_out.astype(dtype), block_lse.astype(dtype))
-    ref_out, ref_lse = _partial(q, k, v, np.arange(40), scale)
-    tol = 1e-13 if dtype == np.float64 else 1e-6
-    assert out.dtype == dtype and lse.dtype == dtype
-    assert rel_err(out, ref_out) < tol
-    assert np.abs(lse - ref_lse).max() < 10 * tol
-
-
-def test_merge_is_symmetric(rng):
-    a_out, b_out = rng.standard_normal((2, 6, 4))
-    a_lse, b_lse = rng.standard_normal((2, 6)) * 5
-    ab = ring.merge_states(a_out.copy(), a_lse.copy(), b_out, b_lse)
-    ba = ring.merge_states(b_out.copy(), b_lse.copy(), a_out, a_lse)
-    np.testing.assert_allclose(ab[0], ba[0], rtol=1e-14, atol=0)
-    np.testing.assert_allclose(ab[1], ba[1], rtol=1e-14, atol=0)
-
-
-def test_merge_guards_empty_rows(rng):
-    """-inf on one side: the other passes through exactly; on both: row stays 0 / -inf.  No NaN, no warning."""
-    out = np.zeros((3, 4))
-    lse = np.array([-np.inf, -np.inf, 0.5])
-    block_out = rng.standard_normal((3, 4))
-    block_lse = np.array([-np.inf, 1.25, -np.inf])
-    keep = out[2].copy()
-    with np.errstate(all="raise"):
-        ring.merge_states(out, lse, block_out, block_lse)
-    assert np.array_equal(out[0], np.zeros(4)) and lse[0] == -np.inf
-    assert np.array_equal(out[1], block_out[1]) and lse[1] == 1.25
-    assert np.array_equal(out[2], keep) and lse[2] == 0.5
-
-
-def test_merge_large_lse_gap_does_not_overflow():
-    out, lse = np.ones((1, 2), np.float32), np.array([80.0], np.float32)
-    ring.merge_states(out, lse, np.full((1, 2), 3.0, np.float32), np.array([-80.0], np.float32))
-    assert np.all(np.isfinite(out)) and np.allclose(out, 1.0) and lse[0] == pytest.approx(80.0)
-
-
-def test_merge_updates_views_in_place(rng):
-    acc = np.zeros((2, 10, 3))
-    lse = np.full((2, 10), -np.inf)
-    block = rng.standard_normal((2, 4, 3))
-    ring.merge_states(acc[:, 3:7], lse[:, 3:7], block, np.zeros((2, 4)))
-    assert np.array_equal(acc[:, 3:7], block) and np.all(lse[:, 3:7] == 0)
-    assert np.all(acc[:, :3] == 0) and np.all(np.isneginf(lse[:, 7:]))
 
 
 # ---------------------------------------------------------------- schedule

@@ -24,4 +24,4 @@ from npsparseattn.cpu import _threads
 THREADING = _threads.configure()
 
 KINDS = ("numpy",)
-DTYPES = ("float16", "float32", "float64")  # float16 is read as float32
+DTYPES = ("float16", "bfloat16", "float32", "float64")  # float16 and bfloat16 are read as float32

@@ -31,21 +31,32 @@ dtype; the visibility rule is explicit: query ``i`` sees key ``j`` iff
 outputs are returned in the compute dtype (``lse`` float32, float64 for
 float64) or written into the optional buffers:
 
-=========================  ==================================================================
-operation                  kernels
-=========================  ==================================================================
-``attention``              ``forward(q, k, v, *, scale, offset, left, right, out=None, lse=None)
-                           -> (out, lse)``; ``backward(dout, q, k, v, out, lse, *, scale, offset,
-                           left, right, grads=None) -> (dq, dk, dv)``
-``block_sparse_attention`` the same with ``layout`` (a :class:`~npsparseattn.layouts.BlockLayout`)
-                           after ``v``
-``lsh_buckets``            ``buckets(x, rotations, factors) -> int32 (M, n_hashes, L)``
-``lsh_sort``               ``sort(buckets, n_values) -> (order, inverse)``, int32 (M, n_hashes * L)
-``lsh_attention``          ``forward(qk, v, order, inverse, *, chunk_size, chunks_before,
-                           chunks_after, causal, exclude_self, out=None, lse=None)``;
-                           ``backward(dout, qk, v, out, lse, order, inverse, *, ..., grads=None)
-                           -> (dqk, dv)``
-=========================  ==================================================================
+==========================  ==================================================================
+operation                   kernels
+==========================  ==================================================================
+``attention``               ``forward(q, k, v, *, scale, offset, left, right, out=None, lse=None)
+                            -> (out, lse)``; ``backward(dout, q, k, v, out, lse, *, scale, offset,
+                            left, right, grads=None) -> (dq, dk, dv)``
+``block_sparse_attention``  the same with ``layout`` (a :class:`~npsparseattn.layouts.BlockLayout`)
+                            after ``v``
+``lsh_buckets``             ``buckets(x, rotations, factors) -> int32 (M, n_hashes, L)``
+``lsh_sort``                ``sort(buckets, n_values) -> (order, inverse)``, int32 (M, n_hashes * L)
+``lsh_attention``           ``forward(qk, v, order, inverse, *, chunk_size, chunks_before,
+                            chunks_after, causal, exclude_self, out=None, lse=None)``;
+                            ``backward(dout, qk, v, out, lse, order, inverse, *, ..., grads=None)
+                            -> (dqk, dv)``
+``attention_varlen``        ``forward(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale, left, right,
+                            out=None, lse=None) -> (out, lse)``; ``backward(dout, q, k, v, out, lse,
+                            cu_seqlens_q, cu_seqlens_k, *, scale, left, right, grads=None)
+                            -> (dq, dk, dv)``; packed (H, total, X) arrays, int32 offsets
+                            (n_seqs + 1,), sequence ``s`` offset ``Lk_s - Lq_s``
+``attention_with_kvcache``  ``forward(q, k_cache, v_cache, seqlens, block_table, *, scale, left,
+                            right, out=None, lse=None) -> (out, lse)``; caches as pages
+                            (P, Hk, page_size, D|Dv) (a contiguous cache is one page per
+                            sequence), int32 ``seqlens`` (B,) keys to attend (new tokens
+                            already written), int32 ``block_table`` (B, max_pages); sequence
+                            ``b`` offset ``seqlens[b] - Lq``
+==========================  ==================================================================
 
 Shapes: ``q`` (B, Hq, Lq, D), ``k`` (B, Hk, Lk, D), ``v`` (B, Hk, Lk, Dv),
 ``out``/``dout`` (B, Hq, Lq, Dv), ``lse`` (B, Hq, Lq); dk/dv are summed over
@@ -58,6 +69,7 @@ from __future__ import annotations
 from npsparseattn._dtypes import FLOAT_DTYPES, compute_dtype, lse_dtype
 from npsparseattn.problems.attention import AttentionProblem, Gradients, attention_problem, gradient_inputs, output_like
 from npsparseattn.problems.block_sparse import check_layout
+from npsparseattn.problems.kvcache import KVCacheProblem, kvcache_problem
 from npsparseattn.problems.lsh import (
     BucketsProblem,
     LSHProblem,
@@ -67,22 +79,29 @@ from npsparseattn.problems.lsh import (
     lsh_rotations,
     sort_problem,
 )
+from npsparseattn.problems.varlen import VarlenGradients, VarlenProblem, varlen_gradient_inputs, varlen_problem
 
 __all__ = [
     "FLOAT_DTYPES",
     "AttentionProblem",
     "BucketsProblem",
     "Gradients",
+    "KVCacheProblem",
     "LSHProblem",
     "SortProblem",
+    "VarlenGradients",
+    "VarlenProblem",
     "attention_problem",
     "buckets_problem",
     "check_layout",
     "compute_dtype",
     "gradient_inputs",
+    "kvcache_problem",
     "lse_dtype",
     "lsh_problem",
     "lsh_rotations",
     "output_like",
     "sort_problem",
+    "varlen_gradient_inputs",
+    "varlen_problem",
 ]

@@ -1,0 +1,83 @@
+"""PyTorch adapter: :func:`attention` as a ``torch.autograd.Function`` (gradients through our backward).
+
+Tensors travel by DLPack without a copy (CPU tensors as NumPy arrays, CUDA
+tensors as CuPy arrays, see :mod:`npsparseattn.interop.dlpack`); the forward
+runs :func:`npsparseattn.attention` and keeps ``out`` and ``lse`` for the
+backward, which runs :func:`npsparseattn.attention_backward` (FlashAttention-2:
+no score matrix is stored).  Importing this module imports PyTorch; importing
+:mod:`npsparseattn` does not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from npsparseattn.exact import attention as _attention
+from npsparseattn.exact import attention_backward as _attention_backward
+
+__all__ = ["attention"]
+
+Window = tuple[int | None, int | None]
+
+
+class _Attention(torch.autograd.Function):
+    """Exact attention whose backward is npsparseattn's."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: dict[str, Any]) -> torch.Tensor:
+        out, lse = _attention(q.detach(), k.detach(), v.detach(), return_lse=True, **options)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.options = options
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, lse = (x.detach() for x in ctx.saved_tensors)
+        dq, dk, dv = _attention_backward(dout.detach(), q, k, v, out, lse, **ctx.options)
+        return dq, dk, dv, None
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    window: Window | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`npsparseattn.attention` on PyTorch tensors, differentiable with ``torch.autograd``.
+
+    Parameters
+    ----------
+    q : tensor, shape (*batch, Hq, Lq, D), (Hq, Lq, D) or (Lq, D)
+    k : tensor, shape (*batch, Hk, Lk, D), ``Hq % Hk == 0`` (GQA/MQA)
+    v : tensor, shape (*batch, Hk, Lk, Dv)
+        CPU tensors (float16, bfloat16, float32, float64) run the numba
+        kernels; CUDA tensors go to CuPy and need a GPU backend.
+    causal, window, scale, backend
+        As for :func:`npsparseattn.attention`.
+
+    Returns
+    -------
+    tensor, shape (*batch, Hq, Lq, Dv), dtype of ``q``
+        ``backward()`` through it gives ``q.grad``, ``k.grad``, ``v.grad``
+        from :func:`npsparseattn.attention_backward` (summed over GQA groups).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from npsparseattn.interop import torch as nsa_torch
+    >>> q = torch.randn(4, 50, 16, dtype=torch.float64, requires_grad=True)
+    >>> k = torch.randn(2, 50, 16, dtype=torch.float64, requires_grad=True)   # GQA: 2 KV heads
+    >>> v = torch.randn(2, 50, 16, dtype=torch.float64, requires_grad=True)
+    >>> out = nsa_torch.attention(q, k, v, causal=True)
+    >>> out.sum().backward()
+    >>> q.grad.shape, k.grad.shape
+    (torch.Size([4, 50, 16]), torch.Size([2, 50, 16]))
+    """
+    options = dict(causal=causal, window=window, scale=scale, backend=backend)
+    return _Attention.apply(q, k, v, options)
