@@ -53,14 +53,18 @@ def unavailable(backend: str, op: str) -> list[str]:
     if backend not in nsa.available_backends(op):
         return [f"npsparseattn has no {backend} implementation of {op}"]
     impl = _implementation(op, backend)
-    x = np.ones((1, 1, 8, 8), benchmark_dtype(impl))
-    problem = dataclasses.replace(attention_problem(x, x, x), kind=_kind(impl))
-    return impl.unsupported(problem)
+    return _reasons(impl, benchmark_dtype(impl))
+
+
+def _reasons(impl: _dispatch.Implementation, dtype: str) -> list[str]:
+    """The registry's reasons against a small (1, 1, 8, 64) problem of ``dtype`` on the backend's array kind."""
+    x = np.ones((1, 1, 8, 64), dtype)
+    return impl.unsupported(dataclasses.replace(attention_problem(x, x, x), kind=_kind(impl)))
 
 
 def benchmark_dtype(impl: _dispatch.Implementation) -> str:
-    """float32, or float16 for a backend that computes in half precision only (the tensor-core ``cupy``)."""
-    return "float32" if "float32" in impl.dtypes else "float16"
+    """float32, or float16 for a backend that refuses float32 (the tensor-core ``cupy``: half precision only)."""
+    return "float32" if len(_reasons(impl, "float32")) <= len(_reasons(impl, "float16")) else "float16"
 
 
 def _kind(impl: _dispatch.Implementation) -> str:
