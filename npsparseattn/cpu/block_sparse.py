@@ -24,7 +24,7 @@ from numba import njit, prange
 
 from npsparseattn.cpu import DTYPES, KINDS
 from npsparseattn.cpu._blas import gemm_address, single_threaded_blas
-from npsparseattn.cpu._steps import backward_kv_step, backward_q_step, forward_step, store_rows
+from npsparseattn.cpu._steps import backward_kv_pair, backward_pair, backward_q_pair, forward_pair, store_rows
 from npsparseattn.cpu._tiles import (
     FASTMATH,
     LOG2E,
@@ -33,7 +33,7 @@ from npsparseattn.cpu._tiles import (
     visible_keys,
     visible_queries,
 )
-from npsparseattn.cpu.exact import row_dot_kernel, window_bound
+from npsparseattn.cpu.exact import BACKWARD_STRIP, FORWARD_STRIP, chosen_scheme, row_dot_kernel, window_bound
 from npsparseattn.layouts import BlockLayout
 from npsparseattn.problems.dtypes import compute_dtype
 
@@ -59,7 +59,7 @@ def _chunk(lo, hi, width):
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _forward_kernel(
-    q, k, v, out, lse, run_ptr, run_start, run_stop, order, bq, bk, scale, off, left, right, width, gemm
+    q, k, v, out, lse, run_ptr, run_start, run_stop, order, bq, bk, scale, off, left, right, width, strip, gemm
 ):
     n_batch, hq, lq, _ = q.shape
     group = hq // k.shape[1]
@@ -90,14 +90,16 @@ def _forward_kernel(
             step = _chunk(lo, hi, width)
             for j0 in range(lo, hi, step):
                 n = min(step, hi - j0)
-                forward_step(gemm, q, k, v, b, h, hk, i0, m, j0, n, off, left, right, c, s, acc, row_max, row_sum)
+                forward_pair(
+                    gemm, q, k, v, b, h, hk, i0, m, j0, n, off, left, right, c, s, acc, row_max, row_sum, strip
+                )
         finish_rows(acc, row_max, row_sum, m, out, lse, b, h, i0)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _backward_kv_kernel(
     dout, q, k, v, lse2, delta, dk, dv_out, col_ptr, col_start, col_stop, order, lheads, bq, bk, scale, off, left,
-    right, width, gemm
+    right, width, strip, gemm
 ):  # fmt: skip
     n_batch, hq, lq, d = q.shape
     hk_count = k.shape[1]
@@ -128,9 +130,9 @@ def _backward_kv_kernel(
                 step = _chunk(lo, hi, width)
                 for i0 in range(lo, hi, step):
                     m = min(step, hi - i0)
-                    backward_kv_step(
+                    backward_kv_pair(
                         gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, off, left, right, c, sc, s, dp,
-                        acc_k, acc_v,
+                        acc_k, acc_v, strip,
                     )  # fmt: skip
         store_rows(acc_k, dk, b, hk, j0, n)
         store_rows(acc_v, dv_out, b, hk, j0, n)
@@ -138,8 +140,9 @@ def _backward_kv_kernel(
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _backward_q_kernel(
-    dout, q, k, v, lse2, delta, dq, run_ptr, run_start, run_stop, order, bq, bk, scale, off, left, right, width, gemm
-):
+    dout, q, k, v, lse2, delta, dq, run_ptr, run_start, run_stop, order, bq, bk, scale, off, left, right, width, strip,
+    gemm,
+):  # fmt: skip
     n_batch, hq, lq, d = q.shape
     group = hq // k.shape[1]
     lk = k.shape[2]
@@ -168,10 +171,61 @@ def _backward_q_kernel(
             step = _chunk(lo, hi, width)
             for j0 in range(lo, hi, step):
                 n = min(step, hi - j0)
-                backward_q_step(
-                    gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, off, left, right, c, sc, s, dp, acc
-                )
+                backward_q_pair(
+                    gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, off, left, right, c, sc, s, dp, acc,
+                    strip,
+                )  # fmt: skip
         store_rows(acc, dq, b, h, i0, m)
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _backward_kernel(
+    dout, q, k, v, lse2, delta, dq, dk, dv_out, col_ptr, col_start, col_stop, lheads, bq, bk, scale, off, left, right,
+    width, strip, gemm
+):  # fmt: skip
+    n_batch, hq, lq, d = q.shape
+    hk_count = k.shape[1]
+    group = hq // hk_count
+    lk = k.shape[2]
+    dv = v.shape[3]
+    nkb = (lk + bk - 1) // bk
+    c = like(scale * LOG2E, q)
+    sc = like(scale, q)
+    zero = like(0.0, q)
+    for task in prange(n_batch * hk_count):
+        hk = task % hk_count
+        b = task // hk_count
+        s = np.empty((width, bk), q.dtype)
+        dp = np.empty((width, bk), q.dtype)
+        acc_k = np.empty((bk, d), q.dtype)
+        acc_v = np.empty((bk, dv), q.dtype)
+        for h in range(hk * group, (hk + 1) * group):
+            for i in range(lq):
+                dq_row = dq[b, h, i]
+                for col in range(d):
+                    dq_row[col] = zero
+        for blk in range(nkb):
+            j0 = blk * bk
+            n = min(bk, lk - j0)
+            acc_k[:] = zero
+            acc_v[:] = zero
+            ilo, ihi = visible_queries(j0, j0 + n, off, left, right, lq)
+            for h in range(hk * group, (hk + 1) * group):
+                col = (h if lheads > 1 else 0) * nkb + blk
+                for p in range(col_ptr[col], col_ptr[col + 1]):
+                    lo = max(col_start[p] * bq, ilo)
+                    hi = min(col_stop[p] * bq, ihi)
+                    if hi <= lo:
+                        continue
+                    step = _chunk(lo, hi, width)
+                    for i0 in range(lo, hi, step):
+                        m = min(step, hi - i0)
+                        backward_pair(
+                            gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, off, left, right, c, sc, s,
+                            dp, acc_k, acc_v, dq, strip,
+                        )  # fmt: skip
+            store_rows(acc_k, dk, b, hk, j0, n)
+            store_rows(acc_v, dv_out, b, hk, j0, n)
 
 
 def _balanced_order(costs: np.ndarray, segment: int = 8) -> np.ndarray:
@@ -204,6 +258,12 @@ def _column_order(layout: BlockLayout, n_heads: int, n_kv_heads: int) -> np.ndar
     per_column = np.diff(layout.transpose().indptr).reshape(layout.heads, layout.n_key_blocks)
     per_head = np.broadcast_to(per_column, (n_heads, layout.n_key_blocks))
     return _balanced_order(per_head.reshape(n_kv_heads, -1, layout.n_key_blocks).sum(axis=1))
+
+
+def _group_costs(layout: BlockLayout, n_heads: int, n_kv_heads: int) -> np.ndarray:
+    """Stored blocks of each key head's group of query heads: the work of one one-pass backward task."""
+    per_head = np.broadcast_to(np.diff(layout.indptr).reshape(layout.heads, -1).sum(axis=1), (n_heads,))
+    return per_head.reshape(n_kv_heads, -1).sum(axis=1)
 
 
 def forward(
@@ -246,7 +306,7 @@ def forward(
     with single_threaded_blas():
         _forward_kernel(
             q, k, v, out, lse, *layout.runs(), _row_order(layout), bq, bk, scale, offset,
-            window_bound(left), window_bound(right), WIDTH, gemm_address(q.dtype),
+            window_bound(left), window_bound(right), WIDTH, FORWARD_STRIP, gemm_address(q.dtype),
         )  # fmt: skip
     return out, lse
 
@@ -265,6 +325,7 @@ def backward(
     left: int | None,
     right: int | None,
     grads: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    scheme: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Block-sparse attention backward on canonical 4-D arrays.
 
@@ -272,6 +333,8 @@ def backward(
     :func:`forward` with the same layout and options; ``grads`` optionally
     gives the ``(dq, dk, dv)`` buffers.  Returns ``(dq, dk, dv)`` shaped like
     ``q``, ``k``, ``v``; ``dk``/``dv`` are summed over each GQA group.
+    ``scheme`` (``"one-pass"`` or ``"two-pass"``) overrides the choice of
+    :func:`~npsparseattn.cpu.exact.backward_scheme`; both are deterministic.
     """
     n_batch, hq, lq, _ = q.shape
     hk, lk = k.shape[1], k.shape[2]
@@ -286,12 +349,15 @@ def backward(
     delta = np.empty((n_batch, hq, lq), dtype)
     lse2 = np.ascontiguousarray(lse, dtype=dtype) * dtype.type(LOG2E)
     bq, bk = layout.block
-    mask = (scale, offset, window_bound(left), window_bound(right), WIDTH, gemm_address(dtype))
+    mask = (scale, offset, window_bound(left), window_bound(right), WIDTH, BACKWARD_STRIP, gemm_address(dtype))
+    columns = layout.transpose().runs()
     with single_threaded_blas():
         row_dot_kernel(dout, out, delta)
+        if chosen_scheme(scheme, np.tile(_group_costs(layout, hq, hk), n_batch)) == "one-pass":
+            _backward_kernel(dout, q, k, v, lse2, delta, dq, dk, dv, *columns, layout.heads, bq, bk, *mask)
+            return dq, dk, dv
         _backward_kv_kernel(
-            dout, q, k, v, lse2, delta, dk, dv, *layout.transpose().runs(), _column_order(layout, hq, hk),
-            layout.heads, bq, bk, *mask,
-        )  # fmt: skip
+            dout, q, k, v, lse2, delta, dk, dv, *columns, _column_order(layout, hq, hk), layout.heads, bq, bk, *mask
+        )
         _backward_q_kernel(dout, q, k, v, lse2, delta, dq, *layout.runs(), _row_order(layout), bq, bk, *mask)
     return dq, dk, dv

@@ -23,7 +23,7 @@ from numba import get_num_threads, njit, prange
 
 from npsparseattn.cpu import DTYPES, KINDS
 from npsparseattn.cpu._blas import gemm_address, single_threaded_blas
-from npsparseattn.cpu._steps import backward_kv_step, backward_q_step, forward_step, store_rows
+from npsparseattn.cpu._steps import backward_kv_pair, backward_pair, backward_q_pair, forward_pair, store_rows
 from npsparseattn.cpu._tiles import (
     FASTMATH,
     LOG2E,
@@ -36,10 +36,26 @@ from npsparseattn.cpu._tiles import (
 )
 from npsparseattn.problems.dtypes import compute_dtype
 
-__all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]
+__all__ = [
+    "DTYPES",
+    "KINDS",
+    "STRIDED_ROWS",
+    "TOLERANCE",
+    "backward",
+    "backward_scheme",
+    "compute_dtype",
+    "forward",
+    "unsupported",
+]
 
 STRIDED_ROWS = True  # tiles are read in place through a row stride (BLAS leading dimension)
 TOLERANCE = {"float16": 2e-3, "float32": 1e-5, "float64": 1e-10}
+FORWARD_TILE = 256  # query rows and keys per forward tile (query tiles halve when there are too few tasks)
+BACKWARD_TILE = 128  # query rows and keys per backward tile
+FORWARD_STRIP = 64  # rows per strip of a tile pair the mask cuts (the diagonal of a causal mask)
+BACKWARD_STRIP = 32
+ONE_PASS_WORK, TWO_PASS_WORK = 2.5, 3.5  # matrix work of the backward schemes, in forwards
+SCHEMES = ("one-pass", "two-pass")
 
 
 def unsupported(problem) -> list[str]:
@@ -48,7 +64,7 @@ def unsupported(problem) -> list[str]:
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _forward_kernel(q, k, v, out, lse, scale, off, left, right, bq, bk, gemm):
+def _forward_kernel(q, k, v, out, lse, scale, off, left, right, bq, bk, strip, gemm):
     n_batch, hq, lq, _ = q.shape
     group = hq // k.shape[1]
     lk = k.shape[2]
@@ -68,7 +84,9 @@ def _forward_kernel(q, k, v, out, lse, scale, off, left, right, bq, bk, gemm):
         khi = visible_keys(i0 + m - 1, off, left, right, lk)[1]
         for j0 in range(klo, khi, bk):
             n = min(bk, khi - j0)
-            forward_step(gemm, q, k, v, b, h, h // group, i0, m, j0, n, off, left, right, c, s, acc, row_max, row_sum)
+            forward_pair(
+                gemm, q, k, v, b, h, h // group, i0, m, j0, n, off, left, right, c, s, acc, row_max, row_sum, strip
+            )
         finish_rows(acc, row_max, row_sum, m, out, lse, b, h, i0)
 
 
@@ -87,7 +105,7 @@ def row_dot_kernel(dout, out, delta):
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _backward_kv_kernel(dout, q, k, v, lse2, delta, dk, dv, scale, off, left, right, bq, bk, gemm):
+def _backward_kv_kernel(dout, q, k, v, lse2, delta, dk, dv, scale, off, left, right, bq, bk, strip, gemm):
     n_batch, hq, lq, d = q.shape
     hk_count = k.shape[1]
     group = hq // hk_count
@@ -109,16 +127,16 @@ def _backward_kv_kernel(dout, q, k, v, lse2, delta, dk, dv, scale, off, left, ri
         for h in range(hk * group, (hk + 1) * group):
             for i0 in range(ilo, ihi, bq):
                 m = min(bq, ihi - i0)
-                backward_kv_step(
+                backward_kv_pair(
                     gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, off, left, right, c, sc, s, dp,
-                    acc_k, acc_v,
+                    acc_k, acc_v, strip,
                 )  # fmt: skip
         store_rows(acc_k, dk, b, hk, j0, n)
         store_rows(acc_v, dv, b, hk, j0, n)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _backward_q_kernel(dout, q, k, v, lse2, delta, dq, scale, off, left, right, bq, bk, gemm):
+def _backward_q_kernel(dout, q, k, v, lse2, delta, dq, scale, off, left, right, bq, bk, strip, gemm):
     n_batch, hq, lq, d = q.shape
     group = hq // k.shape[1]
     lk = k.shape[2]
@@ -138,10 +156,83 @@ def _backward_q_kernel(dout, q, k, v, lse2, delta, dq, scale, off, left, right, 
         khi = visible_keys(i0 + m - 1, off, left, right, lk)[1]
         for j0 in range(klo, khi, bk):
             n = min(bk, khi - j0)
-            backward_q_step(
-                gemm, dout, q, k, v, lse2, delta, b, h, h // group, i0, m, j0, n, off, left, right, c, sc, s, dp, acc
-            )
+            backward_q_pair(
+                gemm, dout, q, k, v, lse2, delta, b, h, h // group, i0, m, j0, n, off, left, right, c, sc, s, dp, acc,
+                strip,
+            )  # fmt: skip
         store_rows(acc, dq, b, h, i0, m)
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _backward_kernel(dout, q, k, v, lse2, delta, dq, dk, dv, scale, off, left, right, bq, bk, strip, gemm):
+    n_batch, hq, lq, d = q.shape
+    hk_count = k.shape[1]
+    group = hq // hk_count
+    lk = k.shape[2]
+    n_kt = (lk + bk - 1) // bk
+    c = like(scale * LOG2E, q)
+    sc = like(scale, q)
+    zero = like(0.0, q)
+    for task in prange(n_batch * hk_count):
+        hk = task % hk_count
+        b = task // hk_count
+        s = np.empty((bq, bk), q.dtype)
+        dp = np.empty((bq, bk), q.dtype)
+        acc_k = np.empty((bk, d), q.dtype)
+        acc_v = np.empty((bk, v.shape[3]), q.dtype)
+        for h in range(hk * group, (hk + 1) * group):
+            for i in range(lq):
+                dq_row = dq[b, h, i]
+                for col in range(d):
+                    dq_row[col] = zero
+        for t in range(n_kt):
+            j0 = t * bk
+            n = min(bk, lk - j0)
+            acc_k[:] = zero
+            acc_v[:] = zero
+            ilo, ihi = visible_queries(j0, j0 + n, off, left, right, lq)
+            for h in range(hk * group, (hk + 1) * group):
+                for i0 in range(ilo, ihi, bq):
+                    m = min(bq, ihi - i0)
+                    backward_pair(
+                        gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, off, left, right, c, sc, s, dp,
+                        acc_k, acc_v, dq, strip,
+                    )  # fmt: skip
+            store_rows(acc_k, dk, b, hk, j0, n)
+            store_rows(acc_v, dv, b, hk, j0, n)
+
+
+def backward_scheme(costs: np.ndarray | int, threads: int | None = None) -> str:
+    """``"one-pass"`` or ``"two-pass"``: which backward to run on ``threads`` threads (default numba's).
+
+    ``costs`` is the work of each (batch, key head) pair in visiting order, or
+    their number when they cost the same.  The one-pass backward runs one
+    task per pair and does 2.5x the forward's matrix work; the two-pass one
+    parallelises over key tiles and query tiles and does 3.5x.  One pass wins
+    unless its tasks leave threads idle for longer than the extra work costs:
+    the busiest thread's share of the work (``prange`` hands each thread a
+    contiguous range of tasks) against an even split must stay within
+    3.5 / 2.5.
+
+    >>> backward_scheme(8, threads=2), backward_scheme(1, threads=2), backward_scheme(5, threads=4)
+    ('one-pass', 'two-pass', 'two-pass')
+    """
+    threads = get_num_threads() if threads is None else threads
+    costs = np.ones(costs) if np.ndim(costs) == 0 else np.asarray(costs, dtype=np.float64)
+    total = costs.sum()
+    if costs.size < threads or total <= 0:
+        return "two-pass"
+    busiest = max(part.sum() for part in np.array_split(costs, threads)) * threads / total
+    return "one-pass" if busiest <= TWO_PASS_WORK / ONE_PASS_WORK else "two-pass"
+
+
+def chosen_scheme(scheme: str | None, costs: np.ndarray | int) -> str:
+    """``scheme`` if given (checked), else :func:`backward_scheme` of ``costs``."""
+    if scheme is None:
+        return backward_scheme(costs)
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {', '.join(map(repr, SCHEMES))} or None, got {scheme!r}")
+    return scheme
 
 
 def window_bound(value: int | None) -> int:
@@ -196,12 +287,13 @@ def forward(
     lse = np.empty((n_batch, hq, lq), q.dtype) if lse is None else lse
     if lq == 0:
         return out, lse
-    bq = _tile(lq, 256, n_batch * hq)
-    bk = max(1, min(256, lk))
+    bq = _tile(lq, FORWARD_TILE, n_batch * hq)
+    bk = max(1, min(FORWARD_TILE, lk))
     with single_threaded_blas():
         _forward_kernel(
-            q, k, v, out, lse, scale, offset, window_bound(left), window_bound(right), bq, bk, gemm_address(q.dtype)
-        )
+            q, k, v, out, lse, scale, offset, window_bound(left), window_bound(right), bq, bk, FORWARD_STRIP,
+            gemm_address(q.dtype),
+        )  # fmt: skip
     return out, lse
 
 
@@ -218,6 +310,7 @@ def backward(
     left: int | None,
     right: int | None,
     grads: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    scheme: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tiled attention backward on canonical 4-D arrays.
 
@@ -225,6 +318,8 @@ def backward(
     arguments are those of :func:`forward`; ``grads`` optionally gives the
     ``(dq, dk, dv)`` buffers to write.  Returns ``(dq, dk, dv)`` shaped like
     ``q``, ``k``, ``v``; ``dk``/``dv`` are summed over each GQA group.
+    ``scheme`` (``"one-pass"`` or ``"two-pass"``) overrides
+    :func:`backward_scheme`'s choice; both are deterministic.
     """
     n_batch, hq, lq, _ = q.shape
     hk, lk = k.shape[1], k.shape[2]
@@ -238,14 +333,18 @@ def backward(
         return dq, dk, dv
     delta = np.empty((n_batch, hq, lq), dtype)
     lse2 = np.ascontiguousarray(lse, dtype=dtype) * dtype.type(LOG2E)
-    left_b, right_b = window_bound(left), window_bound(right)
+    mask = (scale, offset, window_bound(left), window_bound(right))
     gemm = gemm_address(dtype)
     with single_threaded_blas():
         row_dot_kernel(dout, out, delta)
-        bk = _tile(lk, 128, n_batch * hk)
-        bq = max(1, min(128, lq))
-        _backward_kv_kernel(dout, q, k, v, lse2, delta, dk, dv, scale, offset, left_b, right_b, bq, bk, gemm)
-        bq = _tile(lq, 128, n_batch * hq)
-        bk = max(1, min(128, lk))
-        _backward_q_kernel(dout, q, k, v, lse2, delta, dq, scale, offset, left_b, right_b, bq, bk, gemm)
+        if chosen_scheme(scheme, n_batch * hk) == "one-pass":
+            bq, bk = min(BACKWARD_TILE, lq), min(BACKWARD_TILE, lk)
+            _backward_kernel(dout, q, k, v, lse2, delta, dq, dk, dv, *mask, bq, bk, BACKWARD_STRIP, gemm)
+            return dq, dk, dv
+        bk = _tile(lk, BACKWARD_TILE, n_batch * hk)
+        bq = max(1, min(BACKWARD_TILE, lq))
+        _backward_kv_kernel(dout, q, k, v, lse2, delta, dk, dv, *mask, bq, bk, BACKWARD_STRIP, gemm)
+        bq = _tile(lq, BACKWARD_TILE, n_batch * hq)
+        bk = max(1, min(BACKWARD_TILE, lk))
+        _backward_q_kernel(dout, q, k, v, lse2, delta, dq, *mask, bq, bk, BACKWARD_STRIP, gemm)
     return dq, dk, dv
