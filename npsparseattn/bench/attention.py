@@ -27,6 +27,7 @@ from npsparseattn import reference
 from npsparseattn.bench import device as devices
 from npsparseattn.bench.common import (
     BACKWARD_FLOP_RATIO,
+    SETTLE_SECONDS,
     attention_flops,
     best_time,
     bytes_per_token,
@@ -103,14 +104,14 @@ def measure(
     q, k, v = (device.put(x) for x in host)
     be = device.backend
     flops = attention_flops(batch, heads, seq, seq, dim, causal=causal)
-    gemm, gemm_dtype = device.gemm_rate(q.dtype)
+    gemm_call, gemm_flops, gemm_dtype = device.gemm_call(q.dtype)
 
     def forward():
         return attention(q, k, v, causal=causal, backend=be)
 
     (out, lse), fwd_peak, method = device.peak_memory(lambda: attention(q, k, v, causal=causal, return_lse=True,
                                                                          backend=be))  # fmt: skip
-    calls = {"forward_s": device.call(forward)}
+    calls = {"forward_s": device.call(forward), "gemm_s": gemm_call}
     row: dict[str, Any] = {
         "backend": device.backend,
         "device": device.kind,
@@ -121,7 +122,6 @@ def measure(
         "dim": dim,
         "dtype": dtype,
         "causal": causal,
-        "gemm_gflops": gemm,
         "gemm_dtype": gemm_dtype,
         "forward_extra_bytes": max(fwd_peak - out.nbytes - lse.nbytes, 0),
         "memory_method": method,
@@ -146,7 +146,8 @@ def measure(
         row["torch"] = sdpa.version()
     for fn in calls.values():
         fn()
-    row.update(interleaved_best(calls, repeat))
+    row.update(interleaved_best(calls, repeat, settle=SETTLE_SECONDS))
+    gemm = row["gemm_gflops"] = gemm_flops / row.pop("gemm_s") / 1e9
     fwd = row["forward_s"]
     row.update(
         forward_gflops=flops / fwd / 1e9,

@@ -30,15 +30,19 @@ def best_time(fn: Callable[[], Any], *, repeat: int = 3, warmup: int = 1) -> flo
     return min(times)
 
 
-def interleaved_best(calls: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+def interleaved_best(calls: dict[str, Callable[[], Any]], rounds: int, settle: float = 0.0) -> dict[str, float]:
     """Best wall time in seconds of each call over ``rounds`` rounds; every round times every call once, in turn.
 
     On a shared machine the load drifts over a run; interleaving exposes every
-    call to the same drift, so the ratios between them hold.
+    call to the same drift, so the ratios between them hold.  ``settle``
+    seconds pass before each call, so the thread pools of the call before
+    (numba's, OpenBLAS's, PyTorch's OpenMP workers keep spinning for a
+    while) have gone to sleep and every call starts from the same state.
     """
     best = dict.fromkeys(calls, float("inf"))
     for _ in range(rounds):
         for name, fn in calls.items():
+            time.sleep(settle)
             start = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - start)

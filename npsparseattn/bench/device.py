@@ -121,28 +121,37 @@ class Device:
 
         return synchronised
 
-    def gemm_rate(self, dtype: Any, size: int = 2048, repeat: int = 3) -> tuple[float, str]:
-        """GFLOP/s of a square matrix product on this device, and its dtype.
+    def gemm_dtype(self, dtype: Any) -> str:
+        """The dtype of the baseline product: the benchmark's where the device's BLAS has it, else float32.
 
-        NumPy on the CPU in the benchmark's dtype; CuPy on a GPU in the
-        benchmark's dtype where cuBLAS has it (float16, float32, float64),
-        float32 otherwise.
+        NumPy on the CPU: float32 or float64.  cuBLAS through CuPy: float16 too.
         """
         name = np.dtype(dtype).name
+        return name if name in (("float16",) if self.kind == "cupy" else ()) + ("float32", "float64") else "float32"
+
+    def gemm_call(self, dtype: Any, size: int = 2048) -> tuple[Callable[[], Any], float, str]:
+        """A square ``size`` x ``size`` matrix product on this device: ``(call, flops, dtype name)``.
+
+        Time it beside the kernels (:func:`~npsparseattn.bench.common.interleaved_best`).
+        """
+        gemm_dtype = self.gemm_dtype(dtype)
+        a = self.put(np.random.default_rng(0).standard_normal((size, size)).astype(gemm_dtype))
+        return self.call(lambda: a @ a), 2.0 * size**3, gemm_dtype
+
+    def gemm_rate(self, dtype: Any, size: int = 2048, repeat: int = 3) -> tuple[float, str]:
+        """GFLOP/s of :meth:`gemm_call`'s product (best of ``repeat``, thread pools settled around it), and its
+        dtype."""
         if self.kind != "cupy":
-            gemm_dtype = name if name in ("float32", "float64") else "float32"
+            gemm_dtype = self.gemm_dtype(dtype)
             return matmul_rate(gemm_dtype, size=size, repeat=repeat), gemm_dtype
-        gemm_dtype = name if name in ("float16", "float32", "float64") else "float32"
-        xp = self.xp
-        a = xp.asarray(np.random.default_rng(0).standard_normal((size, size)), dtype=gemm_dtype)
-        product = self.call(lambda: a @ a)
+        product, flops, gemm_dtype = self.gemm_call(dtype, size)
         product()
         best = float("inf")
         for _ in range(repeat):
             start = time.perf_counter()
             product()
             best = min(best, time.perf_counter() - start)
-        return 2.0 * size**3 / best / 1e9, gemm_dtype
+        return flops / best / 1e9, gemm_dtype
 
     def peak_memory(self, fn: Callable[[], Any]) -> tuple[Any, int, str]:
         """``fn()``'s result, the peak bytes it added, and how they were measured.

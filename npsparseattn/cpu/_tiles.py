@@ -173,34 +173,6 @@ def online_softmax_tile(s, m, n, i0, j0, off, left, right, n_keys, row_max, row_
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def probabilities_tile(s, m, n, i0, j0, off, left, right, n_keys, lse2):
-    """``s[:m, :n] <- exp2(s - lse2[i0 + r])`` on visible entries, 0 elsewhere (and on rows with ``lse = -inf``)."""
-    zero = like(0.0, s)
-    for r in range(m):
-        lo, hi = tile_row_span(i0 + r, j0, n, off, left, right, n_keys)
-        row = s[r, :n]
-        shift = lse2[i0 + r]
-        if shift == -np.inf:
-            lo = hi = 0
-        row[:lo] = zero
-        row[hi:] = zero
-        vis = row[lo:hi]
-        for c in range(vis.shape[0]):
-            vis[c] = exp2(vis[c] - shift)
-
-
-@njit(inline="always", fastmath=FASTMATH)
-def score_grad_tile(p, dp, m, n, i0, delta):
-    """``dp[:m, :n] <- p * (dp - delta[i0 + r])``: the gradient of the scores."""
-    for r in range(m):
-        d = delta[i0 + r]
-        p_row = p[r, :n]
-        dp_row = dp[r, :n]
-        for c in range(n):
-            dp_row[c] = p_row[c] * (dp_row[c] - d)
-
-
-@njit(inline="always", fastmath=FASTMATH)
 def probabilities_and_grads_tile(s, dp, m, n, i0, j0, off, left, right, n_keys, lse2, delta):
     """One pass over a tile: ``s <- P = exp2(s - lse2)`` and ``dp <- dS = P * (dp - delta)``.
 

@@ -33,7 +33,15 @@ from npsparseattn.cpu._tiles import (
     visible_keys,
     visible_queries,
 )
-from npsparseattn.cpu.exact import BACKWARD_STRIP, FORWARD_STRIP, chosen_scheme, row_dot_kernel, window_bound
+from npsparseattn.cpu.exact import (
+    BACKWARD_STRIP,
+    FORWARD_STRIP,
+    GEMM_VOLUME,
+    chosen_scheme,
+    row_dot_kernel,
+    transposed,
+    window_bound,
+)
 from npsparseattn.layouts import BlockLayout
 from npsparseattn.problems.dtypes import compute_dtype
 
@@ -41,7 +49,6 @@ __all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_
 
 STRIDED_ROWS = True
 TOLERANCE = {"float16": 2e-3, "float32": 1e-5, "float64": 1e-10}
-WIDTH = 256  # most keys (forward, dQ) or queries (dK/dV) multiplied by one GEMM
 
 
 def unsupported(problem) -> list[str]:
@@ -51,15 +58,21 @@ def unsupported(problem) -> list[str]:
 
 @njit(inline="always")
 def _chunk(lo, hi, width):
-    """Step that cuts ``[lo, hi)`` into near-equal chunks of at most ``width``, a multiple of 16 (whole vectors)."""
+    """Step that cuts ``[lo, hi)`` into near-equal chunks of at most ``width``, a multiple of 32 (whole lines)."""
     n = hi - lo
     pieces = (n + width - 1) // width
-    return min(width, ((n + pieces - 1) // pieces + 15) // 16 * 16)
+    return min(width, ((n + pieces - 1) // pieces + 31) // 32 * 32)
+
+
+def chunk_width(block: int, dim: int) -> int:
+    """Most keys (forward, dQ) or queries (dK/dV) one product takes beside a ``block``-sized side: the tile
+    products stay within :data:`~npsparseattn.cpu.exact.GEMM_VOLUME` multiply-adds, a multiple of 32, 32 to 256."""
+    return max(32, min(256, GEMM_VOLUME // (block * max(dim, 1)) // 32 * 32))
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _forward_kernel(
-    q, k, v, out, lse, run_ptr, run_start, run_stop, order, bq, bk, scale, off, left, right, width, strip, gemm
+    q, k, kt, v, out, lse, run_ptr, run_start, run_stop, order, bq, bk, scale, off, left, right, width, strip, gemm
 ):
     n_batch, hq, lq, _ = q.shape
     group = hq // k.shape[1]
@@ -91,15 +104,15 @@ def _forward_kernel(
             for j0 in range(lo, hi, step):
                 n = min(step, hi - j0)
                 forward_pair(
-                    gemm, q, k, v, b, h, hk, i0, m, j0, n, off, left, right, c, s, acc, row_max, row_sum, strip
+                    gemm, q, k, v, b, h, hk, i0, m, j0, n, off, left, right, c, s, acc, row_max, row_sum, strip, kt
                 )
         finish_rows(acc, row_max, row_sum, m, out, lse, b, h, i0)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _backward_kv_kernel(
-    dout, q, k, v, lse2, delta, dk, dv_out, col_ptr, col_start, col_stop, order, lheads, bq, bk, scale, off, left,
-    right, width, strip, gemm
+    dout, q, k, kt, v, vt, lse2, delta, dk, dv_out, col_ptr, col_start, col_stop, order, lheads, bq, bk, scale, off,
+    left, right, width, strip, gemm
 ):  # fmt: skip
     n_batch, hq, lq, d = q.shape
     hk_count = k.shape[1]
@@ -132,7 +145,7 @@ def _backward_kv_kernel(
                     m = min(step, hi - i0)
                     backward_kv_pair(
                         gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, off, left, right, c, sc, s, dp,
-                        acc_k, acc_v, strip,
+                        acc_k, acc_v, strip, kt, vt,
                     )  # fmt: skip
         store_rows(acc_k, dk, b, hk, j0, n)
         store_rows(acc_v, dv_out, b, hk, j0, n)
@@ -140,8 +153,8 @@ def _backward_kv_kernel(
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _backward_q_kernel(
-    dout, q, k, v, lse2, delta, dq, run_ptr, run_start, run_stop, order, bq, bk, scale, off, left, right, width, strip,
-    gemm,
+    dout, q, k, kt, v, vt, lse2, delta, dq, run_ptr, run_start, run_stop, order, bq, bk, scale, off, left, right, width,
+    strip, gemm,
 ):  # fmt: skip
     n_batch, hq, lq, d = q.shape
     group = hq // k.shape[1]
@@ -173,15 +186,15 @@ def _backward_q_kernel(
                 n = min(step, hi - j0)
                 backward_q_pair(
                     gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, off, left, right, c, sc, s, dp, acc,
-                    strip,
+                    strip, kt, vt,
                 )  # fmt: skip
         store_rows(acc, dq, b, h, i0, m)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
 def _backward_kernel(
-    dout, q, k, v, lse2, delta, dq, dk, dv_out, col_ptr, col_start, col_stop, lheads, bq, bk, scale, off, left, right,
-    width, strip, gemm
+    dout, q, k, kt, v, vt, lse2, delta, dq, dk, dv_out, col_ptr, col_start, col_stop, lheads, bq, bk, scale, off, left,
+    right, width, strip, gemm
 ):  # fmt: skip
     n_batch, hq, lq, d = q.shape
     hk_count = k.shape[1]
@@ -222,7 +235,7 @@ def _backward_kernel(
                         m = min(step, hi - i0)
                         backward_pair(
                             gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, off, left, right, c, sc, s,
-                            dp, acc_k, acc_v, dq, strip,
+                            dp, acc_k, acc_v, dq, strip, kt, vt,
                         )  # fmt: skip
             store_rows(acc_k, dk, b, hk, j0, n)
             store_rows(acc_v, dv_out, b, hk, j0, n)
@@ -258,6 +271,11 @@ def _column_order(layout: BlockLayout, n_heads: int, n_kv_heads: int) -> np.ndar
     per_column = np.diff(layout.transpose().indptr).reshape(layout.heads, layout.n_key_blocks)
     per_head = np.broadcast_to(per_column, (n_heads, layout.n_key_blocks))
     return _balanced_order(per_head.reshape(n_kv_heads, -1, layout.n_key_blocks).sum(axis=1))
+
+
+def _reuse(layout: BlockLayout, seq_q: int, group: int) -> int:
+    """Query rows that read a key on average: the layout's density times ``Lq``, times the GQA group."""
+    return int(layout.density * seq_q) * group
 
 
 def _group_costs(layout: BlockLayout, n_heads: int, n_kv_heads: int) -> np.ndarray:
@@ -303,10 +321,12 @@ def forward(
     if lq == 0:
         return out, lse
     bq, bk = layout.block
+    kt = transposed(k, _reuse(layout, lq, hq // k.shape[1]))
     with single_threaded_blas():
         _forward_kernel(
-            q, k, v, out, lse, *layout.runs(), _row_order(layout), bq, bk, scale, offset,
-            window_bound(left), window_bound(right), WIDTH, FORWARD_STRIP, gemm_address(q.dtype),
+            q, k, kt, v, out, lse, *layout.runs(), _row_order(layout), bq, bk, scale, offset,
+            window_bound(left), window_bound(right), chunk_width(bq, max(q.shape[3], v.shape[3])), FORWARD_STRIP,
+            gemm_address(q.dtype),
         )  # fmt: skip
     return out, lse
 
@@ -349,15 +369,21 @@ def backward(
     delta = np.empty((n_batch, hq, lq), dtype)
     lse2 = np.ascontiguousarray(lse, dtype=dtype) * dtype.type(LOG2E)
     bq, bk = layout.block
-    mask = (scale, offset, window_bound(left), window_bound(right), WIDTH, BACKWARD_STRIP, gemm_address(dtype))
+    dim = max(q.shape[3], v.shape[3])
+    mask = (scale, offset, window_bound(left), window_bound(right))
+    by_queries = (chunk_width(bk, dim), BACKWARD_STRIP, gemm_address(dtype))
+    by_keys = (chunk_width(bq, dim), BACKWARD_STRIP, gemm_address(dtype))
     columns = layout.transpose().runs()
     with single_threaded_blas():
         row_dot_kernel(dout, out, delta)
+        reuse = _reuse(layout, lq, hq // hk)
+        kv = (k, transposed(k, reuse), v, transposed(v, reuse))
         if chosen_scheme(scheme, np.tile(_group_costs(layout, hq, hk), n_batch)) == "one-pass":
-            _backward_kernel(dout, q, k, v, lse2, delta, dq, dk, dv, *columns, layout.heads, bq, bk, *mask)
+            _backward_kernel(dout, q, *kv, lse2, delta, dq, dk, dv, *columns, layout.heads, bq, bk, *mask, *by_queries)
             return dq, dk, dv
         _backward_kv_kernel(
-            dout, q, k, v, lse2, delta, dk, dv, *columns, _column_order(layout, hq, hk), layout.heads, bq, bk, *mask
-        )
-        _backward_q_kernel(dout, q, k, v, lse2, delta, dq, *layout.runs(), _row_order(layout), bq, bk, *mask)
+            dout, q, *kv, lse2, delta, dk, dv, *columns, _column_order(layout, hq, hk), layout.heads, bq, bk, *mask,
+            *by_queries,
+        )  # fmt: skip
+        _backward_q_kernel(dout, q, *kv, lse2, delta, dq, *layout.runs(), _row_order(layout), bq, bk, *mask, *by_keys)
     return dq, dk, dv
