@@ -227,3 +227,24 @@ def test_unknown_scheme_is_refused(rng):
     out, lse = nsa.attention(q, k, v, return_lse=True)
     with pytest.raises(ValueError, match="scheme must be one of 'one-pass', 'two-pass'"):
         _kernel_backward(out, q, k, v, out, lse, {}, None, "three-pass")
+
+
+def test_exp2_f32_is_float32_accurate_and_total():
+    from numba import njit
+
+    from npsparseattn.cpu._vecmath import exp2_f32
+
+    @njit
+    def apply(x, out):
+        for i in range(x.shape[0]):
+            out[i] = exp2_f32(x[i])
+
+    x = np.linspace(-126, 127.4, 1_000_001, dtype=np.float32)
+    out = np.empty_like(x)
+    apply(x, out)
+    assert np.abs(out / np.exp2(x.astype(np.float64)) - 1).max() < 1.2e-7
+    special = np.array([-np.inf, -1e30, -127.0, -126.6, 128.0, 1e30, np.inf, np.nan], np.float32)
+    out = np.empty_like(special)
+    apply(special, out)
+    assert np.array_equal(out[:4], np.zeros(4, np.float32))
+    assert np.isposinf(out[4:7]).all() and np.isnan(out[7])

@@ -225,9 +225,10 @@ def run(args: argparse.Namespace) -> dict:
     device = _device(args)
     causal_values = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
     dtype = devices.numpy_dtype(args.dtype)
-    warm = tuple(device.put(x) for x in _inputs(np.random.default_rng(0), 1, 1, 300, args.dim, dtype))
-    out, lse = attention(*warm, return_lse=True, backend=args.backend)
-    attention_backward(out, *warm, out, lse, backend=args.backend)
+    for heads in (1, args.heads):  # one head and many: a backend may run different kernels (the CPU backward does)
+        warm = tuple(device.put(x) for x in _inputs(np.random.default_rng(0), 1, heads, 300, args.dim, dtype))
+        out, lse = attention(*warm, return_lse=True, backend=args.backend)
+        attention_backward(out, *warm, out, lse, backend=args.backend)
     records = []
     configs = [(seq, causal) for seq in args.seq for causal in causal_values]
     for seq, causal in args.progress(configs, desc="attention"):

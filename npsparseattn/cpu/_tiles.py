@@ -6,8 +6,8 @@ softmax needs ``exp2`` only, and ``lse`` is converted at the end.
 
 Masks are never materialised: :func:`visible_keys` gives, for one query row,
 the half-open range of keys that causal/window masking leaves visible, so a
-tile touches exactly the columns it must and rows with nothing visible never
-produce ``exp(-inf - -inf)``.  Window bounds arrive as integers with
+tile touches exactly the columns it must and rows with nothing visible (or
+no finite score yet) never produce ``exp(-inf - -inf)``.  Window bounds arrive as integers with
 :data:`UNBOUNDED` standing for "no limit on this side"; ``off`` is the
 diagonal offset (query ``i`` is aligned with key ``i + off``).
 """

@@ -5,12 +5,16 @@ The work is proportional to the stored blocks of a :class:`BlockLayout`:
 * forward, one parallel task per (batch, query head, query block): walk the
   row's *runs* of consecutive stored key blocks; each run (clipped to the keys
   the causal/window mask leaves visible to the block, cut into chunks of at
-  most ``width`` keys) is one score GEMM, one online-softmax update and one
-  ``P @ V`` GEMM.  Merging runs keeps BLAS on wide tiles for 64-key blocks.
-* backward, the two passes of ``cpu/attention.py``: dK/dV with one task per
-  (batch, key head, key block), walking the layout's transpose (CSC) over
-  every query head of the GQA group; dQ with one task per (batch, query head,
-  query block), walking the rows again.
+  most ``width`` keys, :func:`chunk_width`) is one score GEMM, one
+  online-softmax update and one ``P @ V`` GEMM.  Merging runs keeps BLAS on
+  wide tiles for 64-key blocks.
+* backward, the schemes of ``cpu/exact.py``: in one pass, one task per
+  (batch, key head) walks the layout's transpose (CSC) key block by key
+  block over every query head of the GQA group, accumulating dQ in place; in
+  two passes, dK/dV with one task per (batch, key head, key block) over the
+  transpose, then dQ with one task per (batch, query head, query block) over
+  the rows.  The one pass is taken when the (batch, key head) pairs, weighed
+  by their stored blocks, keep the threads busy.
 
 Causal/window masks apply inside blocks through the shared tile helpers; a run
 that the mask empties costs nothing.  Tasks are visited heaviest-first in

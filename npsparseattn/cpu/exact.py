@@ -4,16 +4,24 @@ Forward (FlashAttention-2 order): one parallel task per (batch, query head,
 query tile).  Each task walks the key tiles that its rows can see, computes the
 score tile with one GEMM, updates the online softmax, and accumulates
 ``P @ V`` with a second GEMM.  Extra memory is one score tile and one output
-accumulator per task: O(tile), never O(Lq * Lk).
+accumulator per task, plus one transposed copy of ``K``: O(L), never
+O(Lq * Lk).
 
-Backward, two passes, both recomputing ``P = exp(scale*S - lse)`` tile by tile:
+Backward, recomputing ``P = exp(scale*S - lse)`` tile by tile, in one of two
+deterministic schemes (:func:`backward_scheme` chooses):
 
-* pass 1, one task per (batch, key head, key tile): ``dV += P^T dO`` and
-  ``dK += scale * dS^T Q`` over every query head of the GQA group;
-* pass 2, one task per (batch, query head, query tile): ``dQ += scale * dS K``.
+* one pass, one task per (batch, key head): for each key tile, every query
+  tile of the GQA group that sees it gives ``dV``, ``dK`` (private
+  accumulators) and ``dQ`` (accumulated in place in rows only this task
+  owns): five GEMMs per tile pair, 2.5x the forward's matrix work;
+* two passes, for too few (batch, key head) pairs to fill the threads:
+  dK/dV with one task per (batch, key head, key tile), then dQ with one per
+  (batch, query head, query tile): seven GEMMs per tile pair.
 
-Splitting dQ from dK/dV keeps every accumulator private to one task (no
-atomics, deterministic results) for two extra GEMMs per tile pair.
+Tile shapes (:func:`tile_shape`) keep every product within OpenBLAS's
+small-matrix kernels, and the score products read ``K^T``/``V^T``
+(:func:`transposed`); tile pairs that the mask cuts run as strips of rows.
+``docs/design.md`` has the measurements behind these choices.
 """
 
 from __future__ import annotations
@@ -287,7 +295,7 @@ def tile_shape(width: int, backward: bool = False) -> tuple[int, int]:
     if backward:
         keys = 128 if width <= 64 else 64 if width <= 128 else 32
     else:
-        keys = 256 if width <= 64 else 192 if width <= 128 else 128
+        keys = 384 if width <= 64 else 192 if width <= 128 else 128
     rows = GEMM_VOLUME // (keys * max(width, 1)) // 16 * 16
     return max(16, min(256, rows)), keys
 
