@@ -206,7 +206,8 @@ def test_bench_backend_choices_come_from_the_registry(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["bench", "attention", "--backend", "nonexistent"])
     assert exc.value.code == 2
-    assert "choose from 'auto', 'numba', 'reference'" in capsys.readouterr().err
+    choices = ", ".join(repr(name) for name in ["auto", *nsa.available_backends("attention")])
+    assert f"choose from {choices}" in capsys.readouterr().err
 
 
 def test_bench_refuses_a_dtype_the_backend_cannot_take_with_the_registry_reason():
@@ -315,6 +316,7 @@ def test_compare_torch_without_torch_says_so(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "torch", None)
     assert torch_sdpa.torch_missing().startswith("PyTorch is not installed")
+    assert torch_sdpa.torch_missing("cupy").startswith("PyTorch is not installed")
     with pytest.raises(SystemExit) as exc:
         cli.main(["bench", "attention", *TINY, "--compare", "torch"])
     assert str(exc.value).startswith("npsparseattn bench: --compare torch: PyTorch is not installed")
@@ -338,6 +340,17 @@ def test_compare_torch_times_sdpa_on_the_same_data(tmp_path, capsys):
         assert row["kv_heads"] == 1
         assert row["forward_vs_torch"] == row["torch_forward_s"] / row["forward_s"]
         assert row["forward_backward_vs_torch"] == row["torch_forward_backward_s"] / row["forward_backward_s"]
+
+
+def test_compare_torch_on_cupy_arrays_needs_torch_with_cuda(monkeypatch):
+    reason = torch_sdpa.torch_missing()
+    if reason:
+        pytest.skip(reason)
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert torch_sdpa.torch_missing("numpy") is None
+    assert "cannot use a CUDA device here" in torch_sdpa.torch_missing("cupy")
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -220,9 +220,9 @@ def _device(args: argparse.Namespace) -> devices.Device:
 
 def run(args: argparse.Namespace) -> dict:
     """Run the sweep described by ``args``; print the table; return the records."""
-    if args.compare == "torch" and (reason := torch_missing()):
-        raise SystemExit(f"npsparseattn bench: --compare torch: {reason}")
     device = _device(args)
+    if args.compare == "torch" and (reason := torch_missing(device.kind)):
+        raise SystemExit(f"npsparseattn bench: --compare torch: {reason}")
     causal_values = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
     dtype = devices.numpy_dtype(args.dtype)
     for heads in (1, args.heads):  # one head and many: a backend may run different kernels (the CPU backward does)

@@ -23,12 +23,14 @@ from npsparseattn.bench.device import Device
 COMPARE_CHOICES = ("torch",)
 
 
-def torch_missing() -> str | None:
-    """Why PyTorch cannot be compared here (``None`` when it can)."""
+def torch_missing(kind: str = "numpy") -> str | None:
+    """Why PyTorch cannot be compared here on arrays of ``kind`` (``None`` when it can)."""
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError as exc:
         return f"PyTorch is not installed ({exc}); pip install torch to compare with its SDPA"
+    if kind == "cupy" and not torch.cuda.is_available():
+        return f"PyTorch {torch.__version__} cannot use a CUDA device here; CuPy arrays need a CUDA build of PyTorch"
     return None
 
 
