@@ -30,6 +30,34 @@ def best_time(fn: Callable[[], Any], *, repeat: int = 3, warmup: int = 1) -> flo
     return min(times)
 
 
+def interleaved_best(calls: dict[str, Callable[[], Any]], rounds: int, settle: float = 0.0) -> dict[str, float]:
+    """Best wall time in seconds of each call over ``rounds`` rounds; every round times every call once, in turn.
+
+    On a shared machine the load drifts over a run; interleaving exposes every
+    call to the same drift, so the ratios between them hold.  ``settle``
+    seconds pass before each call, so the thread pools of the call before
+    (numba's, OpenBLAS's, PyTorch's OpenMP workers keep spinning for a
+    while) have gone to sleep and every call starts from the same state.
+    """
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            time.sleep(settle)
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def format_rate(gflops: float) -> str:
+    """A rate in GFLOP/s written as ``'183.2 GF/s'`` or, from 1000 on, ``'1.25 TF/s'``.
+
+    >>> format_rate(183.24), format_rate(1254.0)
+    ('183.2 GF/s', '1.25 TF/s')
+    """
+    return f"{gflops / 1e3:.2f} TF/s" if gflops >= 1e3 else f"{gflops:.1f} GF/s"
+
+
 def adaptive_time(fn: Callable[[], Any], *, budget: float = 1.0, repeat: int = 3) -> float:
     """Wall time of ``fn()`` in seconds: one call, or the best of ``repeat`` if one is cheap.
 

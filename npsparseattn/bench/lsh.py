@@ -12,6 +12,11 @@ a shared machine slows every length rather than skewing one ratio.  At
 inputs (``qk`` as q and k) and the speed-up of LSH over it is reported (target
 at least 5x).  Also the error of a small case against the float64 reference.
 
+``--backend`` picks the implementation (inputs on its device, GPU work
+synchronised inside each timed call); the forward rate counts the chunk
+products (``4 * D`` per (query, window key) pair per hash round) and stands
+beside the same-run matrix-product rate of that device.
+
 ``--n-buckets auto`` follows Reformer's rule: about two buckets per chunk,
 ``2**floor(log2(2 L / chunk))``, factorized into two near-equal powers of two
 from 64 buckets on (HF factorizes long sequences the same way), so that the
@@ -30,11 +35,12 @@ from typing import Any
 
 import numpy as np
 
-from npsparseattn import reference
-from npsparseattn.bench.common import best_time, format_bytes, format_table
-from npsparseattn.bench.memory import measure_peak
+from npsparseattn import available_backends, reference
+from npsparseattn.bench import device as devices
+from npsparseattn.bench.common import best_time, format_bytes, format_rate, format_table
 from npsparseattn.exact import attention
 from npsparseattn.lsh import lsh_attention, lsh_attention_backward, lsh_buckets
+from npsparseattn.problems import lsh_problem
 
 TIME_GROWTH_TARGET = 2.3
 SPEEDUP_TARGET = 5.0
@@ -54,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--n-buckets", default="auto", help="'auto' (Reformer's rule, see above), an even int, or factors like 16x32"
     )
     parser.add_argument("--causal", action="store_true", help="causal LSH (and causal dense attention)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    devices.add_arguments(parser, "lsh_attention")
     parser.add_argument(
         "--repeat", type=int, default=5, help="timing rounds, all lengths in turn in each (the best time is kept)"
     )
@@ -101,30 +107,53 @@ def _options(args: argparse.Namespace, seq: int) -> dict[str, Any]:
 
 
 def _inputs(rng: np.random.Generator, args: argparse.Namespace, seq: int) -> tuple[np.ndarray, np.ndarray]:
+    """Host ``qk`` and ``v`` (B, H, seq, D) in the benchmark's dtype."""
     shape = (args.batch, args.heads, seq, args.dim)
-    return tuple(rng.standard_normal(shape, dtype=np.float64).astype(args.dtype) for _ in range(2))
+    dtype = devices.numpy_dtype(args.dtype)
+    return tuple(rng.standard_normal(shape, dtype=np.float64).astype(dtype) for _ in range(2))
 
 
-def prepare(args: argparse.Namespace, seq: int) -> tuple[dict[str, Any], dict[str, Callable[[], Any]]]:
+def lsh_flops(args: argparse.Namespace, seq: int) -> float:
+    """Forward FLOPs of the chunk products: ``4 * D`` per (query, window key) pair, per hash round and head."""
+    width = (1 + args.chunks_before + args.chunks_after) * args.chunk_size
+    return 4.0 * args.batch * args.heads * args.n_hashes * seq * width * args.dim
+
+
+def _dense_backend(backend: str) -> str:
+    """The ``attention`` backend compared with ``backend``'s LSH attention: the same one where it has one."""
+    return backend if backend in available_backends("attention") else "auto"
+
+
+def _hash_backend(backend: str) -> str:
+    """The ``lsh_buckets`` backend timed beside ``backend``'s attention: the same one where it has hashing."""
+    return backend if backend in available_backends("lsh_buckets") else "auto"
+
+
+def prepare(
+    args: argparse.Namespace, seq: int, device: devices.Device
+) -> tuple[dict[str, Any], dict[str, Callable[[], Any]]]:
     """One row with the peak extra memory of a first forward and backward call, and the calls to time."""
-    qk, v = _inputs(np.random.default_rng(seq), args, seq)
+    qk, v = (device.put(x) for x in _inputs(np.random.default_rng(seq), args, seq))
     kw = _options(args, seq)
-    (out, lse), peak = measure_peak(lambda: lsh_attention(qk, v, return_lse=True, **kw))
+    be = device.backend
+    (out, lse), peak, method = device.peak_memory(lambda: lsh_attention(qk, v, return_lse=True, backend=be, **kw))
     row: dict[str, Any] = {
         "seq": seq,
         "n_buckets": _label(kw["n_buckets"]),
-        "forward_extra_bytes": max(peak.extra_bytes - out.nbytes - lse.nbytes, 0),
-        "memory_method": peak.method,
+        "forward_extra_bytes": max(peak - out.nbytes - lse.nbytes, 0),
+        "memory_method": method,
     }
+    hash_be = _hash_backend(be)
     calls = {
-        "hash_s": lambda: lsh_buckets(qk, kw["n_buckets"], n_hashes=args.n_hashes, seed=0),
-        "forward_s": lambda: lsh_attention(qk, v, **kw),
+        "hash_s": lambda: lsh_buckets(qk, kw["n_buckets"], n_hashes=args.n_hashes, seed=0, backend=hash_be),
+        "forward_s": lambda: lsh_attention(qk, v, backend=be, **kw),
     }
     if not args.no_backward:
-        dout = np.random.default_rng(1).standard_normal(out.shape).astype(args.dtype)
-        (dqk, dv), peak = measure_peak(lambda: lsh_attention_backward(dout, qk, v, out, lse, **kw))
-        row["backward_extra_bytes"] = max(peak.extra_bytes - dqk.nbytes - dv.nbytes, 0)
-        calls["backward_s"] = lambda: lsh_attention_backward(dout, qk, v, out, lse, **kw)
+        dout = device.put(np.random.default_rng(1).standard_normal(out.shape).astype(out.dtype))
+        (dqk, dv), peak, _ = device.peak_memory(lambda: lsh_attention_backward(dout, qk, v, out, lse, backend=be, **kw))
+        row["backward_extra_bytes"] = max(peak - dqk.nbytes - dv.nbytes, 0)
+        calls["backward_s"] = lambda: lsh_attention_backward(dout, qk, v, out, lse, backend=be, **kw)
+    calls = {name: device.call(fn) for name, fn in calls.items()}
     calls["hash_s"]()
     return row, calls
 
@@ -145,23 +174,43 @@ def time_interleaved(calls_per_row: list[dict[str, Callable[[], Any]]], repeat: 
     return best
 
 
-def dense_comparison(args: argparse.Namespace, seq: int, lsh_forward_s: float | None) -> dict[str, Any]:
-    """Tiled exact attention forward at ``seq`` on the same kind of inputs, timed once (it takes seconds)."""
-    qk, v = _inputs(np.random.default_rng(seq), args, seq)
+def dense_comparison(
+    args: argparse.Namespace, seq: int, lsh_forward_s: float | None, device: devices.Device
+) -> dict[str, Any]:
+    """Tiled exact attention forward at ``seq`` on the same kind of inputs, timed once (it takes seconds).
+
+    Dense attention runs on the same backend where it has one, else on the automatic choice.
+    """
+    qk, v = (device.put(x) for x in _inputs(np.random.default_rng(seq), args, seq))
+    be = _dense_backend(device.backend)
     if lsh_forward_s is None:
-        lsh_forward_s = best_time(lambda: lsh_attention(qk, v, **_options(args, seq)), repeat=args.repeat)
-    dense_s = best_time(lambda: attention(qk, qk, v, causal=args.causal), repeat=2, warmup=0)
+        lsh = device.call(lambda: lsh_attention(qk, v, backend=device.backend, **_options(args, seq)))
+        lsh_forward_s = best_time(lsh, repeat=args.repeat)
+    dense = device.call(lambda: attention(qk, qk, v, causal=args.causal, backend=be))
+    dense_s = best_time(dense, repeat=2, warmup=0)
     return {"seq": seq, "dense_forward_s": dense_s, "lsh_forward_s": lsh_forward_s, "speedup": dense_s / lsh_forward_s}
 
 
-def reference_error(args: argparse.Namespace) -> float:
+def reference_error(args: argparse.Namespace, device: devices.Device) -> float:
     """Max relative error of the forward against the float64 reference on a small case (H=1, L=4 chunks)."""
     seq = 4 * args.chunk_size
     qk, v = (x[:1, :1] for x in _inputs(np.random.default_rng(2), args, seq))
     kw = _options(args, seq)
-    out = lsh_attention(qk, v, **kw)
+    out = device.get(lsh_attention(device.put(qk), device.put(v), backend=device.backend, **kw))
     ref, _ = reference.lsh_attention(qk, v, **kw)
-    return float(np.abs(out - ref).max() / np.abs(ref).max())
+    return float(np.abs(out.astype(np.float64) - ref).max() / np.abs(ref).max())
+
+
+def _device(args: argparse.Namespace) -> devices.Device:
+    """The device of ``--backend``, refused with the registry's reasons if it cannot run these inputs here."""
+    dtype = devices.numpy_dtype(args.dtype)
+
+    def problem():
+        seq = 2 * args.chunk_size
+        qk, v = (np.ones((1, args.heads, seq, args.dim), dtype) for _ in range(2))
+        return lsh_problem(qk, v, **_options(args, seq))
+
+    return devices.device_for("lsh_attention", args.backend, problem)
 
 
 GROWTH_KEYS = {
@@ -196,21 +245,34 @@ def unmap_large_buffers() -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Sweep the lengths; print the table and the targets; return the records."""
+    device = _device(args)
     unmap_large_buffers()
-    warm = _inputs(np.random.default_rng(0), args, 4 * args.chunk_size)
+    warm = tuple(device.put(x) for x in _inputs(np.random.default_rng(0), args, 4 * args.chunk_size))
     kw = _options(args, 4 * args.chunk_size)
-    out, lse = lsh_attention(*warm, return_lse=True, **kw)
-    lsh_attention_backward(out, *warm, out, lse, **kw)
-    attention(warm[0], warm[0], warm[1], causal=args.causal)
-    prepared = [prepare(args, seq) for seq in args.progress(sorted(args.seq), desc="lsh memory")]
+    out, lse = lsh_attention(*warm, return_lse=True, backend=device.backend, **kw)
+    lsh_attention_backward(out, *warm, out, lse, backend=device.backend, **kw)
+    attention(warm[0], warm[0], warm[1], causal=args.causal, backend=_dense_backend(device.backend))
+    prepared = [prepare(args, seq, device) for seq in args.progress(sorted(args.seq), desc="lsh memory")]
     records = [row for row, _ in prepared]
+    gemm, gemm_dtype = device.gemm_rate(warm[0].dtype)
     for row, times in zip(records, time_interleaved([calls for _, calls in prepared], args.repeat, args.progress)):
         row.update(times)
         row["tokens_per_s"] = args.batch * row["seq"] / row["forward_s"]
+        row["forward_gflops"] = lsh_flops(args, row["seq"]) / row["forward_s"] / 1e9
     _growth(records)
-    result: dict[str, Any] = {"benchmark": "lsh", "rows": records, "max_rel_error": reference_error(args)}
+    result: dict[str, Any] = {
+        "benchmark": "lsh",
+        "device": device.describe(),
+        "gemm_gflops": gemm,
+        "gemm_dtype": gemm_dtype,
+        "rows": records,
+        "max_rel_error": reference_error(args, device),
+    }
     print(render(records))
-    lines = [f"float64-reference check (L={4 * args.chunk_size}, H=1): max rel error {result['max_rel_error']:.1e}"]
+    lines = [
+        f"{device.describe()}; same-run GEMM ({gemm_dtype}): {format_rate(gemm)}",
+        f"float64-reference check (L={4 * args.chunk_size}, H=1): max rel error {result['max_rel_error']:.1e}",
+    ]
     time_growth = [r[k] for r in records for k in ("forward_growth", "backward_growth") if k in r]
     if time_growth:
         worst = max(time_growth)
@@ -221,7 +283,7 @@ def run(args: argparse.Namespace) -> dict:
         result["max_time_growth"] = worst
     if args.dense_seq:
         match = next((r["forward_s"] for r in records if r["seq"] == args.dense_seq), None)
-        dense = dense_comparison(args, args.dense_seq, match)
+        dense = dense_comparison(args, args.dense_seq, match, device)
         result["dense"] = dense
         verdict = "meets" if dense["speedup"] >= SPEEDUP_TARGET else "MISSES"
         lines.append(
@@ -235,8 +297,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def render(records: list[dict]) -> str:
     """The table printed by ``bench lsh``."""
-    headers = ["L", "buckets", "hash ms", "fwd ms", "fwd x", "bwd ms", "bwd x", "fwd mem", "mem x", "bwd mem",
-               "mem x", "tok/s"]  # fmt: skip
+    headers = ["L", "buckets", "hash ms", "fwd ms", "fwd x", "fwd rate", "bwd ms", "bwd x", "fwd mem", "mem x",
+               "bwd mem", "mem x", "tok/s"]  # fmt: skip
 
     def cell(row: dict, key: str, fmt: str) -> str:
         return format(row[key], fmt) if key in row else "-"
@@ -250,6 +312,7 @@ def render(records: list[dict]) -> str:
                 f"{r['hash_s'] * 1e3:.1f}",
                 f"{r['forward_s'] * 1e3:.1f}",
                 cell(r, "forward_growth", ".2f"),
+                format_rate(r["forward_gflops"]),
                 f"{r['backward_s'] * 1e3:.1f}" if "backward_s" in r else "-",
                 cell(r, "backward_growth", ".2f"),
                 format_bytes(r["forward_extra_bytes"]),

@@ -6,8 +6,8 @@ softmax needs ``exp2`` only, and ``lse`` is converted at the end.
 
 Masks are never materialised: :func:`visible_keys` gives, for one query row,
 the half-open range of keys that causal/window masking leaves visible, so a
-tile touches exactly the columns it must and rows with nothing visible never
-produce ``exp(-inf - -inf)``.  Window bounds arrive as integers with
+tile touches exactly the columns it must and rows with nothing visible (or
+no finite score yet) never produce ``exp(-inf - -inf)``.  Window bounds arrive as integers with
 :data:`UNBOUNDED` standing for "no limit on this side"; ``off`` is the
 diagonal offset (query ``i`` is aligned with key ``i + off``).
 """
@@ -87,6 +87,42 @@ def tile_row_span(i, j0, n, off, left, right, n_keys):
     return lo, hi
 
 
+@njit(inline="always")
+def whole_tile(i0, m, j0, n, off, left, right, n_keys):
+    """True if every query of ``[i0, i0+m)`` sees every key of ``[j0, j0+n)``.
+
+    Visible ranges move right with the query, so the first row bounds the
+    right edge and the last row the left edge.
+    """
+    return visible_keys(i0 + m - 1, off, left, right, n_keys)[0] <= j0 and (
+        visible_keys(i0, off, left, right, n_keys)[1] >= j0 + n
+    )
+
+
+@njit(inline="always")
+def rows_key_span(i0, m, j0, n, off, left, right, n_keys):
+    """Keys ``[lo, hi)`` of the tile ``[j0, j0+n)`` seen by at least one query of ``[i0, i0+m)``."""
+    lo = max(visible_keys(i0, off, left, right, n_keys)[0], j0)
+    hi = min(visible_keys(i0 + m - 1, off, left, right, n_keys)[1], j0 + n)
+    return lo, max(hi, lo)
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def nonfinite_rows(arr, b, h, i0, m):
+    """True if ``arr[b, h, i0:i0+m, :]`` holds a NaN or an infinity.
+
+    ``x * 0`` is 0 for every finite ``x`` and NaN otherwise; the flags keep
+    NaN meaningful, so the sum is a vectorised test of the whole block.
+    """
+    zero = like(0.0, arr)
+    total = zero
+    for r in range(m):
+        row = arr[b, h, i0 + r]
+        for c in range(row.shape[0]):
+            total += row[c] * zero
+    return total != zero
+
+
 @njit(inline="always", fastmath=FASTMATH)
 def online_softmax_tile(s, m, n, i0, j0, off, left, right, n_keys, row_max, row_sum, acc):
     """Turn base-2 scores ``s[:m, :n]`` into unnormalised probabilities in place.
@@ -94,6 +130,12 @@ def online_softmax_tile(s, m, n, i0, j0, off, left, right, n_keys, row_max, row_
     Updates the running row maxima ``row_max``, sums ``row_sum`` and rescales
     the rows of the output accumulator ``acc`` whose maximum grew
     (FlashAttention's online softmax).  Masked entries become 0.
+
+    A row whose scores so far are all ``-inf`` (a key of ``-inf``, a float32
+    product that overflowed) keeps ``row_max = -inf`` and gains nothing: its
+    probabilities are taken against 0 instead of ``-inf``, so they are 0
+    (NaN stays NaN), never ``exp2(-inf - -inf)``.  When a finite maximum
+    arrives, ``exp2(-inf - m_new) = 0`` rescales the empty state.
 
     Loops run over slices indexed from 0: a loop whose start numba cannot
     prove non-negative keeps its negative-index wraparound and does not
@@ -113,14 +155,13 @@ def online_softmax_tile(s, m, n, i0, j0, off, left, right, n_keys, row_max, row_
             mx = maxnum(mx, vis[c])
         m_old = row_max[r]
         m_new = maxnum(m_old, mx)
+        shift = m_new if m_new != -np.inf else zero
         total = zero
         for c in range(vis.shape[0]):
-            p = exp2(vis[c] - m_new)
+            p = exp2(vis[c] - shift)
             vis[c] = p
             total += p
-        if m_old == -np.inf:
-            row_sum[r] = total
-        elif m_new > m_old:
+        if m_new > m_old:
             alpha = exp2(m_old - m_new)
             row_sum[r] = row_sum[r] * alpha + total
             acc_row = acc[r]
@@ -132,43 +173,51 @@ def online_softmax_tile(s, m, n, i0, j0, off, left, right, n_keys, row_max, row_
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def probabilities_tile(s, m, n, i0, j0, off, left, right, n_keys, lse2):
-    """``s[:m, :n] <- exp2(s - lse2[i0 + r])`` on visible entries, 0 elsewhere."""
+def probabilities_and_grads_tile(s, dp, m, n, i0, j0, off, left, right, n_keys, lse2, delta):
+    """One pass over a tile: ``s <- P = exp2(s - lse2)`` and ``dp <- dS = P * (dp - delta)``.
+
+    Entries a row does not see (and whole rows with ``lse = -inf``) become
+    exactly 0 in both, whatever ``dp`` held there: a NaN or infinity in a
+    value row reaches only the gradients of the queries that see it.
+    """
     zero = like(0.0, s)
     for r in range(m):
         lo, hi = tile_row_span(i0 + r, j0, n, off, left, right, n_keys)
         row = s[r, :n]
+        grad = dp[r, :n]
+        shift = lse2[i0 + r]
+        if shift == -np.inf:
+            lo = hi = 0
         row[:lo] = zero
         row[hi:] = zero
+        grad[:lo] = zero
+        grad[hi:] = zero
         vis = row[lo:hi]
-        shift = lse2[i0 + r]
-        for c in range(vis.shape[0]):
-            vis[c] = exp2(vis[c] - shift)
-
-
-@njit(inline="always", fastmath=FASTMATH)
-def score_grad_tile(p, dp, m, n, i0, delta):
-    """``dp[:m, :n] <- p * (dp - delta[i0 + r])``: the gradient of the scores."""
-    for r in range(m):
+        gvis = grad[lo:hi]
         d = delta[i0 + r]
-        p_row = p[r, :n]
-        dp_row = dp[r, :n]
-        for c in range(n):
-            dp_row[c] = p_row[c] * (dp_row[c] - d)
+        for c in range(vis.shape[0]):
+            p = exp2(vis[c] - shift)
+            vis[c] = p
+            gvis[c] = p * (gvis[c] - d)
 
 
 @njit(inline="always", fastmath=FASTMATH)
 def finish_rows(acc, row_max, row_sum, m, out, lse, b, h, i0):
-    """Write ``acc / row_sum`` to ``out[b, h, i0:i0+m]`` and the natural-log lse."""
+    """Write ``acc / row_sum`` to ``out[b, h, i0:i0+m]`` and the natural-log lse.
+
+    A row that saw no finite score (``row_max = -inf``, ``row_sum = 0``) gets
+    output 0 and ``lse = -inf``; a NaN score leaves ``row_sum`` NaN, and the
+    row NaN, as in the dense formula.
+    """
     ln2 = like(LN2, row_max)
     for r in range(m):
-        if row_max[r] != -np.inf:
-            total = row_sum[r]
+        total = row_sum[r]
+        if row_max[r] == -np.inf and total == 0:
+            for c in range(acc.shape[1]):
+                out[b, h, i0 + r, c] = 0
+            lse[b, h, i0 + r] = -np.inf
+        else:
             inv = like(1.0, acc) / total
             for c in range(acc.shape[1]):
                 out[b, h, i0 + r, c] = acc[r, c] * inv
             lse[b, h, i0 + r] = row_max[r] * ln2 + np.log(total)
-        else:
-            for c in range(acc.shape[1]):
-                out[b, h, i0 + r, c] = 0
-            lse[b, h, i0 + r] = -np.inf

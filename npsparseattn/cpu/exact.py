@@ -4,16 +4,24 @@ Forward (FlashAttention-2 order): one parallel task per (batch, query head,
 query tile).  Each task walks the key tiles that its rows can see, computes the
 score tile with one GEMM, updates the online softmax, and accumulates
 ``P @ V`` with a second GEMM.  Extra memory is one score tile and one output
-accumulator per task: O(tile), never O(Lq * Lk).
+accumulator per task, plus one transposed copy of ``K``: O(L), never
+O(Lq * Lk).
 
-Backward, two passes, both recomputing ``P = exp(scale*S - lse)`` tile by tile:
+Backward, recomputing ``P = exp(scale*S - lse)`` tile by tile, in one of two
+deterministic schemes (:func:`backward_scheme` chooses):
 
-* pass 1, one task per (batch, key head, key tile): ``dV += P^T dO`` and
-  ``dK += scale * dS^T Q`` over every query head of the GQA group;
-* pass 2, one task per (batch, query head, query tile): ``dQ += scale * dS K``.
+* one pass, one task per (batch, key head): for each key tile, every query
+  tile of the GQA group that sees it gives ``dV``, ``dK`` (private
+  accumulators) and ``dQ`` (accumulated in place in rows only this task
+  owns): five GEMMs per tile pair, 2.5x the forward's matrix work;
+* two passes, for too few (batch, key head) pairs to fill the threads:
+  dK/dV with one task per (batch, key head, key tile), then dQ with one per
+  (batch, query head, query tile): seven GEMMs per tile pair.
 
-Splitting dQ from dK/dV keeps every accumulator private to one task (no
-atomics, deterministic results) for two extra GEMMs per tile pair.
+Tile shapes (:func:`tile_shape`) keep every product within OpenBLAS's
+small-matrix kernels, and the score products read ``K^T``/``V^T``
+(:func:`transposed`); tile pairs that the mask cuts run as strips of rows.
+``docs/design.md`` has the measurements behind these choices.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from numba import get_num_threads, njit, prange
 from npsparseattn._dtypes import compute_dtype
 from npsparseattn.cpu import DTYPES, KINDS
 from npsparseattn.cpu._blas import gemm_address, single_threaded_blas
-from npsparseattn.cpu._steps import backward_kv_step, backward_q_step, forward_step, store_rows
+from npsparseattn.cpu._steps import backward_kv_pair, backward_pair, backward_q_pair, forward_pair, store_rows
 from npsparseattn.cpu._tiles import (
     FASTMATH,
     LOG2E,
@@ -36,10 +44,26 @@ from npsparseattn.cpu._tiles import (
     zigzag,
 )
 
-__all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]
+__all__ = [
+    "DTYPES",
+    "KINDS",
+    "STRIDED_ROWS",
+    "TOLERANCE",
+    "backward",
+    "backward_scheme",
+    "compute_dtype",
+    "forward",
+    "unsupported",
+]
 
 STRIDED_ROWS = True  # tiles are read in place through a row stride (BLAS leading dimension)
 TOLERANCE = {"float16": 2e-3, "float32": 1e-5, "float64": 1e-10}
+GEMM_VOLUME = 900_000  # most multiply-adds of one tile product (OpenBLAS's small-matrix kernels: m*n*k <= 10**6)
+FORWARD_STRIP = 64  # rows per strip of a tile pair the mask cuts (the diagonal of a causal mask)
+BACKWARD_STRIP = 32
+ONE_PASS_WORK, TWO_PASS_WORK = 2.5, 3.5  # matrix work of the backward schemes, in forwards
+SCHEMES = ("one-pass", "two-pass")
+TRANSPOSE_REUSE = 64  # query rows per key from which K and V are transposed once for the score products
 
 
 def unsupported(problem) -> list[str]:
@@ -48,7 +72,7 @@ def unsupported(problem) -> list[str]:
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _forward_kernel(q, k, v, out, lse, scale, off, left, right, bq, bk, gemm):
+def _forward_kernel(q, k, kt, v, out, lse, scale, off, left, right, bq, bk, strip, gemm):
     n_batch, hq, lq, _ = q.shape
     group = hq // k.shape[1]
     lk = k.shape[2]
@@ -68,7 +92,10 @@ def _forward_kernel(q, k, v, out, lse, scale, off, left, right, bq, bk, gemm):
         khi = visible_keys(i0 + m - 1, off, left, right, lk)[1]
         for j0 in range(klo, khi, bk):
             n = min(bk, khi - j0)
-            forward_step(gemm, q, k, v, b, h, h // group, i0, m, j0, n, off, left, right, c, s, acc, row_max, row_sum)
+            forward_pair(
+                gemm, q, k, v, b, h, h // group, i0, m, j0, n, off, left, right, c, s, acc, row_max, row_sum, strip,
+                kt,
+            )  # fmt: skip
         finish_rows(acc, row_max, row_sum, m, out, lse, b, h, i0)
 
 
@@ -86,8 +113,24 @@ def row_dot_kernel(dout, out, delta):
             delta[b, h, i] = total
 
 
+@njit(parallel=True, cache=True)
+def transpose_kernel(x, xt):
+    """``xt[b, h, c, j] = x[b, h, j, c]``: (B, H, L, D) rows to (B, H, D, L) columns, in blocks of 64 rows."""
+    n_batch, heads, length, d = x.shape
+    n_blocks = (length + 63) // 64
+    for task in prange(n_batch * heads * n_blocks):
+        j0 = (task % n_blocks) * 64
+        h = (task // n_blocks) % heads
+        b = task // (n_blocks * heads)
+        rows = x[b, h, j0 : j0 + 64]
+        for col in range(d):
+            dst = xt[b, h, col, j0 : j0 + rows.shape[0]]
+            for j in range(rows.shape[0]):
+                dst[j] = rows[j, col]
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _backward_kv_kernel(dout, q, k, v, lse2, delta, dk, dv, scale, off, left, right, bq, bk, gemm):
+def _backward_kv_kernel(dout, q, k, kt, v, vt, lse2, delta, dk, dv, scale, off, left, right, bq, bk, strip, gemm):
     n_batch, hq, lq, d = q.shape
     hk_count = k.shape[1]
     group = hq // hk_count
@@ -109,16 +152,16 @@ def _backward_kv_kernel(dout, q, k, v, lse2, delta, dk, dv, scale, off, left, ri
         for h in range(hk * group, (hk + 1) * group):
             for i0 in range(ilo, ihi, bq):
                 m = min(bq, ihi - i0)
-                backward_kv_step(
+                backward_kv_pair(
                     gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, off, left, right, c, sc, s, dp,
-                    acc_k, acc_v,
+                    acc_k, acc_v, strip, kt, vt,
                 )  # fmt: skip
         store_rows(acc_k, dk, b, hk, j0, n)
         store_rows(acc_v, dv, b, hk, j0, n)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH)
-def _backward_q_kernel(dout, q, k, v, lse2, delta, dq, scale, off, left, right, bq, bk, gemm):
+def _backward_q_kernel(dout, q, k, kt, v, vt, lse2, delta, dq, scale, off, left, right, bq, bk, strip, gemm):
     n_batch, hq, lq, d = q.shape
     group = hq // k.shape[1]
     lk = k.shape[2]
@@ -138,10 +181,98 @@ def _backward_q_kernel(dout, q, k, v, lse2, delta, dq, scale, off, left, right, 
         khi = visible_keys(i0 + m - 1, off, left, right, lk)[1]
         for j0 in range(klo, khi, bk):
             n = min(bk, khi - j0)
-            backward_q_step(
-                gemm, dout, q, k, v, lse2, delta, b, h, h // group, i0, m, j0, n, off, left, right, c, sc, s, dp, acc
-            )
+            backward_q_pair(
+                gemm, dout, q, k, v, lse2, delta, b, h, h // group, i0, m, j0, n, off, left, right, c, sc, s, dp, acc,
+                strip, kt, vt,
+            )  # fmt: skip
         store_rows(acc, dq, b, h, i0, m)
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH)
+def _backward_kernel(dout, q, k, kt, v, vt, lse2, delta, dq, dk, dv, scale, off, left, right, bq, bk, strip, gemm):
+    n_batch, hq, lq, d = q.shape
+    hk_count = k.shape[1]
+    group = hq // hk_count
+    lk = k.shape[2]
+    n_kt = (lk + bk - 1) // bk
+    c = like(scale * LOG2E, q)
+    sc = like(scale, q)
+    zero = like(0.0, q)
+    for task in prange(n_batch * hk_count):
+        hk = task % hk_count
+        b = task // hk_count
+        s = np.empty((bq, bk), q.dtype)
+        dp = np.empty((bq, bk), q.dtype)
+        acc_k = np.empty((bk, d), q.dtype)
+        acc_v = np.empty((bk, v.shape[3]), q.dtype)
+        for h in range(hk * group, (hk + 1) * group):
+            for i in range(lq):
+                dq_row = dq[b, h, i]
+                for col in range(d):
+                    dq_row[col] = zero
+        for t in range(n_kt):
+            j0 = t * bk
+            n = min(bk, lk - j0)
+            acc_k[:] = zero
+            acc_v[:] = zero
+            ilo, ihi = visible_queries(j0, j0 + n, off, left, right, lq)
+            for h in range(hk * group, (hk + 1) * group):
+                for i0 in range(ilo, ihi, bq):
+                    m = min(bq, ihi - i0)
+                    backward_pair(
+                        gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, off, left, right, c, sc, s, dp,
+                        acc_k, acc_v, dq, strip, kt, vt,
+                    )  # fmt: skip
+            store_rows(acc_k, dk, b, hk, j0, n)
+            store_rows(acc_v, dv, b, hk, j0, n)
+
+
+def backward_scheme(costs: np.ndarray | int, threads: int | None = None) -> str:
+    """``"one-pass"`` or ``"two-pass"``: which backward to run on ``threads`` threads (default numba's).
+
+    ``costs`` is the work of each (batch, key head) pair in visiting order, or
+    their number when they cost the same.  The one-pass backward runs one
+    task per pair and does 2.5x the forward's matrix work; the two-pass one
+    parallelises over key tiles and query tiles and does 3.5x.  One pass wins
+    unless its tasks leave threads idle for longer than the extra work costs:
+    the busiest thread's share of the work (``prange`` hands each thread a
+    contiguous range of tasks) against an even split must stay within
+    3.5 / 2.5.
+
+    >>> backward_scheme(8, threads=2), backward_scheme(1, threads=2), backward_scheme(5, threads=4)
+    ('one-pass', 'two-pass', 'two-pass')
+    """
+    threads = get_num_threads() if threads is None else threads
+    costs = np.ones(costs) if np.ndim(costs) == 0 else np.asarray(costs, dtype=np.float64)
+    total = costs.sum()
+    if costs.size < threads or total <= 0:
+        return "two-pass"
+    busiest = max(part.sum() for part in np.array_split(costs, threads)) * threads / total
+    return "one-pass" if busiest <= TWO_PASS_WORK / ONE_PASS_WORK else "two-pass"
+
+
+def chosen_scheme(scheme: str | None, costs: np.ndarray | int) -> str:
+    """``scheme`` if given (checked), else :func:`backward_scheme` of ``costs``."""
+    if scheme is None:
+        return backward_scheme(costs)
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {', '.join(map(repr, SCHEMES))} or None, got {scheme!r}")
+    return scheme
+
+
+def transposed(x: np.ndarray, reuse: int) -> np.ndarray | None:
+    """``x`` (B, H, L, D) as a C-contiguous (B, H, D, L) copy: the plain (NN) operand of the score products.
+
+    ``reuse`` is how many query rows read each row of ``x``.  The copy costs a
+    pass over ``x`` and its memory; it pays from :data:`TRANSPOSE_REUSE`
+    rows on.  Below (decoding one token), ``None``: the products read ``x``
+    in place as their transposed operand.
+    """
+    if reuse < TRANSPOSE_REUSE:
+        return None
+    xt = np.empty(x.shape[:2] + (x.shape[3], x.shape[2]), x.dtype)
+    transpose_kernel(x, xt)
+    return xt
 
 
 def window_bound(value: int | None) -> int:
@@ -149,10 +280,30 @@ def window_bound(value: int | None) -> int:
     return UNBOUNDED if value is None else int(value)
 
 
+def tile_shape(width: int, backward: bool = False) -> tuple[int, int]:
+    """``(query rows, keys)`` of a tile pair whose products have head dimension ``width = max(D, Dv)``.
+
+    Every product of a tile pair (scores, ``P @ V``, the backward's four
+    others) has ``rows * keys * width`` multiply-adds.  Kept within
+    :data:`GEMM_VOLUME`, OpenBLAS multiplies them with its small-matrix
+    kernels, unpacked, about 15 % faster than its packed path (measured:
+    113 against 90-99 GFLOP/s per core on AVX-512).  Keys come in multiples
+    of 32 (a row of scores is whole 128-byte lines; odd multiples of 16 ran
+    10-20 % slower); the forward prefers long key tiles and few rows (one
+    online-softmax update covers more keys), the backward square-ish ones.
+    """
+    if backward:
+        keys = 128 if width <= 64 else 64 if width <= 128 else 32
+    else:
+        keys = 384 if width <= 64 else 192 if width <= 128 else 128
+    rows = GEMM_VOLUME // (keys * max(width, 1)) // 16 * 16
+    return max(16, min(256, rows)), keys
+
+
 def _tile(length: int, preferred: int, parallel_units: int) -> int:
-    """Tile edge: ``preferred``, halved (down to 32) until there are enough tasks."""
+    """Tile edge: ``preferred``, halved (down to 16) until there are enough tasks."""
     tile = preferred
-    while tile > 32 and parallel_units * -(-length // tile) < 4 * get_num_threads():
+    while tile > 16 and parallel_units * -(-length // tile) < 4 * get_num_threads():
         tile //= 2
     return max(1, min(tile, length))
 
@@ -196,12 +347,15 @@ def forward(
     lse = np.empty((n_batch, hq, lq), q.dtype) if lse is None else lse
     if lq == 0:
         return out, lse
-    bq = _tile(lq, 256, n_batch * hq)
-    bk = max(1, min(256, lk))
+    rows, keys = tile_shape(max(q.shape[3], v.shape[3]))
+    bq = _tile(lq, rows, n_batch * hq)
+    bk = max(1, min(keys, lk))
+    kt = transposed(k, lq * hq // k.shape[1])
     with single_threaded_blas():
         _forward_kernel(
-            q, k, v, out, lse, scale, offset, window_bound(left), window_bound(right), bq, bk, gemm_address(q.dtype)
-        )
+            q, k, kt, v, out, lse, scale, offset, window_bound(left), window_bound(right), bq, bk, FORWARD_STRIP,
+            gemm_address(q.dtype),
+        )  # fmt: skip
     return out, lse
 
 
@@ -218,6 +372,7 @@ def backward(
     left: int | None,
     right: int | None,
     grads: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    scheme: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tiled attention backward on canonical 4-D arrays.
 
@@ -225,6 +380,8 @@ def backward(
     arguments are those of :func:`forward`; ``grads`` optionally gives the
     ``(dq, dk, dv)`` buffers to write.  Returns ``(dq, dk, dv)`` shaped like
     ``q``, ``k``, ``v``; ``dk``/``dv`` are summed over each GQA group.
+    ``scheme`` (``"one-pass"`` or ``"two-pass"``) overrides
+    :func:`backward_scheme`'s choice; both are deterministic.
     """
     n_batch, hq, lq, _ = q.shape
     hk, lk = k.shape[1], k.shape[2]
@@ -238,14 +395,21 @@ def backward(
         return dq, dk, dv
     delta = np.empty((n_batch, hq, lq), dtype)
     lse2 = np.ascontiguousarray(lse, dtype=dtype) * dtype.type(LOG2E)
-    left_b, right_b = window_bound(left), window_bound(right)
+    mask = (scale, offset, window_bound(left), window_bound(right))
     gemm = gemm_address(dtype)
+    rows, keys = tile_shape(max(q.shape[3], v.shape[3]), backward=True)
     with single_threaded_blas():
         row_dot_kernel(dout, out, delta)
-        bk = _tile(lk, 128, n_batch * hk)
-        bq = max(1, min(128, lq))
-        _backward_kv_kernel(dout, q, k, v, lse2, delta, dk, dv, scale, offset, left_b, right_b, bq, bk, gemm)
-        bq = _tile(lq, 128, n_batch * hq)
-        bk = max(1, min(128, lk))
-        _backward_q_kernel(dout, q, k, v, lse2, delta, dq, scale, offset, left_b, right_b, bq, bk, gemm)
+        reuse = lq * hq // hk
+        kv = (k, transposed(k, reuse), v, transposed(v, reuse))
+        if chosen_scheme(scheme, n_batch * hk) == "one-pass":
+            bq, bk = min(rows, lq), min(keys, lk)
+            _backward_kernel(dout, q, *kv, lse2, delta, dq, dk, dv, *mask, bq, bk, BACKWARD_STRIP, gemm)
+            return dq, dk, dv
+        bk = _tile(lk, keys, n_batch * hk)
+        bq = max(1, min(rows, lq))
+        _backward_kv_kernel(dout, q, *kv, lse2, delta, dk, dv, *mask, bq, bk, BACKWARD_STRIP, gemm)
+        bq = _tile(lq, rows, n_batch * hq)
+        bk = max(1, min(keys, lk))
+        _backward_q_kernel(dout, q, *kv, lse2, delta, dq, *mask, bq, bk, BACKWARD_STRIP, gemm)
     return dq, dk, dv
