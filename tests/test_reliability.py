@@ -268,3 +268,28 @@ def test_help_has_no_sphinx_markup(argv):
     )
     assert result.returncode == 0
     assert ":func:" not in result.stdout and ":mod:" not in result.stdout and "``" not in result.stdout
+
+
+@pytest.mark.parametrize("where", ["v", "k", "q"])
+@pytest.mark.parametrize("op", ["attention", "block_sparse"])
+def test_nan_reaches_the_same_entries_in_the_kernels_and_the_reference(rng, where, op):
+    """Forward and backward: the numba kernels and the float64 reference agree on which entries are NaN."""
+    q, k, v = random_qkv(rng, hq=2, hk=1, lq=300, lk=300, d=16)
+    {"q": q, "k": k, "v": v}[where][0, 37, 5] = np.nan
+    kw = dict(causal=True, window=(40, None))
+    layout = layouts.sliding_window(300, 32, (64, 0))
+    dout = random_array(rng, (2, 300, 16))
+    if op == "attention":
+        out, lse = nsa.attention(q, k, v, return_lse=True, **kw)
+        grads = nsa.attention_backward(dout, q, k, v, out, lse, **kw)
+        ref_out, _ = reference.attention(q, k, v, **kw)
+        ref_grads = reference.attention_backward(dout, q, k, v, **kw)
+    else:
+        out, lse = nsa.block_sparse_attention(q, k, v, layout, return_lse=True, **kw)
+        grads = nsa.block_sparse_attention_backward(dout, q, k, v, out, lse, layout, **kw)
+        ref_out, _ = reference.block_sparse_attention(q, k, v, layout, **kw)
+        ref_grads = reference.block_sparse_attention_backward(dout, q, k, v, layout, **kw)
+    assert np.isnan(ref_out).any() and not np.isnan(ref_out).all()
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref_out))
+    for name, g, r in zip("qkv", grads, ref_grads):
+        np.testing.assert_array_equal(np.isnan(g), np.isnan(r), err_msg=f"d{name}")

@@ -65,14 +65,19 @@ def steps(out: Path) -> list[Step]:
     """The check, in the order it runs."""
     pytest = python("-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs", "--tb=short")
     sweep = ["--seq", *SEQ, "--causal", "both", "--repeat", "2"]
+    half = ["--seq", *SEQ[:-1], "--causal", "both", "--repeat", "2", "--dtype", "float16", "--compare", "torch"]
+    half += ["--memory-seq", "0"]
+    wide = ["--seq", *SEQ[:-1], "--causal", "both", "--repeat", "2", "--dim", "128"]
     lsh = ["--seq", "4096", "16384", "65536", "--dense-seq", "65536", "--repeat", "2"]
     cpu_files = ["tests/test_attention.py", "tests/test_block_sparse.py", "tests/test_lsh_attention.py"]
-    benches = [  # (JSON file, operation, backend, options, time limit)
+    benches = [  # (JSON file, operation, backend, options, time limit); the tensor-core kernels first
+        ("attention-cupy-d128.json", "attention", "cupy", [*half, "--dim", "128"], 35),
         ("attention-numba-cuda-d64.json", "attention", "numba-cuda", [*sweep, "--dim", "64"], 45),
+        ("block-sparse-cupy.json", "block-sparse", "cupy", ["--backward", "--dtype", "float16", "--seq", "8192"], 25),
         ("lsh-numba-cuda.json", "lsh", "numba-cuda", lsh, 35),
-        ("block-sparse-numba-cuda.json", "block-sparse", "numba-cuda", ["--backward"], 35),
-        ("attention-numba-cuda-d128.json", "attention", "numba-cuda", [*sweep, "--dim", "128"], 40),
-        ("attention-cupy.json", "attention", "cupy", ["--compare", "torch"], 35),
+        ("block-sparse-numba-cuda.json", "block-sparse", "numba-cuda", ["--backward"], 30),
+        ("attention-cupy-d64.json", "attention", "cupy", [*half, "--dim", "64"], 25),
+        ("attention-numba-cuda-d128.json", "attention", "numba-cuda", wide, 30),
     ]
     bench_steps = [
         Step(f"bench {op} --backend {backend} ({name})", bench(op, backend, str(out / name), *opts), limit, json=name)

@@ -298,6 +298,12 @@ def render(records: list[dict]) -> str:
     def share(r: dict, key: str, fmt: str = ".0%") -> str:
         return format(r[key], fmt) if key in r else "-"
 
+    notes = {r["energy_note"] for r in records if r["energy_j_per_token"] is None}
+    shared_note = notes.pop() if len(notes) == 1 and all(r["energy_j_per_token"] is None for r in records) else None
+
+    def energy(r: dict) -> str:
+        return "n/a" if shared_note is not None else format_energy_per_token(r["energy_j_per_token"], r["energy_note"])
+
     rows = []
     for r in records:
         line = [str(r["seq"]), "yes" if r["causal"] else "no", ms(r, "forward_s"), rate(r, "forward_gflops"),
@@ -317,8 +323,9 @@ def render(records: list[dict]) -> str:
         line += [
             f"{r['extra_bytes_per_token']:.0f}",
             f"{r['tokens_per_s']:.3g}",
-            format_energy_per_token(r["energy_j_per_token"], r["energy_note"]),
+            energy(r),
             f"{r['max_rel_error']:.1e}",
         ]
         rows.append(line)
-    return format_table(headers, rows)
+    table = format_table(headers, rows)
+    return table if shared_note is None else f"{table}\nJ/tok: n/a ({shared_note})"

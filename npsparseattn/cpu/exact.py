@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 STRIDED_ROWS = True  # tiles are read in place through a row stride (BLAS leading dimension)
-TOLERANCE = {"float16": 2e-3, "float32": 1e-5, "float64": 1e-10}
+TOLERANCE = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-5, "float64": 1e-10}
 GEMM_VOLUME = 900_000  # most multiply-adds of one tile product (OpenBLAS's small-matrix kernels: m*n*k <= 10**6)
 FORWARD_STRIP = 64  # rows per strip of a tile pair the mask cuts (the diagonal of a causal mask)
 BACKWARD_STRIP = 32

@@ -54,7 +54,7 @@ from npsparseattn.problems.lsh import KEY_EPS, NEG_CAUSAL, NEG_SELF
 __all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]
 
 STRIDED_ROWS = False
-TOLERANCE = {"float16": 2e-3, "float32": 1e-5, "float64": 1e-10}
+TOLERANCE = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-5, "float64": 1e-10}
 _POSITION_BLOCK = 256
 _AHEAD = 8  # rows prefetched ahead in gathers
 _WORKSPACE_BYTES = 64 << 20  # per-call temporaries; heads are processed in passes that fit (one head at least)

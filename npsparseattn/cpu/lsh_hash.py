@@ -23,7 +23,7 @@ from npsparseattn.cpu._vecmath import maxnum
 __all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "buckets", "compute_dtype", "unsupported"]
 
 STRIDED_ROWS = False
-TOLERANCE = {"float16": 0.0, "float32": 0.0, "float64": 0.0}  # bucket ids: exact, ties included
+TOLERANCE = {"float16": 0.0, "bfloat16": 0.0, "float32": 0.0, "float64": 0.0}  # bucket ids: exact, ties included
 _HASH_BLOCK = 256
 
 

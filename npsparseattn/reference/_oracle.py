@@ -52,7 +52,8 @@ def expand_groups(x: Any, n_heads: int) -> Any:
 def masked_softmax(scores: Any, mask: Any, xp: Any) -> tuple[Any, Any]:
     """Row softmax of float64 ``scores`` restricted to ``mask``; returns ``(P, lse)``.
 
-    Empty rows give ``P = 0`` and ``lse = -inf``.
+    Empty rows give ``P = 0`` and ``lse = -inf``; a row with a NaN score
+    among its visible keys gives NaN ``P`` and ``lse``.
     """
     s = xp.where(mask, scores, -xp.inf)
     if s.shape[-1] == 0:
@@ -62,7 +63,7 @@ def masked_softmax(scores: Any, mask: Any, xp: Any) -> tuple[Any, Any]:
     row_max = xp.where(xp.isfinite(row_max), row_max, 0.0)
     e = xp.where(mask, xp.exp(s - row_max), 0.0)
     total = e.sum(axis=-1, keepdims=True)
-    nonempty = total > 0
+    nonempty = total != 0  # a NaN total (a NaN score) stays NaN: out and lse of that row are NaN
     p = e / xp.where(nonempty, total, 1.0)
     lse = xp.where(nonempty, row_max + xp.log(xp.where(nonempty, total, 1.0)), -xp.inf)
     return p, lse[..., 0]
@@ -74,21 +75,22 @@ def scores(q: Any, k: Any, scale: float, xp: Any) -> Any:
     return scale * xp.einsum("bhid,bhjd->bhij", q.astype(xp.float64), k64)
 
 
-def weighted_values(p: Any, mask: Any, v64: Any, xp: Any) -> Any:
-    """``sum_j P_ij v_j`` over the keys ``j`` that row ``i`` sees, and over no other key.
+def visible_sum(w: Any, visible: Any, x: Any, xp: Any) -> Any:
+    """``out[..., i, :] = sum_j w[..., i, j] * x[..., j, :]`` over the visible pairs ``(i, j)`` only.
 
-    ``P @ V`` would also multiply the zeros of masked keys by their values,
-    so a NaN or inf in ``v[j]`` would reach every row; the dense formula
-    sums over visible keys only, so it reaches exactly the rows that see key
-    ``j`` (in the columns where it sits).
+    A matrix product would also multiply the zeros of masked pairs by their
+    values, so a NaN or inf in ``x[j]`` would reach every row; the dense
+    formula sums over visible pairs only, so it reaches exactly the rows
+    ``i`` that see ``j`` (in the columns where it sits).  ``w`` is 0 off
+    ``visible``; ``visible`` broadcasts to ``w``'s shape.
     """
-    bad = ~xp.isfinite(v64)
-    out = xp.einsum("bhij,bhjd->bhid", p, xp.where(bad, 0.0, v64))
-    visible = xp.broadcast_to(mask, p.shape)
-    with np.errstate(invalid="ignore"):  # 0 * inf on masked entries is computed, then discarded by where
+    bad = ~xp.isfinite(x)
+    out = xp.einsum("bhij,bhjd->bhid", w, xp.where(bad, 0.0, x))
+    seen = xp.broadcast_to(visible, w.shape)
+    with np.errstate(invalid="ignore"):  # 0 * inf on masked pairs is computed, then discarded by where
         for b, h, j in zip(*(np.asarray(ix) for ix in xp.nonzero(bad.any(axis=-1)))):
-            column = xp.where(bad[b, h, j], v64[b, h, j], 0.0)
-            out[b, h] += xp.where(visible[b, h, :, j][:, None], p[b, h, :, j][:, None] * column[None, :], 0.0)
+            column = xp.where(bad[b, h, j], x[b, h, j], 0.0)
+            out[b, h] += xp.where(seen[b, h, :, j][:, None], w[b, h, :, j][:, None] * column[None, :], 0.0)
     return out
 
 
@@ -96,7 +98,7 @@ def forward(q: Any, k: Any, v: Any, mask: Any, scale: float, xp: Any) -> tuple[A
     """float64 ``(out, lse, P)``; ``mask`` broadcasts to (B, Hq, Lq, Lk)."""
     p, lse = masked_softmax(scores(q, k, scale, xp), mask, xp)
     v64 = expand_groups(v.astype(xp.float64), q.shape[1])
-    return weighted_values(p, mask, v64, xp), lse, p
+    return visible_sum(p, mask, v64, xp), lse, p
 
 
 def backward(
@@ -107,19 +109,24 @@ def backward(
     ``P = exp(scale * q k^T - lse)`` on visible pairs, ``dS = P * (dO V^T -
     rowsum(dO * O))``; dk/dv are summed over each GQA group.  Ring attention
     relies on this: a block's contribution uses the *global* ``out``/``lse``.
+    A row whose ``lse`` is ``-inf`` saw no key and has no gradient; every
+    product sums over visible pairs only, so a NaN reaches what the dense
+    formula's sums reach and nothing else.
     """
     b, hk, lk = k.shape[:3]
     group = q.shape[1] // hk
     lse64 = lse.astype(xp.float64)[..., None]
-    visible = mask & xp.isfinite(lse64)
+    visible = xp.broadcast_to(mask, q.shape[:2] + (q.shape[2], lk)) & ~xp.isneginf(lse64)
     p = xp.where(visible, xp.exp(xp.where(visible, scores(q, k, scale, xp) - lse64, 0.0)), 0.0)
     do = dout.astype(xp.float64)
     v64 = expand_groups(v.astype(xp.float64), q.shape[1])
     dp = xp.einsum("bhid,bhjd->bhij", do, v64)
-    ds = p * (dp - (do * out.astype(xp.float64)).sum(axis=-1, keepdims=True))
-    dq = scale * xp.einsum("bhij,bhjd->bhid", ds, expand_groups(k.astype(xp.float64), q.shape[1]))
-    dk = scale * xp.einsum("bhij,bhid->bhjd", ds, q.astype(xp.float64))
-    dv = xp.einsum("bhij,bhid->bhjd", p, do)
+    ds = xp.where(visible, p * (dp - (do * out.astype(xp.float64)).sum(axis=-1, keepdims=True)), 0.0)
+    k64 = expand_groups(k.astype(xp.float64), q.shape[1])
+    dq = scale * visible_sum(ds, visible, k64, xp)
+    flipped = visible.swapaxes(-1, -2)
+    dk = scale * visible_sum(ds.swapaxes(-1, -2), flipped, q.astype(xp.float64), xp)
+    dv = visible_sum(p.swapaxes(-1, -2), flipped, do, xp)
     dk = dk.reshape(b, hk, group, lk, dk.shape[-1]).sum(axis=2)
     dv = dv.reshape(b, hk, group, lk, dv.shape[-1]).sum(axis=2)
     return dq, dk, dv
