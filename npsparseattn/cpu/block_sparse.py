@@ -29,9 +29,9 @@ from numba import njit, prange
 from npsparseattn._dtypes import compute_dtype
 from npsparseattn.cpu import DTYPES, KINDS
 from npsparseattn.cpu._blas import gemm_address, single_threaded_blas
+from npsparseattn.cpu._jit import kernel
 from npsparseattn.cpu._steps import backward_kv_pair, backward_pair, backward_q_pair, forward_pair, store_rows
 from npsparseattn.cpu._tiles import (
-    FASTMATH,
     LOG2E,
     finish_rows,
     like,
@@ -74,7 +74,7 @@ def chunk_width(block: int, dim: int) -> int:
     return max(32, min(256, GEMM_VOLUME // (block * max(dim, 1)) // 32 * 32))
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@kernel(writes=("out", "lse"))
 def _forward_kernel(
     q, k, kt, v, out, lse, run_ptr, run_start, run_stop, order, bq, bk, scale, off, left, right, width, strip, gemm
 ):
@@ -113,7 +113,7 @@ def _forward_kernel(
         finish_rows(acc, row_max, row_sum, m, out, lse, b, h, i0)
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@kernel(writes=("dk", "dv_out"))
 def _backward_kv_kernel(
     dout, q, k, kt, v, vt, lse2, delta, dk, dv_out, col_ptr, col_start, col_stop, order, lheads, bq, bk, scale, off,
     left, right, width, strip, gemm
@@ -155,7 +155,7 @@ def _backward_kv_kernel(
         store_rows(acc_v, dv_out, b, hk, j0, n)
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@kernel(writes=("dq",))
 def _backward_q_kernel(
     dout, q, k, kt, v, vt, lse2, delta, dq, run_ptr, run_start, run_stop, order, bq, bk, scale, off, left, right, width,
     strip, gemm,
@@ -195,7 +195,7 @@ def _backward_q_kernel(
         store_rows(acc, dq, b, h, i0, m)
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@kernel(writes=("dq", "dk", "dv_out"))
 def _backward_kernel(
     dout, q, k, kt, v, vt, lse2, delta, dq, dk, dv_out, col_ptr, col_start, col_stop, lheads, bq, bk, scale, off, left,
     right, width, strip, gemm

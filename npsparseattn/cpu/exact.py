@@ -27,14 +27,14 @@ small-matrix kernels, and the score products read ``K^T``/``V^T``
 from __future__ import annotations
 
 import numpy as np
-from numba import get_num_threads, njit, prange
+from numba import get_num_threads, prange
 
 from npsparseattn._dtypes import compute_dtype
 from npsparseattn.cpu import DTYPES, KINDS
 from npsparseattn.cpu._blas import gemm_address, single_threaded_blas
+from npsparseattn.cpu._jit import kernel
 from npsparseattn.cpu._steps import backward_kv_pair, backward_pair, backward_q_pair, forward_pair, store_rows
 from npsparseattn.cpu._tiles import (
-    FASTMATH,
     LOG2E,
     UNBOUNDED,
     finish_rows,
@@ -71,7 +71,7 @@ def unsupported(problem) -> list[str]:
     return []
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@kernel(writes=("out", "lse"))
 def _forward_kernel(q, k, kt, v, out, lse, scale, off, left, right, bq, bk, strip, gemm):
     n_batch, hq, lq, _ = q.shape
     group = hq // k.shape[1]
@@ -99,7 +99,7 @@ def _forward_kernel(q, k, kt, v, out, lse, scale, off, left, right, bq, bk, stri
         finish_rows(acc, row_max, row_sum, m, out, lse, b, h, i0)
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@kernel(writes=("delta",))
 def row_dot_kernel(dout, out, delta):
     """``delta[b, h, i] = sum_c dout[b, h, i, c] * out[b, h, i, c]`` in delta's dtype."""
     n_batch, hq, lq, dv = out.shape
@@ -113,7 +113,7 @@ def row_dot_kernel(dout, out, delta):
             delta[b, h, i] = total
 
 
-@njit(parallel=True, cache=True)
+@kernel(writes=("xt",), fastmath=False)
 def transpose_kernel(x, xt):
     """``xt[b, h, c, j] = x[b, h, j, c]``: (B, H, L, D) rows to (B, H, D, L) columns, in blocks of 64 rows."""
     n_batch, heads, length, d = x.shape
@@ -129,7 +129,7 @@ def transpose_kernel(x, xt):
                 dst[j] = rows[j, col]
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@kernel(writes=("dk", "dv"))
 def _backward_kv_kernel(dout, q, k, kt, v, vt, lse2, delta, dk, dv, scale, off, left, right, bq, bk, strip, gemm):
     n_batch, hq, lq, d = q.shape
     hk_count = k.shape[1]
@@ -160,7 +160,7 @@ def _backward_kv_kernel(dout, q, k, kt, v, vt, lse2, delta, dk, dv, scale, off, 
         store_rows(acc_v, dv, b, hk, j0, n)
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@kernel(writes=("dq",))
 def _backward_q_kernel(dout, q, k, kt, v, vt, lse2, delta, dq, scale, off, left, right, bq, bk, strip, gemm):
     n_batch, hq, lq, d = q.shape
     group = hq // k.shape[1]
@@ -188,7 +188,7 @@ def _backward_q_kernel(dout, q, k, kt, v, vt, lse2, delta, dq, scale, off, left,
         store_rows(acc, dq, b, h, i0, m)
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@kernel(writes=("dq", "dk", "dv"))
 def _backward_kernel(dout, q, k, kt, v, vt, lse2, delta, dq, dk, dv, scale, off, left, right, bq, bk, strip, gemm):
     n_batch, hq, lq, d = q.shape
     hk_count = k.shape[1]
@@ -260,16 +260,17 @@ def chosen_scheme(scheme: str | None, costs: np.ndarray | int) -> str:
     return scheme
 
 
-def transposed(x: np.ndarray, reuse: int) -> np.ndarray | None:
+def transposed(x: np.ndarray, reuse: int) -> np.ndarray:
     """``x`` (B, H, L, D) as a C-contiguous (B, H, D, L) copy: the plain (NN) operand of the score products.
 
     ``reuse`` is how many query rows read each row of ``x``.  The copy costs a
     pass over ``x`` and its memory; it pays from :data:`TRANSPOSE_REUSE`
-    rows on.  Below (decoding one token), ``None``: the products read ``x``
-    in place as their transposed operand.
+    rows on.  Below (decoding one token), an empty array: the products read
+    ``x`` in place as their transposed operand.  (An empty array rather than
+    ``None`` keeps one compiled kernel for both cases.)
     """
     if reuse < TRANSPOSE_REUSE:
-        return None
+        return np.empty((0, 0, 0, 0), x.dtype)
     xt = np.empty(x.shape[:2] + (x.shape[3], x.shape[2]), x.dtype)
     transpose_kernel(x, xt)
     return xt

@@ -35,6 +35,7 @@ from numba import get_num_threads, njit, prange
 from npsparseattn._dtypes import compute_dtype
 from npsparseattn.cpu import DTYPES, KINDS
 from npsparseattn.cpu._blas import gemm_address, gemm_nn, gemm_nt, single_threaded_blas
+from npsparseattn.cpu._jit import kernel
 from npsparseattn.cpu._schedule import deal
 from npsparseattn.cpu._tiles import (
     FASTMATH,
@@ -164,7 +165,7 @@ def _tile_values(gemm, vc, table, b, h0, nh, m, group, j0, n, s, acc, tile_acc, 
                 acc_row[d] += tile_row[d]
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@kernel(writes=("out", "lse", "part_out", "part_lse"))
 def _decode_kernel(q, kc, vc, seqlens, table, tiles, tasks, order, starts, out, lse, part_out, part_lse, direct,
                    scale, left, right, rows_max, bk, small_rows, gemm):  # fmt: skip
     lq = q.shape[2]
@@ -205,7 +206,7 @@ def _decode_kernel(q, kc, vc, seqlens, table, tiles, tasks, order, starts, out, 
                 finish_rows(acc, row_max, row_sum, rows, part_out, part_lse, task, 0, 0)
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@kernel(writes=("out", "lse"))
 def _merge_kernel(tiles, first, part_out, part_lse, out, lse):
     """Merge the chunks ``first[t]:first[t+1]`` of every row tile ``t`` into ``out``/``lse`` (exact, guarded)."""
     for tile in prange(tiles.shape[0]):

@@ -16,14 +16,15 @@ tasks; their keys (if any) get zero gradients.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from npsparseattn._dtypes import compute_dtype
 from npsparseattn.cpu import DTYPES, KINDS
 from npsparseattn.cpu._blas import gemm_address, single_threaded_blas
+from npsparseattn.cpu._jit import kernel
 from npsparseattn.cpu._schedule import deal
 from npsparseattn.cpu._steps import backward_kv_step, backward_q_step, forward_step, store_rows
-from npsparseattn.cpu._tiles import FASTMATH, LOG2E, finish_rows, like, visible_keys, visible_queries
+from npsparseattn.cpu._tiles import LOG2E, finish_rows, like, visible_keys, visible_queries
 from npsparseattn.cpu.exact import row_dot_kernel, window_bound
 
 __all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]
@@ -40,7 +41,7 @@ def unsupported(problem) -> list[str]:
     return []
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@kernel(writes=("out", "lse"))
 def _forward_kernel(q, k, v, out, lse, cu_q, cu_k, tasks, order, starts, scale, left, right, bq, bk, gemm):
     group = q.shape[1] // k.shape[1]
     c = like(scale * LOG2E, q)
@@ -68,7 +69,7 @@ def _forward_kernel(q, k, v, out, lse, cu_q, cu_k, tasks, order, starts, scale, 
             finish_rows(acc, row_max, row_sum, m, out[:, :, q0:q1], lse[:, :, q0:q1], 0, h, i0)
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@kernel(writes=("dk", "dv"))
 def _backward_kv_kernel(
     dout, q, k, v, lse2, delta, dk, dv, cu_q, cu_k, tasks, order, starts, scale, left, right, bq, bk, gemm
 ):
@@ -102,7 +103,7 @@ def _backward_kv_kernel(
             store_rows(acc_v, dv[:, :, k0:k1], 0, hk, j0, n)
 
 
-@njit(parallel=True, cache=True, fastmath=FASTMATH)
+@kernel(writes=("dq",))
 def _backward_q_kernel(
     dout, q, k, v, lse2, delta, dq, cu_q, cu_k, tasks, order, starts, scale, left, right, bq, bk, gemm
 ):
