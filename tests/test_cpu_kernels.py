@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import random_array, random_qkv, rel_err
+from numba.core import types as numba_types
 
 import npsparseattn as nsa
 from npsparseattn import layouts, reference
@@ -250,19 +251,26 @@ def test_exp2_f32_is_float32_accurate_and_total():
     assert np.isposinf(out[4:7]).all() and np.isnan(out[7])
 
 
-def test_any_mix_of_strided_inputs_runs_one_compiled_kernel_per_dtype():
-    """Transposed, reversed and read-only broadcast inputs, mixed with contiguous ones: one general version."""
+def test_any_mix_of_strided_inputs_runs_the_one_compiled_kernel_per_dtype():
+    """Transposed, reversed and read-only broadcast inputs, mixed with contiguous ones: copied, one version."""
     rng = np.random.default_rng(11)
     base = rng.standard_normal((1, 2, 70, 24))
     transposed = np.ascontiguousarray(base.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
     reversed_rows = np.ascontiguousarray(base[:, :, ::-1])[:, :, ::-1]
     broadcast = np.broadcast_to(base[:, :1], base.shape)
     mixes = [(transposed, base, base), (base, reversed_rows, broadcast), (broadcast, transposed, reversed_rows)]
-    kernel = dense_kernels._forward_kernel
     for q, k, v in mixes:
         out, lse = nsa.attention(q, k, v, causal=True, return_lse=True, backend="numba")
         ref_out, ref_lse = nsa.attention(q, k, v, causal=True, return_lse=True, backend="reference")
         assert rel_err(out, ref_out) < 1e-12 and rel_err(lse, ref_lse) < 1e-12
-    general = [sig for sig in kernel._general if sig[0].dtype.name == "float64"]
-    assert len(general) == 1, general
-    assert all(t.layout == "A" for t in general[0] if hasattr(t, "layout"))
+    versions = [sig for sig in dense_kernels._forward_kernel.versions if sig[0].dtype.name == "float64"]
+    assert len(versions) == 1, versions
+    arrays = [t for t in versions[0] if isinstance(t, numba_types.Array)]
+    assert all(t.layout == "C" for t in arrays)
+    assert [t.mutable for t in arrays] == [False, False, False, False, True, True]  # q, k, kt, v read; out, lse
+
+
+def test_a_kernel_that_reads_contiguous_arrays_refuses_others():
+    q = np.zeros((1, 1, 8, 4), np.float32)[:, :, ::2]
+    with pytest.raises(TypeError, match="reads C-contiguous arrays only"):
+        dense_kernels._forward_kernel(q, q, q, q, q, q[..., 0], 1.0, 0, 0, 0, 4, 4, 4, 0)

@@ -1,4 +1,4 @@
-"""Command line: ``npsparseattn demo | layout <builder> | bench <operation>``.
+"""Command line: ``npsparseattn demo | layout <builder> | bench <operation> | compile``.
 
 The command-line modules live here (``demo``, ``layout``) and in
 :mod:`npsparseattn.bench` (``bench``); the library modules import none of them.
@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from npsparseattn import __version__
@@ -48,6 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     layout.add_arguments(layout_parser)
+
+    compile_parser = commands.add_parser(
+        "compile",
+        help="compile every CPU kernel into numba's on-disk cache ahead of first use, on several cores",
+        description=(
+            "Compile every numba CPU kernel version (float32 and float64, contiguous and strided inputs) into "
+            "numba's on-disk cache, so that no later call compiles: for a container image, a cluster job's "
+            "first step or a test run.  Groups of kernels compile in parallel processes."
+        ),
+    )
+    compile_parser.add_argument(
+        "--jobs", type=int, default=os.cpu_count() or 1, help="processes at a time (default: the CPU count)"
+    )
 
     bench_parser = commands.add_parser("bench", help="benchmark an operation against the same-run GEMM rate")
     benches = bench_parser.add_subparsers(dest="benchmark", required=True, metavar="OPERATION")
@@ -91,6 +105,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "layout":
         layout.run(args)
+        return 0
+    if args.command == "compile":
+        if args.jobs < 1:
+            parser.error(f"compile: --jobs must be >= 1, got {args.jobs}")
+        from npsparseattn.cpu.precompile import precompile
+
+        start = time.perf_counter()
+        precompile(args.jobs, report=lambda line: print(f"compiled {line}", flush=True))
+        print(f"every CPU kernel is in numba's cache ({time.perf_counter() - start:.1f} s)")
         return 0
     check_bench_arguments(parser, args)
     args.progress = progress

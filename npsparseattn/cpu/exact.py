@@ -56,7 +56,7 @@ __all__ = [
     "unsupported",
 ]
 
-STRIDED_ROWS = True  # tiles are read in place through a row stride (BLAS leading dimension)
+STRIDED_ROWS = False  # one compiled kernel per dtype: the public layer copies non-contiguous inputs (O(L))
 TOLERANCE = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-5, "float64": 1e-10}
 GEMM_VOLUME = 900_000  # most multiply-adds of one tile product (OpenBLAS's small-matrix kernels: m*n*k <= 10**6)
 FORWARD_STRIP = 64  # rows per strip of a tile pair the mask cuts (the diagonal of a causal mask)
@@ -99,7 +99,7 @@ def _forward_kernel(q, k, kt, v, out, lse, scale, off, left, right, bq, bk, stri
         finish_rows(acc, row_max, row_sum, m, out, lse, b, h, i0)
 
 
-@kernel(writes=("delta",))
+@kernel(writes=("delta",), strided=True)  # varlen reads dout and out in place
 def row_dot_kernel(dout, out, delta):
     """``delta[b, h, i] = sum_c dout[b, h, i, c] * out[b, h, i, c]`` in delta's dtype."""
     n_batch, hq, lq, dv = out.shape

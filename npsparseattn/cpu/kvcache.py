@@ -165,13 +165,12 @@ def _tile_values(gemm, vc, table, b, h0, nh, m, group, j0, n, s, acc, tile_acc, 
                 acc_row[d] += tile_row[d]
 
 
-@kernel(writes=("out", "lse", "part_out", "part_lse"))
-def _decode_kernel(q, kc, vc, seqlens, table, tiles, tasks, order, starts, out, lse, part_out, part_lse, direct,
-                   scale, left, right, rows_max, bk, small_rows, gemm):  # fmt: skip
+@kernel(writes=("out", "lse", "part_out", "part_lse"), strided=True)
+def _decode_kernel(q, q_flat, kc, vc, seqlens, table, tiles, tasks, order, starts, out, lse, part_out, part_lse,
+                   direct, scale, left, right, rows_max, bk, small_rows, gemm):  # fmt: skip
     lq = q.shape[2]
     group = q.shape[1] // kc.shape[1]
     c = like(scale * LOG2E, q)
-    q_flat = q.reshape(q.shape[0], q.shape[1] * lq, q.shape[3])  # row h * Lq + i of a batch entry: contiguous q
     for w in prange(starts.shape[0] - 1):
         s = np.empty((rows_max, bk), q.dtype)
         acc = np.empty((rows_max, vc.shape[3]), q.dtype)
@@ -347,8 +346,9 @@ def forward(
     small_rows = SMALL_ROWS if k_cache.flags.c_contiguous and v_cache.flags.c_contiguous else 0
     with single_threaded_blas():
         _decode_kernel(
-            q, k_cache, v_cache, seqlens, block_table, tiles, tasks, order, starts, out, lse, part_out, part_lse,
-            direct, scale, left_b, right_b, rows_max, KEY_TILE, small_rows, gemm_address(q.dtype),
+            q, q.reshape(batch, hq * lq, q.shape[3]), k_cache, v_cache, seqlens, block_table, tiles, tasks, order,
+            starts, out, lse, part_out, part_lse, direct, scale, left_b, right_b, rows_max, KEY_TILE, small_rows,
+            gemm_address(q.dtype),
         )  # fmt: skip
         if not direct:
             _merge_kernel(tiles, first, part_out, part_lse, out, lse)

@@ -41,7 +41,7 @@ def unsupported(problem) -> list[str]:
     return []
 
 
-@kernel(writes=("out", "lse"))
+@kernel(writes=("out", "lse"), strided=True)
 def _forward_kernel(q, k, v, out, lse, cu_q, cu_k, tasks, order, starts, scale, left, right, bq, bk, gemm):
     group = q.shape[1] // k.shape[1]
     c = like(scale * LOG2E, q)
@@ -69,7 +69,7 @@ def _forward_kernel(q, k, v, out, lse, cu_q, cu_k, tasks, order, starts, scale, 
             finish_rows(acc, row_max, row_sum, m, out[:, :, q0:q1], lse[:, :, q0:q1], 0, h, i0)
 
 
-@kernel(writes=("dk", "dv"))
+@kernel(writes=("dk", "dv"), strided=True)
 def _backward_kv_kernel(
     dout, q, k, v, lse2, delta, dk, dv, cu_q, cu_k, tasks, order, starts, scale, left, right, bq, bk, gemm
 ):
@@ -103,7 +103,7 @@ def _backward_kv_kernel(
             store_rows(acc_v, dv[:, :, k0:k1], 0, hk, j0, n)
 
 
-@kernel(writes=("dq",))
+@kernel(writes=("dq",), strided=True)
 def _backward_q_kernel(
     dout, q, k, v, lse2, delta, dq, cu_q, cu_k, tasks, order, starts, scale, left, right, bq, bk, gemm
 ):

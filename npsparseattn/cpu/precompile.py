@@ -1,0 +1,144 @@
+"""Compile every numba CPU kernel ahead of its first use, into numba's on-disk cache, on several cores.
+
+A kernel compiles on its first call (10-30 s each, single-threaded) and is
+then loaded from numba's cache next to its source (or ``NUMBA_CACHE_DIR``) in
+a fraction of a second.  :func:`precompile` makes every version a program can
+need, for float32 and float64 inputs (float16 and bfloat16 read as float32),
+C-contiguous and, for the kernels that read strided rows in place (varlen,
+the KV cache), strided (:mod:`npsparseattn.cpu._jit`), by calling each
+operation on small random inputs: for a container image, a cluster job's
+first step, or a test run.  ``npsparseattn compile --jobs N`` runs it.
+
+numba's cache keeps one index file per kernel, and two processes that
+compile different versions of one kernel at the same moment can overwrite
+each other's entry.  The work is therefore split into groups that own
+disjoint kernels, run in phases: in phase 1 the ``attention`` kernels (which
+the block-sparse and varlen backwards also call) compile beside the LSH and
+KV-cache ones; in phase 2 the block-sparse and varlen kernels compile while
+the ``attention`` kernels they share are only loaded (varlen adds the
+strided version of the row-dot kernel, and is the only process writing it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+import numpy as np
+
+__all__ = ["GROUPS", "PHASES", "precompile", "run_group"]
+
+DTYPES = (np.float32, np.float64)
+
+
+def _array(rng: np.random.Generator, shape: tuple[int, ...], dtype, strided: bool) -> np.ndarray:
+    """Random ``shape`` array; ``strided``: a view of wider rows (unit stride on the last axis, rows further apart)."""
+    if not strided:
+        return rng.standard_normal(shape).astype(dtype)
+    return rng.standard_normal(shape[:-1] + (shape[-1] + 5,)).astype(dtype)[..., : shape[-1]]
+
+
+def _attention(dtype, rng: np.random.Generator) -> None:
+    from npsparseattn.cpu import exact
+
+    q, k, v = (_array(rng, (1, 2, 80, 16), dtype, False) for _ in range(3))
+    mask = {"scale": 0.25, "offset": 0, "left": None, "right": 0}
+    out, lse = exact.forward(q, k, v, **mask)
+    dout = _array(rng, out.shape, dtype, False)
+    for scheme in exact.SCHEMES:
+        exact.backward(dout, q, k, v, out, lse, scheme=scheme, **mask)
+
+
+def _block_sparse(dtype, rng: np.random.Generator) -> None:
+    from npsparseattn import layouts
+    from npsparseattn.cpu import block_sparse, exact
+
+    layout = layouts.sliding_window((80, 80), 16, 20)
+    q, k, v = (_array(rng, (1, 2, 80, 16), dtype, False) for _ in range(3))
+    mask = {"scale": 0.25, "offset": 0, "left": None, "right": None}
+    out, lse = block_sparse.forward(q, k, v, layout, **mask)
+    dout = _array(rng, out.shape, dtype, False)
+    for scheme in exact.SCHEMES:
+        block_sparse.backward(dout, q, k, v, out, lse, layout, scheme=scheme, **mask)
+
+
+def _varlen(dtype, rng: np.random.Generator) -> None:
+    import npsparseattn as nsa
+
+    cu = np.array([0, 30, 31, 80], np.int32)
+    for strided in (False, True):
+        q, k, v = (_array(rng, (2, 80, 16), dtype, strided) for _ in range(3))
+        out, lse = nsa.attention_varlen(q, k, v, cu, cu, causal=True, return_lse=True, backend="numba")
+        dout = _array(rng, out.shape, dtype, strided)
+        nsa.attention_varlen_backward(dout, q, k, v, out, lse, cu, cu, causal=True, backend="numba")
+
+
+def _kvcache(dtype, rng: np.random.Generator) -> None:
+    import npsparseattn as nsa
+
+    # one query over 4096 cached keys splits them across threads and merges (flash-decoding)
+    for lq, capacity, strided in ((1, 4096, False), (9, 64, False), (9, 64, True)):
+        q = _array(rng, (2, 4, lq, 16), dtype, False)
+        k_cache, v_cache = (_array(rng, (2, 2, capacity, 16), dtype, strided) for _ in range(2))
+        seqlens = np.full(2, capacity - 8, np.int32)
+        nsa.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, backend="numba")
+
+
+def _lsh(dtype, rng: np.random.Generator) -> None:
+    import npsparseattn as nsa
+
+    qk, v = (_array(rng, (1, 2, 64, 16), dtype, False) for _ in range(2))
+    options = {"n_buckets": 4, "n_hashes": 2, "chunk_size": 16, "seed": 0, "backend": "numba"}
+    out, lse = nsa.lsh_attention(qk, v, return_lse=True, **options)
+    nsa.lsh_attention_backward(_array(rng, out.shape, dtype, False), qk, v, out, lse, **options)
+
+
+GROUPS: dict[str, Callable[..., None]] = {
+    "attention": _attention,
+    "lsh": _lsh,
+    "kvcache": _kvcache,
+    "block_sparse": _block_sparse,
+    "varlen": _varlen,
+}
+# groups of one phase own disjoint kernels and run side by side; a later phase only loads what an earlier one made
+PHASES: tuple[tuple[tuple[str, ...], ...], ...] = (
+    (("attention",), ("lsh", "kvcache")),
+    (("block_sparse",), ("varlen",)),
+)
+
+
+def run_group(names: tuple[str, ...]) -> dict[str, float]:
+    """Compile (or load) every version of the kernels of the groups ``names``; seconds per group."""
+    seconds = {}
+    for name in names:
+        start = time.perf_counter()
+        rng = np.random.default_rng(0)
+        for dtype in DTYPES:
+            GROUPS[name](dtype, rng)
+        seconds[name] = time.perf_counter() - start
+    return seconds
+
+
+def precompile(jobs: int = 1, report: Callable[[str], None] | None = None) -> dict[str, float]:
+    """Compile every CPU kernel version into numba's cache, ``jobs`` processes at a time; seconds per group.
+
+    With ``jobs=1`` everything runs in this process, one group after another.
+    ``report`` (``print``, say) is called with a line per finished group.
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    seconds: dict[str, float] = {}
+    for phase in PHASES:
+        if jobs == 1:
+            results = [run_group(group) for group in phase]
+        else:
+            with ProcessPoolExecutor(max_workers=min(jobs, len(phase)), mp_context=get_context("spawn")) as pool:
+                results = list(pool.map(run_group, phase))
+        for result in results:
+            seconds.update(result)
+            if report is not None:
+                for name, value in result.items():
+                    report(f"{name}: {value:.1f} s")
+    return seconds
