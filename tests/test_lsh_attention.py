@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import AutoCase, FakeCupyArray, random_array, rel_err
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from scipy.special import logsumexp
 
@@ -354,6 +354,8 @@ def test_dispatch(rng):
     exclude_self=st.booleans(),
 )
 def test_property_random_configurations(data, n_chunks, chunk, n_hashes, before, after, causal, exclude_self):
+    # a window wrapping the sorted sequence more than 4 times is refused (test_reliability.py checks that)
+    assume(1 + before + after <= 4 * n_chunks * n_hashes)
     n_buckets = data.draw(st.sampled_from([2, 4, 6, (2, 2), (4, 2)]), label="n_buckets")
     d = data.draw(st.integers(1, 9), label="d")
     seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
