@@ -23,9 +23,9 @@ from npsparseattn.cpu import DTYPES, KINDS
 from npsparseattn.cpu._blas import gemm_address, single_threaded_blas
 from npsparseattn.cpu._jit import kernel
 from npsparseattn.cpu._schedule import deal
-from npsparseattn.cpu._steps import backward_kv_step, backward_q_step, forward_step, store_rows
+from npsparseattn.cpu._steps import backward_kv_pair, backward_q_pair, forward_pair, store_rows
 from npsparseattn.cpu._tiles import LOG2E, finish_rows, like, visible_keys, visible_queries
-from npsparseattn.cpu.exact import row_dot_kernel, window_bound
+from npsparseattn.cpu.exact import BACKWARD_STRIP, FORWARD_STRIP, row_dot_kernel, window_bound
 
 __all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]
 
@@ -64,8 +64,8 @@ def _forward_kernel(q, k, v, out, lse, cu_q, cu_k, tasks, order, starts, scale, 
             khi = visible_keys(i0 + m - 1, off, left, right, lk)[1]
             for j0 in range(klo, khi, bk):
                 n = min(bk, khi - j0)
-                forward_step(gemm, qs, ks, vs, 0, h, h // group, i0, m, j0, n, off, left, right, c, s, acc, row_max,
-                             row_sum)  # fmt: skip
+                forward_pair(gemm, qs, ks, vs, 0, h, h // group, i0, m, j0, n, off, left, right, c, s, acc, row_max,
+                             row_sum, FORWARD_STRIP, None)  # fmt: skip
             finish_rows(acc, row_max, row_sum, m, out[:, :, q0:q1], lse[:, :, q0:q1], 0, h, i0)
 
 
@@ -95,9 +95,9 @@ def _backward_kv_kernel(
             for h in range(hk * group, (hk + 1) * group):
                 for i0 in range(ilo, ihi, bq):
                     m = min(bq, ihi - i0)
-                    backward_kv_step(
+                    backward_kv_pair(
                         gemm, dos, qs, ks, vs, lse2s, deltas, 0, h, hk, i0, m, j0, n, off, left, right, c, sc, s, dp,
-                        acc_k, acc_v,
+                        acc_k, acc_v, BACKWARD_STRIP, None, None,
                     )  # fmt: skip
             store_rows(acc_k, dk[:, :, k0:k1], 0, hk, j0, n)
             store_rows(acc_v, dv[:, :, k0:k1], 0, hk, j0, n)
@@ -127,9 +127,9 @@ def _backward_q_kernel(
             khi = visible_keys(i0 + m - 1, off, left, right, lk)[1]
             for j0 in range(klo, khi, bk):
                 n = min(bk, khi - j0)
-                backward_q_step(
+                backward_q_pair(
                     gemm, dos, qs, ks, vs, lse2s, deltas, 0, h, h // group, i0, m, j0, n, off, left, right, c, sc, s,
-                    dp, acc,
+                    dp, acc, BACKWARD_STRIP, None, None,
                 )  # fmt: skip
             store_rows(acc, dq[:, :, q0:q1], 0, h, i0, m)
 
