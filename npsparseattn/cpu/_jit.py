@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from numba import njit, typeof
 from numba.core import types
+from numba.np.numpy_support import from_dtype
 
 from npsparseattn.cpu._tiles import FASTMATH
 
@@ -66,7 +67,7 @@ class Kernel:
     @staticmethod
     def _type(arg: Any, writes: bool, layout: str) -> Any:
         if isinstance(arg, np.ndarray):
-            return types.Array(typeof(arg).dtype, arg.ndim, layout, readonly=not writes)
+            return types.Array(from_dtype(arg.dtype), arg.ndim, layout, readonly=not writes)
         return typeof(arg)
 
 

@@ -79,16 +79,12 @@ def _scores(gemm, m, n, alpha, x, b, h, i0, y, yt, hk, j0, out):
     With ``yt`` (``y`` transposed, (B, H, D, L)) the product is ``X @ Y^T``
     in plain (NN) form: OpenBLAS's small-matrix kernels run NN and TN
     products of up to 10^6 multiply-adds about 20 % faster than the NT form
-    (measured on AVX-512).  Without it (``None`` or an empty array), ``y`` is
-    read as the transposed operand in place.
+    (measured on AVX-512).  With an empty ``yt`` (no copy made), ``y`` is read
+    as the transposed operand in place.
     """
     xp = row_address(x, b, h, i0)
     zero = like(0.0, x)
-    if yt is None:
-        in_place = True
-    else:
-        in_place = yt.size == 0
-    if in_place:
+    if yt.size == 0:
         gemm_nt(gemm, m, n, x.shape[3], alpha, xp, row_stride(x), row_address(y, b, hk, j0), row_stride(y), zero,
                 out.ctypes.data, out.shape[1])  # fmt: skip
     else:
@@ -97,7 +93,7 @@ def _scores(gemm, m, n, alpha, x, b, h, i0, y, yt, hk, j0, out):
 
 
 @njit(inline="always")
-def forward_step(gemm, q, k, v, b, h, hk, i0, m, j0, n, off, left, right, c, s, acc, row_max, row_sum, kt=None):
+def forward_step(gemm, q, k, v, b, h, hk, i0, m, j0, n, off, left, right, c, s, acc, row_max, row_sum, kt):
     """``S = c * Q K^T``, online softmax into ``row_max``/``row_sum``, ``acc += P V``.
 
     ``kt``: optional ``k`` transposed, (B, Hk, D, Lk) (see :func:`_scores`).
@@ -158,8 +154,8 @@ def _query_grads(gemm, k, b, hk, i0, m, j0, n, off, left, right, sc, dp, dst, ld
 
 @njit(inline="always")
 def backward_kv_step(
-    gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, off, left, right, c, sc, s, dp, acc_k, acc_v, kt=None,
-    vt=None,
+    gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, off, left, right, c, sc, s, dp, acc_k, acc_v, kt,
+    vt,
 ):  # fmt: skip
     """``acc_v += P^T dO`` and ``acc_k += scale * dS^T Q`` for one tile pair (``kt``/``vt``: see :func:`_scores`)."""
     _probabilities_and_score_grads(
@@ -171,7 +167,7 @@ def backward_kv_step(
 
 @njit(inline="always")
 def backward_q_step(
-    gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, off, left, right, c, sc, s, dp, acc, kt=None, vt=None
+    gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, off, left, right, c, sc, s, dp, acc, kt, vt
 ):
     """``acc += scale * dS K`` for one tile pair (``kt``/``vt``: see :func:`_scores`)."""
     _probabilities_and_score_grads(
@@ -184,7 +180,7 @@ def backward_q_step(
 @njit(inline="always")
 def backward_step(
     gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, off, left, right, c, sc, s, dp, acc_k, acc_v, dq,
-    kt=None, vt=None,
+    kt, vt,
 ):  # fmt: skip
     """All of one tile pair's gradients at once: ``acc_v += P^T dO``, ``acc_k += scale * dS^T Q`` and
     ``dq[b, h, i0:i0+m] += scale * dS K`` in place (the caller owns those rows of ``dq``; ``kt``/``vt``: see

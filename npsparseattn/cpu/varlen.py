@@ -45,6 +45,7 @@ def unsupported(problem) -> list[str]:
 def _forward_kernel(q, k, v, out, lse, cu_q, cu_k, tasks, order, starts, scale, left, right, bq, bk, gemm):
     group = q.shape[1] // k.shape[1]
     c = like(scale * LOG2E, q)
+    no_kt = np.empty((0, 0, 0, 0), q.dtype)  # K and V read in place (cpu/exact.py: transposed)
     for w in prange(starts.shape[0] - 1):
         s = np.empty((bq, bk), q.dtype)
         acc = np.empty((bq, v.shape[3]), q.dtype)
@@ -65,7 +66,7 @@ def _forward_kernel(q, k, v, out, lse, cu_q, cu_k, tasks, order, starts, scale, 
             for j0 in range(klo, khi, bk):
                 n = min(bk, khi - j0)
                 forward_pair(gemm, qs, ks, vs, 0, h, h // group, i0, m, j0, n, off, left, right, c, s, acc, row_max,
-                             row_sum, FORWARD_STRIP, None)  # fmt: skip
+                             row_sum, FORWARD_STRIP, no_kt)  # fmt: skip
             finish_rows(acc, row_max, row_sum, m, out[:, :, q0:q1], lse[:, :, q0:q1], 0, h, i0)
 
 
@@ -75,6 +76,7 @@ def _backward_kv_kernel(
 ):
     group = q.shape[1] // k.shape[1]
     c = like(scale * LOG2E, q)
+    no_kt = np.empty((0, 0, 0, 0), q.dtype)  # K and V read in place (cpu/exact.py: transposed)
     sc = like(scale, q)
     for w in prange(starts.shape[0] - 1):
         s = np.empty((bq, bk), q.dtype)
@@ -97,7 +99,7 @@ def _backward_kv_kernel(
                     m = min(bq, ihi - i0)
                     backward_kv_pair(
                         gemm, dos, qs, ks, vs, lse2s, deltas, 0, h, hk, i0, m, j0, n, off, left, right, c, sc, s, dp,
-                        acc_k, acc_v, BACKWARD_STRIP, None, None,
+                        acc_k, acc_v, BACKWARD_STRIP, no_kt, no_kt,
                     )  # fmt: skip
             store_rows(acc_k, dk[:, :, k0:k1], 0, hk, j0, n)
             store_rows(acc_v, dv[:, :, k0:k1], 0, hk, j0, n)
@@ -109,6 +111,7 @@ def _backward_q_kernel(
 ):
     group = q.shape[1] // k.shape[1]
     c = like(scale * LOG2E, q)
+    no_kt = np.empty((0, 0, 0, 0), q.dtype)  # K and V read in place (cpu/exact.py: transposed)
     sc = like(scale, q)
     for w in prange(starts.shape[0] - 1):
         s = np.empty((bq, bk), q.dtype)
@@ -129,7 +132,7 @@ def _backward_q_kernel(
                 n = min(bk, khi - j0)
                 backward_q_pair(
                     gemm, dos, qs, ks, vs, lse2s, deltas, 0, h, h // group, i0, m, j0, n, off, left, right, c, sc, s,
-                    dp, acc, BACKWARD_STRIP, None, None,
+                    dp, acc, BACKWARD_STRIP, no_kt, no_kt,
                 )  # fmt: skip
             store_rows(acc, dq[:, :, q0:q1], 0, h, i0, m)
 
