@@ -20,6 +20,9 @@ attention_varlen, attention_varlen_backward
 attention_with_kvcache
     Decoding against a contiguous or paged KV cache, appending new tokens in
     place (flash-attn's ``flash_attn_with_kvcache``; flash-decoding splits).
+sparse_attention, sparse_attention_backward, sparse_attention_varlen, sparse_attention_varlen_backward
+    Index-driven sparse attention: each query block attends the key blocks
+    (or tokens) a router listed for it, forward and backward (NSA, MoBA, DSA).
 merge_states
     The exact merge of two partial attention results by their lse.
 available_backends, register_backend, BackendError
@@ -48,6 +51,12 @@ from npsparseattn.kvcache import attention_with_kvcache
 from npsparseattn.lsh import lsh_attention, lsh_attention_backward, lsh_buckets, lsh_rotations, lsh_sort
 from npsparseattn.merge import merge_states
 from npsparseattn.ring import ring_attention, ring_attention_backward, shard, unshard
+from npsparseattn.sparse import (
+    sparse_attention,
+    sparse_attention_backward,
+    sparse_attention_varlen,
+    sparse_attention_varlen_backward,
+)
 from npsparseattn.varlen import attention_varlen, attention_varlen_backward
 
 __version__ = "0.1.0"
@@ -75,5 +84,9 @@ __all__ = [
     "ring_attention",
     "ring_attention_backward",
     "shard",
+    "sparse_attention",
+    "sparse_attention_backward",
+    "sparse_attention_varlen",
+    "sparse_attention_varlen_backward",
     "unshard",
 ]

@@ -37,6 +37,8 @@ OPERATIONS = (
     "ring_attention",
     "attention_varlen",
     "attention_with_kvcache",
+    "sparse_attention",
+    "sparse_attention_varlen",
 )
 ALIASES = {"ring_attention": "attention"}  # ring attention runs the attention kernels block by block
 
@@ -83,6 +85,10 @@ _TABLE: list[Row] = [
     Row("attention_varlen", "reference", "npsparseattn.reference.varlen", 100, auto=False),
     Row("attention_with_kvcache", "numba", "npsparseattn.cpu.kvcache", 10),
     Row("attention_with_kvcache", "reference", "npsparseattn.reference.kvcache", 100, auto=False),
+    Row("sparse_attention", "numba", "npsparseattn.cpu.sparse", 10),
+    Row("sparse_attention", "reference", "npsparseattn.reference.sparse", 100, auto=False),
+    Row("sparse_attention_varlen", "numba", "npsparseattn.cpu.sparse_varlen", 10),
+    Row("sparse_attention_varlen", "reference", "npsparseattn.reference.sparse_varlen", 100, auto=False),
 ]
 
 
