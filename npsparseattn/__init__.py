@@ -23,6 +23,9 @@ attention_with_kvcache
 sparse_attention, sparse_attention_backward, sparse_attention_varlen, sparse_attention_varlen_backward
     Index-driven sparse attention: each query block attends the key blocks
     (or tokens) a router listed for it, forward and backward (NSA, MoBA, DSA).
+routing
+    Routers that produce those lists: ``select_topk_blocks``,
+    ``lightning_indexer`` (DSA), ``indexer_kl_target``, ``compressed_attention`` (NSA).
 merge_states
     The exact merge of two partial attention results by their lse.
 available_backends, register_backend, BackendError
@@ -43,7 +46,7 @@ until a kernel runs).
 
 from __future__ import annotations
 
-from npsparseattn import layouts, reference
+from npsparseattn import layouts, reference, routing
 from npsparseattn._dispatch import BackendError, available_backends, register_backend
 from npsparseattn.block_sparse import block_sparse_attention, block_sparse_attention_backward
 from npsparseattn.exact import attention, attention_backward
@@ -83,6 +86,7 @@ __all__ = [
     "register_backend",
     "ring_attention",
     "ring_attention_backward",
+    "routing",
     "shard",
     "sparse_attention",
     "sparse_attention_backward",
