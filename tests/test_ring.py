@@ -286,7 +286,11 @@ def test_comm_must_be_a_communicator(rng):
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        (dict(sharding="striped"), ValueError, r"sharding must be 'zigzag' or 'contiguous', got 'striped'"),
+        (
+            dict(sharding="striped"),
+            ValueError,
+            r"sharding must be 'zigzag', 'contiguous' or 'per_document', got 'striped'",
+        ),
         (dict(return_lse=1), TypeError, r"return_lse must be True or False, got 1"),
         (dict(backend="triton"), nsa.BackendError, r"backend must be 'auto' or one of 'numba', .*got 'triton'"),
         (dict(backend=3), TypeError, r"backend must be a string such as 'auto' or 'numba', got 3"),
@@ -505,16 +509,48 @@ class _NodeMpi:
     [
         (_NodeMpi(5, 1, 4), 4, None, 1),
         (_NodeMpi(5, 1, 4), 4, 3, 3),
+        (_NodeMpi(5, 1, 4), 1, None, 0),  # CUDA_VISIBLE_DEVICES gives each rank its own GPU: device 0 everywhere
+        (_NodeMpi(6, 3, 4), 2, None, 1),  # local rank modulo the visible GPUs (sharing is refused below)
     ],
 )
 def test_device_from_local_rank(mpi, n_devices, device, expected):
     assert nccl.select_device(mpi, n_devices, device) == expected
 
 
+class _GatherMpi:
+    """Rank ``rank`` of ``size``; ``allreduce(max)`` merges in what the other ranks contribute."""
+
+    def __init__(self, rank, others):
+        self.rank, self.size, self.others = rank, len(others) + 1, others
+
+    def allreduce(self, values, op):
+        assert op == "max"
+        merged = values.copy()
+        for r, code in self.others.items():
+            merged[r] = code
+        return merged
+
+
+def _code(node, bus):
+    import zlib
+
+    return zlib.crc32(f"{node}|{bus}".encode()) + 1
+
+
+def test_ranks_on_distinct_gpus_pass_the_check():
+    others = {1: _code("n0", "0000:1b:00.0"), 2: _code("n1", "0000:1a:00.0")}  # rank 2: same bus id, other node
+    nccl.check_distinct_devices(_GatherMpi(0, others), "n0", "0000:1a:00.0")
+
+
+def test_two_ranks_on_one_gpu_are_refused_by_name():
+    others = {1: _code("n0", "0000:1b:00.0"), 2: _code("n0", "0000:1a:00.0")}
+    with pytest.raises(RuntimeError, match=r"ranks 0, 2 on node 'n0' would share GPU 0000:1a:00.0; NCCLComm needs"):
+        nccl.check_distinct_devices(_GatherMpi(0, others), "n0", "0000:1a:00.0")
+
+
 @pytest.mark.parametrize(
     ("mpi", "n_devices", "device", "error", "message"),
     [
-        (_NodeMpi(5, 1, 4), 2, None, RuntimeError, r"rank 5: 4 ranks share this node but it has 2 GPU\(s\)"),
         (_NodeMpi(0, 0, 1), 0, None, RuntimeError, r"rank 0: no CUDA GPU visible; NCCLComm needs one GPU per rank"),
         (_NodeMpi(0, 0, 1), 2, 2, ValueError, r"device must be in \[0, 2\) \(GPUs visible to rank 0\), got 2"),
         (_NodeMpi(0, 0, 1), 2, "0", TypeError, r"device must be an int or None, got '0'"),

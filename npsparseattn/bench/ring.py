@@ -58,8 +58,8 @@ class TimedComm(Communicator):
     def reset(self) -> None:
         self.synced, self.waits = 0.0, []
 
-    def shift(self, send, recv, *, tag=0) -> Transfer:
-        return self.inner.shift(send, recv, tag=tag)
+    def exchange(self, send, dest, recv, source, *, tag=0) -> Transfer:
+        return self.inner.exchange(send, dest, recv, source, tag=tag)
 
     def wait(self, transfer: Transfer) -> None:
         start = time.perf_counter()
