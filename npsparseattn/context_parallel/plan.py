@@ -193,6 +193,7 @@ class Plan:
         heads: range = range(1),
     ):
         self.pieces = pieces
+        self.offsets = offsets
         self.left, self.right = left, right
         self.selection = selection
         self.heads = heads
@@ -259,8 +260,49 @@ class Plan:
 
     @cached_property
     def needs(self) -> np.ndarray:
-        """``needs[r, s]``: member ``r``'s queries see something of member ``s``'s keys (bool, members x members)."""
-        return np.array([[bool(self._pair(r, s)) for s in range(self.size)] for r in range(self.size)], dtype=bool)
+        """``needs[r, s]``: member ``r``'s queries see something of member ``s``'s keys (bool, members x members).
+
+        Vectorised over segment pairs of one document (dense) or over the
+        selected blocks (sparse): the same predicate as :meth:`calls` is
+        non-empty, without making the calls (``tests/test_context_parallel.py``
+        checks both against brute force).
+        """
+        if self.selection is None:
+            return self._dense_needs()
+        return self._sparse_needs()
+
+    def _dense_needs(self) -> np.ndarray:
+        needs = np.zeros((self.size, self.size), dtype=bool)
+        rows = [(s.start, s.stop, s.doc, m) for m, segs in enumerate(self.segments) for s in segs]
+        if not rows:
+            return needs
+        table = np.array(rows, dtype=np.int64)
+        table = table[np.argsort(table[:, 2], kind="stable")]
+        bounds = np.flatnonzero(np.diff(table[:, 2])) + 1
+        for doc in np.split(table, bounds):
+            start, stop, member = doc[:, 0], doc[:, 1], doc[:, 3]
+            seen = any_visible(start[:, None], stop[:, None], start[None, :], stop[None, :], self.left, self.right)
+            q, k = np.nonzero(seen)
+            needs[member[q], member[k]] = True
+        return needs
+
+    def _sparse_needs(self) -> np.ndarray:
+        """Each selected block belongs to one member's piece (pieces and documents are cut at block multiples)."""
+        needs = np.zeros((self.size, self.size), dtype=bool)
+        (bq, bk), total = self.selection.block, max((b for p in self.pieces for _, b in p), default=0)
+        owner_q = np.full(-(-total // bq), -1, dtype=np.int64)
+        owner_k = np.full(-(-total // bk), -1, dtype=np.int64)
+        for m, pieces in enumerate(self.pieces):
+            for a, b in pieces:
+                owner_q[a // bq : -(-b // bq)] = m
+                owner_k[a // bk : -(-b // bk)] = m
+        _, qb, kb = self.selection.blocks((0, total), (0, total), self.heads)
+        qs, ks = qb * bq, kb * bk
+        seen = any_visible(qs, np.minimum(qs + bq, total), ks, np.minimum(ks + bk, total), self.left, self.right)
+        if self.offsets is not None:
+            seen &= np.searchsorted(self.offsets, qs, side="right") == np.searchsorted(self.offsets, ks, side="right")
+        needs[owner_q[qb[seen]], owner_k[kb[seen]]] = True
+        return needs
 
     @property
     def dense(self) -> bool:

@@ -129,8 +129,8 @@ class Group:
         return self.comm.alltoallv(out, send.counts, send.displs, into, recv.counts, recv.displs), (out, into)
 
     def scatter_rows(self, arrays: list[Any], shape: tuple[int, ...], dtype: Any) -> Any:
-        """The group's sequence assembled from every member's rows (axis 2)."""
-        whole = self.xp.empty(shape, dtype)
+        """The group's sequence assembled from every member's rows (axis 2); NaN where no member wrote."""
+        whole = self.xp.full(shape, np.nan, dtype)
         for member, part in enumerate(arrays):
             whole[:, :, self.index[member]] = part
         return whole
@@ -171,8 +171,8 @@ def ulysses_forward(group: Group, kern: Kernels, q: Any, k: Any, v: Any, stage: 
             v[:, _s(split.kv_heads(j, c))],
         ]
 
-    out = xp.empty((b, hq, length, dv), acc)
-    lse = xp.empty((b, hq, length), acc)
+    out = xp.full((b, hq, length, dv), np.nan, acc)  # NaN shows a row no member sent back
+    lse = xp.full((b, hq, length), np.nan, acc)
     incoming = group.exchange(send, parts_in(0), recv)
     returns = []
     for c in range(split.chunks):
@@ -225,7 +225,7 @@ def ulysses_backward(
 
         return parts
 
-    dq = xp.empty((b, hq, length, d), acc)
+    dq = xp.full((b, hq, length, d), np.nan, acc)
     dk = xp.zeros((b, hk, length, d), acc)
     dvv = xp.zeros((b, hk, length, dv), acc)
     incoming = group.exchange(send, parts_in(0), recv)
