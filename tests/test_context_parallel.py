@@ -274,6 +274,20 @@ def test_one_rank_equals_the_float64_oracle(rng, mode, options):
         assert rel_err(g, r, floor=1.0) < 1e-12
 
 
+def test_plans_are_kept_for_repeated_arguments_and_remade_for_new_ones(rng):
+    from npsparseattn.context_parallel import modes
+
+    q, k, v = random_qkv(rng, batch=(1,), hq=2, lq=37, d=8)
+    first, second = layouts.sliding_window(37, 4, (4, 0)), layouts.sliding_window(37, 4, (8, 0))
+    kept = []
+    for layout in (first, second, first, first):
+        out = nsa.context_parallel_attention(q, k, v, SoloComm(), layout=layout, causal=True)
+        assert rel_err(out, nsa.block_sparse_attention(q, k, v, layout, causal=True)) < 1e-12
+        kept.append(next(reversed(modes._LAYOUTS.values()))[1])
+    assert kept[2] is kept[3] and kept[0] is not kept[1]
+    assert len(modes._LAYOUTS) <= modes._KEEP
+
+
 def test_float16_and_2d_inputs(rng):
     q, k, v = random_qkv(rng, hq=1, lq=20, d=8, dtype=np.float16)
     out = nsa.context_parallel_attention(q[0], k[0], v[0], SoloComm(), mode="allgather", causal=True)

@@ -111,6 +111,7 @@ class Setup:
     block: int
     lengths: list[int]
     grads: Gradients | None = None
+    fingerprints: tuple[int, int] = (0, 0)  # of cu_seqlens and of the layout (0: none)
 
     @property
     def total(self) -> int:
@@ -280,7 +281,8 @@ def prepare(
         )
     kernels = Kernels(dense, sparse, problem.dtype, problem.scale, array_module(problem.kind))
     selection = None if layout is None else LayoutSelection(layout)
-    return Setup(op, comm, problem, kernels, mode, group, sharding, offsets, selection, block, lengths, grads)
+    prints = (values["cu_seqlens"], values["layout"])
+    return Setup(op, comm, problem, kernels, mode, group, sharding, offsets, selection, block, lengths, grads, prints)
 
 
 def _check_totals(op: str, comm: Communicator, total: int, offsets: np.ndarray | None, layout: Any) -> int:

@@ -21,7 +21,10 @@ consecutive ranks stay balanced).
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from typing import Any
+
+import numpy as np
 
 from npsparseattn.context_parallel.arguments import Setup
 from npsparseattn.context_parallel.engine import Ring, gather_backward, gather_forward, ring_backward, ring_forward
@@ -31,6 +34,8 @@ from npsparseattn.context_parallel.ulysses import Group, SeqMap, ulysses_backwar
 from npsparseattn.distributed.base import Communicator
 
 _SUBGROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LAYOUTS: OrderedDict = OrderedDict()  # the last few calls' pieces and plans: training repeats its arguments
+_KEEP = 8
 
 
 def subgroups(comm: Communicator, group: int) -> tuple[Communicator | None, Communicator | None]:
@@ -50,26 +55,49 @@ class _Plans:
     """One plan per set of query heads (a pattern per head differs between them; otherwise one plan serves all)."""
 
     def __init__(self, setup: Setup, pieces: list[list[tuple[int, int]]]):
-        self.setup, self.pieces, self.found = setup, pieces, {}
+        self.pieces, self.left, self.right = pieces, setup.problem.left, setup.problem.right
+        self.offsets, self.selection = setup.offsets, setup.selection
+        self.found: dict[Any, Plan] = {}
+
+    def same_inputs(self, setup: Setup) -> bool:
+        """The documents and the layout are those this was planned for (not just of the same fingerprint)."""
+        offsets, selection = setup.offsets, setup.selection
+        if (offsets is None) != (self.offsets is None) or (selection is None) != (self.selection is None):
+            return False
+        same_docs = offsets is None or np.array_equal(offsets, self.offsets)
+        return same_docs and (selection is None or selection.layout == self.selection.layout)
 
     def __call__(self, heads: range) -> Plan:
-        s = self.setup
-        key = (heads.start, heads.stop) if s.selection is not None and s.selection.heads > 1 else None
+        key = (heads.start, heads.stop) if self.selection is not None and self.selection.heads > 1 else None
         if key not in self.found:
-            p = s.problem
-            self.found[key] = Plan(self.pieces, p.left, p.right, s.offsets, s.selection, heads)
+            self.found[key] = Plan(self.pieces, self.left, self.right, self.offsets, self.selection, heads)
         return self.found[key]
 
 
 def _layout(setup: Setup) -> tuple[Any, Any, SeqMap | None, int, int, _Plans]:
-    """The sub-communicators, this rank's group and member, and the plans of the ring."""
-    comm, group = setup.comm, setup.ulysses_size
+    """The sub-communicators, this rank's group and member, its sequence map and the plans of the ring.
+
+    Pieces, maps and plans depend only on arguments every rank agreed on;
+    the last few are kept (keyed by those arguments), so a training loop
+    plans once.
+    """
+    comm, group, p = setup.comm, setup.ulysses_size, setup.problem
     ulysses, ring = subgroups(comm, group)
-    everyone = [setup.pieces(r) for r in range(comm.size)]
-    members = everyone if group == 1 else [SeqMap(everyone[g : g + group]).pieces for g in range(0, comm.size, group)]
     g, u = divmod(comm.rank, group)
-    seq = None if group == 1 else SeqMap(everyone[g * group : (g + 1) * group])
-    return ulysses, ring, seq, g, u, _Plans(setup, members)
+    key = (comm.size, comm.rank, group, tuple(setup.lengths), setup.sharding, setup.block, p.left, p.right,
+           setup.fingerprints)  # fmt: skip
+    found = _LAYOUTS.get(key)
+    if found is None or not found[1].same_inputs(setup):
+        everyone = [setup.pieces(r) for r in range(comm.size)]
+        members = everyone
+        if group > 1:
+            members = [SeqMap(everyone[start : start + group]).pieces for start in range(0, comm.size, group)]
+        seq = None if group == 1 else SeqMap(everyone[g * group : (g + 1) * group])
+        found = _LAYOUTS[key] = (seq, _Plans(setup, members))
+        while len(_LAYOUTS) > _KEEP:
+            _LAYOUTS.popitem(last=False)
+    _LAYOUTS.move_to_end(key)
+    return ulysses, ring, found[0], g, u, found[1]
 
 
 def forward(setup: Setup) -> tuple[Any, Any]:
