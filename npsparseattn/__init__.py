@@ -12,9 +12,12 @@ lsh_attention, lsh_attention_backward, lsh_buckets, lsh_sort
 layouts
     BlockLayout and its builders (dense, causal, sliding_window, strided, fixed,
     longformer, bigbird, topk, from_* / to_scipy, union, intersect, stack).
+context_parallel_attention, context_parallel_attention_backward
+    Exact attention over a sequence sharded across MPI ranks or GPUs: ring,
+    Ulysses (all-to-all over heads), hybrid and all-gather modes; packed
+    documents, block-sparse layouts; communicators in ``npsparseattn.distributed``.
 ring_attention, ring_attention_backward, shard, unshard
-    Exact attention over a sequence sharded across MPI ranks or GPUs (K/V travel
-    a ring); communicators in ``npsparseattn.distributed``.
+    The ring mode under its own name, and how to cut a sequence into shards.
 attention_varlen, attention_varlen_backward
     Packed batches of sequences of different lengths (flash-attn's varlen).
 attention_with_kvcache
@@ -43,6 +46,7 @@ from __future__ import annotations
 from npsparseattn import layouts, reference
 from npsparseattn._dispatch import BackendError, available_backends, register_backend
 from npsparseattn.block_sparse import block_sparse_attention, block_sparse_attention_backward
+from npsparseattn.context_parallel import context_parallel_attention, context_parallel_attention_backward
 from npsparseattn.exact import attention, attention_backward
 from npsparseattn.kvcache import attention_with_kvcache
 from npsparseattn.lsh import lsh_attention, lsh_attention_backward, lsh_buckets, lsh_rotations, lsh_sort
@@ -63,6 +67,8 @@ __all__ = [
     "available_backends",
     "block_sparse_attention",
     "block_sparse_attention_backward",
+    "context_parallel_attention",
+    "context_parallel_attention_backward",
     "layouts",
     "lsh_attention",
     "lsh_attention_backward",
