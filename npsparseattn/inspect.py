@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from importlib import resources
 from typing import Any
 
@@ -73,7 +74,7 @@ class LSHSelection:
     >>> sel = lsh_selection(q, k, 8, n_hashes=2, seed=0)
     >>> sel.q_buckets.shape
     (1, 4, 2, 256)
-    >>> 0.2 < sel.density() < 0.3   # about 1 - (1 - 1/8)**2 of the pairs
+    >>> 0.2 < sel.density < 0.3   # about 1 - (1 - 1/8)**2 of the pairs
     True
     """
 
@@ -95,31 +96,25 @@ class LSHSelection:
             keep |= qb[r][:, None] == kb[r][None, :]
         return keep
 
+    @cached_property
     def density(self) -> float:
-        """Fraction of all (query, key) pairs kept, over every batch element and head, in O(L) memory.
+        """Fraction of all (query, key) pairs kept, over every batch element and head; cached.
 
-        The pairs that share a bucket in any round are counted by
-        inclusion-exclusion over the sets of rounds: the pairs that share
-        their buckets in every round of a set are counted from the joint
-        bucket numbers.  ``causal``/``window`` are not applied (like
+        Counted tile by tile (about 2**20 pairs at a time), so memory stays
+        O(tile).  ``causal``/``window`` are not applied (like
         :attr:`BlockLayout.density <npsparseattn.layouts.BlockLayout.density>`).
         """
-        bsz, hq, n_hashes, lq = self.q_buckets.shape
+        bsz, hq, _, lq = self.q_buckets.shape
         lk = self.k_buckets.shape[3]
         if not bsz * hq * lq * lk:
             return 0.0
-        group = hq // self.k_buckets.shape[1]
-        kept = 0
-        for b in range(bsz):
-            for h in range(hq):
-                both = np.concatenate([self.q_buckets[b, h], self.k_buckets[b, h // group]], axis=1).astype(np.int64)
-                for subset in range(1, 1 << n_hashes):
-                    key = np.zeros(lq + lk, dtype=np.int64)
-                    rounds = [r for r in range(n_hashes) if subset >> r & 1]
-                    for r in rounds:  # joint bucket number, renumbered densely so it never overflows
-                        key = np.unique(key * self.n_buckets + both[r], return_inverse=True)[1].reshape(-1)
-                    pairs = int(np.bincount(key[:lq], minlength=lq + lk) @ np.bincount(key[lq:], minlength=lq + lk))
-                    kept += pairs if len(rounds) % 2 else -pairs
+        rows = max(1, _TILE_CELLS // lk)
+        kept = sum(
+            int(np.count_nonzero(self.keeps(b, h, i0, min(i0 + rows, lq))))
+            for b in range(bsz)
+            for h in range(hq)
+            for i0 in range(0, lq, rows)
+        )
         return kept / (bsz * hq * lq * lk)
 
 
@@ -247,7 +242,7 @@ def coverage(
     >>> cov = coverage(q, k, layouts.sliding_window(500, 64, 128), causal=True)
     >>> cov.shape
     (1, 4, 500)
-    >>> cov[0, 0, :128].min().round(12), bool(0 < cov.min() < 1)   # the first 128 queries see only window keys
+    >>> float(cov[0, 0, :128].min().round(12)), bool(0 < cov.min() < 1)   # the first 128 queries see only window keys
     (1.0, True)
     """
     p = _problem(q, k, causal, window, scale)
@@ -479,6 +474,107 @@ def recall(mass: Any, selection: BlockLayout) -> np.ndarray:
         return np.where(total > 0, kept / total, 1.0)
 
 
+def plot_mass_map(
+    path: Any,
+    mass: Any,
+    selection: BlockLayout | None = None,
+    *,
+    heads: Any = None,
+    title: str | None = None,
+    columns: int = 4,
+    size: float = 2.4,
+    dpi: int = 100,
+) -> None:
+    """Draw mass maps to a PNG, one panel per head, with a layout's blocks outlined (needs matplotlib).
+
+    The colour of a block is its mass (:func:`block_mass`) on a log scale
+    from 1e-4 to 1; blocks outside the ``causal``/``window`` rule or with no
+    mass are white.  With ``selection``, the edges of the stored blocks are
+    drawn in red and each panel's title gives the head's :func:`recall`.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The PNG file.
+    mass : array (Hq, nqb, nkb) or (nqb, nkb)
+        One batch element's mass map.
+    selection : BlockLayout, optional
+        With the mass map's grid and 1 or Hq heads.
+    heads : sequence of int, optional
+        The heads to draw (default: every head).
+    title : str, optional
+        Title above the panels.
+    columns : int
+        Panels per row.
+    size : float
+        Inches per panel side.
+    dpi : int
+        Resolution.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from npsparseattn import layouts
+    >>> from npsparseattn.inspect import block_mass, plot_mass_map
+    >>> q, k = np.random.default_rng(0).standard_normal((2, 4, 256, 32))
+    >>> mass = block_mass(q, k, 32)
+    >>> plot_mass_map("mass.png", mass, layouts.sliding_window(256, 32, 32))  # doctest: +SKIP
+    """
+    try:
+        from matplotlib.collections import LineCollection
+        from matplotlib.colors import LogNorm
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ImportError(
+            "plot_mass_map needs matplotlib: pip install 'npsparseattn[plot]' (or pip install matplotlib)"
+        ) from exc
+    mass = np.asarray(mass, dtype=np.float64)
+    if mass.ndim == 2:
+        mass = mass[None]
+    if mass.ndim != 3:
+        raise ValueError(f"mass must be (Hq, nqb, nkb) or (nqb, nkb) (one batch element), got shape {mass.shape}")
+    heads = list(range(mass.shape[0])) if heads is None else [int(h) for h in heads]
+    bad = [h for h in heads if not 0 <= h < mass.shape[0]]
+    if bad or not heads:
+        raise ValueError(f"heads must name some of the {mass.shape[0]} heads (0..{mass.shape[0] - 1}), got {heads}")
+    per_head = recall(mass, selection) if selection is not None else None
+    stored = selection.to_dense() if selection is not None else None
+    columns = max(1, min(int(columns), len(heads)))
+    rows = -(-len(heads) // columns)
+    fig = Figure(figsize=(size * columns + 0.9, size * rows + (0.3 if title else 0.0)), dpi=dpi, layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False)
+    norm = LogNorm(vmin=1e-4, vmax=1.0)
+    image = None
+    for ax in axes.flat[len(heads) :]:
+        ax.set_axis_off()
+    for ax, h in zip(axes.flat, heads):
+        image = ax.imshow(np.ma.masked_less_equal(mass[h], 0), cmap="viridis", norm=norm, interpolation="nearest")
+        if stored is not None:
+            edges = LineCollection(_outline(stored[h if stored.shape[0] > 1 else 0]), colors="red", lw=0.8)
+            edges.set_in_layout(False)  # inside the axes: nothing for the layout engine to measure
+            ax.add_collection(edges, autolim=False)
+            ax.set_title(f"head {h}: recall {per_head[h]:.2f}", fontsize=8)
+        else:
+            ax.set_title(f"head {h}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(image, ax=axes, shrink=0.9, label="mass per block")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.savefig(path)
+
+
+def _outline(stored: np.ndarray) -> list[list[tuple[float, float]]]:
+    """Segments between stored and absent blocks (and around stored blocks at the border), in imshow coordinates."""
+    padded = np.pad(stored, 1)
+    segments = []
+    rows, cols = np.nonzero(padded[1:-1, :-1] != padded[1:-1, 1:])  # vertical edges at x = c - 0.5
+    segments += [[(c - 0.5, r - 0.5), (c - 0.5, r + 0.5)] for r, c in zip(rows, cols)]
+    rows, cols = np.nonzero(padded[:-1, 1:-1] != padded[1:, 1:-1])  # horizontal edges at y = r - 0.5
+    segments += [[(c - 0.5, r - 0.5), (c + 0.5, r - 0.5)] for r, c in zip(rows, cols)]
+    return segments
+
+
 @dataclass(frozen=True, eq=False)
 class QKSample:
     """Real queries and keys of one attention layer of a text encoder (see :func:`load_qk_sample`).
@@ -514,7 +610,7 @@ def load_qk_sample() -> QKSample:
     >>> from npsparseattn.inspect import load_qk_sample
     >>> sample = load_qk_sample()
     >>> sample.q.shape, sample.k.shape, sample.tokens[:3]
-    ((12, 512, 32), (12, 512, 32), ['[CLS]', 'the', 'unanimous'])
+    ((12, 512, 32), (12, 512, 32), ['[CLS]', 'in', 'congress'])
     """
     with resources.files("npsparseattn").joinpath("data", SAMPLE).open("rb") as f, np.load(f) as data:
         return QKSample(
@@ -533,5 +629,6 @@ __all__ = [
     "coverage",
     "load_qk_sample",
     "lsh_selection",
+    "plot_mass_map",
     "recall",
 ]

@@ -153,7 +153,7 @@ def test_lsh_selection_coverage_equals_dense(rng, monkeypatch, hq, hk, causal, w
     got = inspect.coverage(q, k, sel, causal=causal, window=window)
     expected = _dense_coverage(q, k, keep, causal=causal, window=window)
     assert np.abs(got - expected).max() < 1e-12
-    assert abs(sel.density() - keep.mean()) < 1e-15
+    assert abs(sel.density - keep.mean()) < 1e-15
     assert 0.4 < keep.mean() < 0.8
 
 
