@@ -12,6 +12,9 @@ lsh_attention, lsh_attention_backward, lsh_buckets, lsh_sort
 layouts
     BlockLayout and its builders (dense, causal, sliding_window, strided, fixed,
     longformer, bigbird, topk, from_* / to_scipy, union, intersect, stack).
+inspect
+    How much of the dense attention a sparse selection keeps: coverage per
+    query, mass maps per block, recall per head, a real q/k sample (module).
 ring_attention, ring_attention_backward, shard, unshard
     Exact attention over a sequence sharded across MPI ranks or GPUs (K/V travel
     a ring); communicators in ``npsparseattn.distributed``.
@@ -40,7 +43,7 @@ until a kernel runs).
 
 from __future__ import annotations
 
-from npsparseattn import layouts, reference
+from npsparseattn import inspect, layouts, reference
 from npsparseattn._dispatch import BackendError, available_backends, register_backend
 from npsparseattn.block_sparse import block_sparse_attention, block_sparse_attention_backward
 from npsparseattn.exact import attention, attention_backward
@@ -63,6 +66,7 @@ __all__ = [
     "available_backends",
     "block_sparse_attention",
     "block_sparse_attention_backward",
+    "inspect",
     "layouts",
     "lsh_attention",
     "lsh_attention_backward",
