@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 
 from npsparseattn._arrays import array_module, common_kind
+from npsparseattn._checks import check_backend
+from npsparseattn._dispatch import available_backends
 from npsparseattn.block_sparse import block_sparse_attention
 from npsparseattn.exact import attention
 from npsparseattn.layouts import BlockLayout, Pair, _pair
@@ -224,7 +226,9 @@ def coverage(
         As :func:`npsparseattn.attention`; they define the dense mass and
         apply inside the selection.
     backend : str
-        The backend of the attention calls (layouts only).
+        ``"auto"`` or a name from ``available_backends("attention")``: the
+        backend of the attention calls (layouts; an LSH selection is
+        computed in NumPy whatever it says).
 
     Returns
     -------
@@ -245,6 +249,8 @@ def coverage(
     >>> float(cov[0, 0, :128].min().round(12)), bool(0 < cov.min() < 1)   # the first 128 queries see only window keys
     (1.0, True)
     """
+    if check_backend(backend) not in ("auto", *available_backends("attention")):
+        raise ValueError(f"backend must be 'auto' or one of {available_backends('attention')}, got {backend!r}")
     p = _problem(q, k, causal, window, scale)
     if isinstance(selection, BlockLayout):
         check_layout(selection, p)

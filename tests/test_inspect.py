@@ -187,6 +187,8 @@ def test_refusals(rng):
         inspect.block_mass(q, k, 0)
     with pytest.raises(ValueError, match="made for other q/k"):
         inspect.coverage(q[:, :32], k, inspect.lsh_selection(q, k, 4))
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        inspect.coverage(q, k, inspect.lsh_selection(q, k, 4), backend="fastest")
     mass = inspect.block_mass(q, k, 16)
     with pytest.raises(ValueError, match="compute the mass with the layout's block"):
         inspect.recall(mass, layouts.dense(64, 32))
