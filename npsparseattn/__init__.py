@@ -16,6 +16,9 @@ context_parallel_attention, context_parallel_attention_backward
     Exact attention over a sequence sharded across MPI ranks or GPUs: ring,
     Ulysses (all-to-all over heads), hybrid and all-gather modes; packed
     documents, block-sparse layouts; communicators in ``npsparseattn.distributed``.
+inspect
+    How much of the dense attention a sparse selection keeps: coverage per
+    query, mass maps per block, recall per head, a real q/k sample (module).
 ring_attention, ring_attention_backward, shard, unshard
     The ring mode under its own name, and how to cut a sequence into shards.
 attention_varlen, attention_varlen_backward
@@ -43,7 +46,7 @@ until a kernel runs).
 
 from __future__ import annotations
 
-from npsparseattn import layouts, reference
+from npsparseattn import inspect, layouts, reference
 from npsparseattn._dispatch import BackendError, available_backends, register_backend
 from npsparseattn.block_sparse import block_sparse_attention, block_sparse_attention_backward
 from npsparseattn.context_parallel import context_parallel_attention, context_parallel_attention_backward
@@ -69,6 +72,7 @@ __all__ = [
     "block_sparse_attention_backward",
     "context_parallel_attention",
     "context_parallel_attention_backward",
+    "inspect",
     "layouts",
     "lsh_attention",
     "lsh_attention_backward",

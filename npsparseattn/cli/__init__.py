@@ -1,6 +1,6 @@
-"""Command line: ``npsparseattn demo | layout <builder> | bench <operation> | compile``.
+"""Command line: ``npsparseattn demo | layout <builder> | inspect | bench <operation> | compile``.
 
-The command-line modules live here (``demo``, ``layout``) and in
+The command-line modules live here (``demo``, ``layout``, ``inspect``) and in
 :mod:`npsparseattn.bench` (``bench``); the library modules import none of them.
 Run ``npsparseattn --help`` or ``npsparseattn <command> --help`` for details.
 """
@@ -18,6 +18,7 @@ from npsparseattn import __version__
 from npsparseattn.bench import BENCHMARKS, plot
 from npsparseattn.bench.common import progress
 from npsparseattn.cli import demo, layout
+from npsparseattn.cli import inspect as inspect_command
 from npsparseattn.cli._text import plain
 
 # bench options that count something: each value must be at least 1 (or at least 0)
@@ -49,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     layout.add_arguments(layout_parser)
+
+    inspect_parser = commands.add_parser(
+        "inspect",
+        help="how much of the dense softmax mass a layout keeps, per head, with the mass map drawn",
+        description=plain(inspect_command.__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    inspect_command.add_arguments(inspect_parser)
 
     compile_parser = commands.add_parser(
         "compile",
@@ -105,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "layout":
         layout.run(args)
+        return 0
+    if args.command == "inspect":
+        inspect_command.run(args)
         return 0
     if args.command == "compile":
         if args.jobs < 1:
