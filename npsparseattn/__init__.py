@@ -28,10 +28,11 @@ attention_with_kvcache
     place (flash-attn's ``flash_attn_with_kvcache``; flash-decoding splits).
 merge_states
     The exact merge of two partial attention results by their lse.
-available_backends, register_backend, BackendError
+available_backends, register_backend, unregister_backend, BackendError
     The backend registry: which implementations exist for an operation, how
     to add one (a module per operation on the kernel contract of
-    :mod:`npsparseattn.problems`), the error that explains a refusal.
+    :mod:`npsparseattn.problems`) and remove it again, the error that
+    explains a refusal.
 reference
     Dense float64 oracle (module).
 
@@ -47,7 +48,7 @@ until a kernel runs).
 from __future__ import annotations
 
 from npsparseattn import inspect, layouts, reference
-from npsparseattn._dispatch import BackendError, available_backends, register_backend
+from npsparseattn._dispatch import BackendError, available_backends, register_backend, unregister_backend
 from npsparseattn.block_sparse import block_sparse_attention, block_sparse_attention_backward
 from npsparseattn.context_parallel import context_parallel_attention, context_parallel_attention_backward
 from npsparseattn.exact import attention, attention_backward
@@ -85,5 +86,6 @@ __all__ = [
     "ring_attention",
     "ring_attention_backward",
     "shard",
+    "unregister_backend",
     "unshard",
 ]

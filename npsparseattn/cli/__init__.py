@@ -8,6 +8,7 @@ Run ``npsparseattn --help`` or ``npsparseattn <command> --help`` for details.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -22,8 +23,22 @@ from npsparseattn.cli import inspect as inspect_command
 from npsparseattn.cli._text import plain
 
 # bench options that count something: each value must be at least 1 (or at least 0)
-_COUNTS = ("seq", "batch", "heads", "dim", "repeat", "block", "n_hashes", "chunk_size", "plot_seq")
-_ZERO_OR_MORE = ("chunks_before", "chunks_after", "threads", "memory_seq")
+_COUNTS = (
+    "seq", "batch", "heads", "kv_heads", "dim", "repeat", "block", "n_hashes", "chunk_size", "plot_seq",
+    "cache", "q_heads", "page_size", "rounds", "varlen_max", "varlen_heads", "varlen_dim",
+)  # fmt: skip
+_ZERO_OR_MORE = ("chunks_before", "chunks_after", "threads", "memory_seq", "varlen_seqs")
+PLOT_PACKAGE = "matplotlib"
+PLOT_INSTALL = "pip install 'npsparseattn[plot]' (or pip install matplotlib)"
+
+
+def missing(package: str) -> bool:
+    """True if ``package`` cannot be imported here (an optional dependency that is not installed)."""
+    try:
+        importlib.import_module(package)
+    except ImportError:
+        return True
+    return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_bench_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse, before any work, counts below 1 and a ``--json``/``--plot`` file that cannot be written."""
+    """Refuse, before any work: counts below 1, values a benchmark cannot combine (``check_arguments`` of its
+    module), a ``--json``/``--plot`` file that cannot be written, ``--plot`` without matplotlib."""
     for names, minimum in ((_COUNTS, 1), (_ZERO_OR_MORE, 0)):
         for name in names:
             value = getattr(args, name, None)
@@ -96,6 +112,10 @@ def check_bench_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
             bad = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v < minimum]
             if bad:
                 parser.error(f"bench {args.benchmark}: --{name.replace('_', '-')} must be >= {minimum}, got {bad[0]}")
+    check = getattr(BENCHMARKS[args.benchmark], "check_arguments", None)
+    problem = check(args) if check is not None else None
+    if problem:
+        parser.error(f"bench {args.benchmark}: {problem}")
     for option in ("json", "plot"):
         path = getattr(args, option, None)
         if path is None:
@@ -103,6 +123,14 @@ def check_bench_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
         folder = Path(path).parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             parser.error(f"bench {args.benchmark}: cannot write --{option} {path}: {folder} is not a writable folder")
+    if getattr(args, "plot", None) is not None and missing(PLOT_PACKAGE):
+        parser.error(f"bench {args.benchmark}: --plot needs {PLOT_PACKAGE}, which is not installed: {PLOT_INSTALL}")
+
+
+def check_layout_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before any work, ``-o`` without matplotlib."""
+    if args.output is not None and missing(PLOT_PACKAGE):
+        parser.error(f"layout {args.builder}: -o/--output needs {PLOT_PACKAGE}, which is not installed: {PLOT_INSTALL}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         demo.run(args)
         return 0
     if args.command == "layout":
+        check_layout_arguments(parser, args)
         layout.run(args)
         return 0
     if args.command == "inspect":
