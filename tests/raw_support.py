@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from npsparseattn.cuda.emulate import build
+from npsparseattn.cuda.cupy_raw.emulate import build
 
 try:
     import ml_dtypes
@@ -37,7 +37,7 @@ def require_host_compiler() -> None:
 def host_library():
     """The emulated host build of the kernels (built on first use)."""
     require_host_compiler()
-    from npsparseattn.cuda.emulate.host import library
+    from npsparseattn.cuda.cupy_raw.emulate.host import library
 
     return library()
 
@@ -137,10 +137,10 @@ class KernelRunner:
         if self.name == "emulated":
             host_library().launch(kernel, grid, block, shared_bytes, args, schedule=schedule)
             return
-        from npsparseattn.cuda import raw_loader
+        from npsparseattn.cuda.cupy_raw import loader
 
         on_device = [self.mode.put(a)[0] if isinstance(a, np.ndarray) else a for a in args]
-        raw_loader.launcher().launch(kernel, grid, block, shared_bytes, on_device)
+        loader.launcher().launch(kernel, grid, block, shared_bytes, on_device)
         for a, d in zip(args, on_device):
             if isinstance(a, np.ndarray):
                 a[...] = self.mode.get(d)

@@ -19,8 +19,8 @@ from raw_support import DTYPE_NAMES, DTYPES, MODES, RawMode, assert_within_twice
 
 import npsparseattn as nsa
 from npsparseattn import reference
-from npsparseattn.cuda import raw_exact
-from npsparseattn.cuda.emulate import host
+from npsparseattn.cuda.cupy_raw import exact as raw_exact
+from npsparseattn.cuda.cupy_raw.emulate import host
 
 SHAPES = [
     pytest.param(dict(hq=2, hk=1, lq=77, lk=131, d=32), id="gqa-lq<lk-d32"),

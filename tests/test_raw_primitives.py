@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from raw_support import DTYPES, MODES, KernelRunner, bits, host_library
 
-from npsparseattn.cuda import raw_sources
-from npsparseattn.cuda.emulate import host
-from npsparseattn.cuda.emulate.host import EmulationError
+from npsparseattn.cuda.cupy_raw import sources
+from npsparseattn.cuda.cupy_raw.emulate import host
+from npsparseattn.cuda.cupy_raw.emulate.host import EmulationError
 
 TAGS = {"float16": "npsa::f16", "bfloat16": "npsa::bf16"}
 
@@ -103,7 +103,7 @@ def test_cp_async_groups_complete_in_order_and_zero_fill(rng, kernels, schedule)
     np.testing.assert_array_equal(dst[64:], landed[::-1])
 
 
-@pytest.mark.parametrize("d", raw_sources.HEAD_DIMS)
+@pytest.mark.parametrize("d", sources.HEAD_DIMS)
 @pytest.mark.parametrize("dtype", list(TAGS))
 def test_tile_helpers_compose_into_matrix_products(rng, kernels, dtype, d):
     dt = DTYPES[dtype]

@@ -83,7 +83,7 @@ def steps(out: Path) -> list[Step]:
         Step(f"bench {op} --backend {backend} ({name})", bench(op, backend, str(out / name), *opts), limit, json=name)
         for name, op, backend, opts, limit in benches
     ]
-    registers = python("-m", "npsparseattn.cuda.numba_compile", "--device", "--dtypes", "float32")
+    registers = python("-m", "npsparseattn.cuda.numba_cuda.compile", "--device", "--dtypes", "float32")
     return [
         Step("environment", python(str(Path(__file__)), "--environment"), 20),
         Step("pytest -m gpu", [*pytest, "-m", "gpu", "tests"], 130),

@@ -1,7 +1,7 @@
 """Build the kernels' CUDA C++ for the host: one shared library, cached per source hash.
 
-The translation unit is generated: every ``.cu`` file of ``npsparseattn/cuda/kernels``
-(headers inlined by :func:`npsparseattn.cuda.raw_sources.translation_unit`), then
+The translation unit is generated: every ``.cu`` file of ``npsparseattn/cuda/cupy_raw/kernels``
+(headers inlined by :func:`npsparseattn.cuda.cupy_raw.sources.translation_unit`), then
 a table with one entry per kernel instance (the GPU instances plus the fault
 programs that test the emulator), then the C entry points of ``npsa_abi.h``.
 It is compiled with ``-include npsa_host.h`` (the emulation of CUDA) by the host
@@ -27,7 +27,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from npsparseattn.cuda import raw_sources
+from npsparseattn.cuda.cupy_raw import sources
 
 FLAGS = (
     "-std=c++17",
@@ -67,13 +67,13 @@ def cache_dir() -> Path:
 
 def host_instances() -> tuple[str, ...]:
     """Every instance the host library exports: the GPU instances of every source and the fault programs."""
-    names = [name for source in raw_sources.SOURCES for name in raw_sources.instances(source)]
-    return tuple(names) + raw_sources.FAULTS
+    names = [name for source in sources.SOURCES for name in sources.instances(source)]
+    return tuple(names) + sources.FAULTS
 
 
 def generated_source() -> str:
     """The translation unit compiled for the host."""
-    parts = [raw_sources.translation_unit(*raw_sources.SOURCES)]
+    parts = [sources.translation_unit(*sources.SOURCES)]
     entries = "\n".join(
         f'  {{"{name}", &npsa_emu::EntryOf<&{name}>::launch, &npsa_emu::EntryOf<&{name}>::signature}},'
         for name in host_instances()
@@ -85,7 +85,7 @@ def generated_source() -> str:
 
 
 def _emulate_dir() -> Path:
-    return Path(str(resources.files("npsparseattn.cuda") / "emulate"))
+    return Path(str(resources.files("npsparseattn.cuda.cupy_raw") / "emulate"))
 
 
 def _compiler_version(cxx: list[str]) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from npsparseattn.cuda.emulate.build import library_path
+from npsparseattn.cuda.cupy_raw.emulate.build import library_path
 
 _LOCK = threading.Lock()  # the emulator keeps one launch state: one launch at a time
 REVERSE, GREEDY, EAGER_COPIES = 1, 2, 4

@@ -1,8 +1,8 @@
 """Compile checks of the numba-cuda kernels, with or without a GPU.
 
-:func:`representative_launches` runs every numba-cuda backend module on small
-NumPy stand-ins with the launches recorded, not run
-(:func:`~npsparseattn.cuda.numba_runtime.record_launches`), once per storage
+:func:`representative_launches` runs every numba-cuda backend module of the
+table (:mod:`npsparseattn._backend_table`) on small NumPy stand-ins with the launches recorded, not run
+(:func:`~npsparseattn.cuda.numba_cuda.runtime.record_launches`), once per storage
 dtype and head-dimension capacity: the kernel instances (kernel, argument
 types) it collects are exactly those the backend launches on a GPU.
 :func:`compile_report` compiles one of them to PTX for given compute
@@ -13,7 +13,7 @@ capabilities and reads off what matters before anything runs:
 * float64 arithmetic (an accidental promotion in a float32 kernel; the LSH
   hashing is float64 by design).
 
-``python -m npsparseattn.cuda.numba_compile`` prints the table; with
+``python -m npsparseattn.cuda.numba_cuda.compile`` prints the table; with
 ``--device`` (on a GPU) it also compiles each instance for the device and
 adds the registers, local memory and shared memory the driver reports.
 """
@@ -22,16 +22,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
-from npsparseattn.cuda.numba_runtime import Launch, record_launches
+from npsparseattn._backend_table import entries
+from npsparseattn.cuda.numba_cuda.runtime import Launch, record_launches
 
 CAPABILITIES = ((8, 0), (9, 0))
 SHARED_LIMIT = 48 * 1024  # bytes of static shared memory per block
@@ -84,36 +86,69 @@ def describe(launch: Launch) -> str:
     return ",".join(dict.fromkeys(arrays))
 
 
-def representative_launches() -> list[Launch]:
-    """One launch per kernel instance the backend uses: every module, storage dtype and tile size.
+def _attention(module: Any, q: Any, k: Any, v: Any, rng: np.random.Generator) -> None:
+    lse = np.zeros(q.shape[:3], np.float32)
+    mask = dict(scale=0.125, offset=0, left=None, right=0)
+    module.forward(q, k, v, **mask)
+    module.backward(q, q, k, v, q, lse, **mask)
 
-    Runs the modules' host code on NumPy stand-ins with the launches recorded
-    (no kernel runs); duplicates (same kernel and argument types) are dropped.
+
+def _block_sparse(module: Any, q: Any, k: Any, v: Any, rng: np.random.Generator) -> None:
+    from npsparseattn.layouts import sliding_window
+
+    lse = np.zeros(q.shape[:3], np.float32)
+    mask = dict(scale=0.125, offset=0, left=None, right=0)
+    layout = sliding_window(q.shape[2], 16, (1, 0))
+    module.forward(q, k, v, layout, **mask)
+    module.backward(q, q, k, v, q, lse, layout, **mask)
+
+
+def _lsh_buckets(module: Any, q: Any, k: Any, v: Any, rng: np.random.Generator) -> None:
+    module.buckets(q[0], rng.standard_normal((q.shape[3], 2, 4)), (8,))
+
+
+def _lsh_sort(module: Any, q: Any, k: Any, v: Any, rng: np.random.Generator) -> None:
+    module.sort(np.zeros((2, 2, q.shape[2]), np.int32), 1000)
+
+
+def _lsh_attention(module: Any, q: Any, k: Any, v: Any, rng: np.random.Generator) -> None:
+    lse = np.zeros(q.shape[:3], np.float32)
+    plan = np.zeros((1, 2, 2 * q.shape[2]), np.int32)
+    lsh = dict(chunk_size=32, chunks_before=1, chunks_after=0, causal=True, exclude_self=True)
+    module.forward(q, v, plan, plan, **lsh)
+    module.backward(q, q, v, q, lse, plan, plan, **lsh)
+
+
+EXAMPLES: dict[str, Callable[..., None]] = {
+    "attention": _attention,
+    "block_sparse": _block_sparse,
+    "lsh_buckets": _lsh_buckets,
+    "lsh_sort": _lsh_sort,
+    "lsh_attention": _lsh_attention,
+}
+"""Per compile group of the table (:func:`npsparseattn._backend_table.groups`): a call of the group's
+module on NumPy stand-ins ``q, k, v`` (1, 2, 64, D) that makes every launch its kernels need."""
+
+
+def representative_launches() -> list[Launch]:
+    """One launch per kernel instance the backend uses: every module of the table, storage dtype and tile size.
+
+    Runs the host code of each ``numba-cuda`` entry of the table
+    (:mod:`npsparseattn._backend_table`) on NumPy stand-ins with the launches
+    recorded (no kernel runs), through its group's example
+    (:data:`EXAMPLES`); duplicates (same kernel and argument types) are dropped.
     """
     import ml_dtypes
 
-    from npsparseattn.cuda import numba_block_sparse, numba_exact, numba_lsh, numba_lsh_hash, numba_lsh_sort
-    from npsparseattn.layouts import sliding_window
-
     rng = np.random.default_rng(0)
+    modules = [(importlib.import_module(e.path), EXAMPLES[e.group]) for e in entries(backend="numba-cuda") if e.group]
     launches: list[Launch] = []
     with record_launches() as recorded:
         for dtype in (np.float16, ml_dtypes.bfloat16, np.float32):
             for d in (40, 100):  # head dimensions of the 64- and 128-column tiles
                 q, k, v = (rng.standard_normal((1, 2, 64, d)).astype(dtype) for _ in range(3))
-                lse = np.zeros((1, 2, 64), np.float32)
-                mask = dict(scale=0.125, offset=0, left=None, right=0)
-                numba_exact.forward(q, k, v, **mask)
-                numba_exact.backward(q, q, k, v, q, lse, **mask)
-                layout = sliding_window(64, 16, (1, 0))
-                numba_block_sparse.forward(q, k, v, layout, **mask)
-                numba_block_sparse.backward(q, q, k, v, q, lse, layout, **mask)
-                plan = np.zeros((1, 2, 128), np.int32)
-                lsh = dict(chunk_size=32, chunks_before=1, chunks_after=0, causal=True, exclude_self=True)
-                numba_lsh.forward(q, v, plan, plan, **lsh)
-                numba_lsh.backward(q, q, v, q, lse, plan, plan, **lsh)
-            numba_lsh_hash.buckets(q[0], rng.standard_normal((100, 2, 4)), (8,))
-        numba_lsh_sort.sort(np.zeros((2, 2, 64), np.int32), 1000)
+                for module, example in modules:
+                    example(module, q, k, v, rng)
     seen = set()
     for launch in recorded:
         key = (launch.kernel, launch.signature())
@@ -178,7 +213,7 @@ def device_report(launch: Launch) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Print the compile report of every kernel instance; exit status 1 if any instance has a problem."""
-    parser = argparse.ArgumentParser(prog="python -m npsparseattn.cuda.numba_compile", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m npsparseattn.cuda.numba_cuda.compile", description=__doc__)
     parser.add_argument("--device", action="store_true", help="also compile for the current GPU (registers)")
     parser.add_argument(
         "--dtypes", nargs="+", default=["float16", "uint16", "float32"], help="storage dtypes (uint16 is bfloat16)"

@@ -1,14 +1,14 @@
 """Compile the ``cupy`` backend's CUDA C++ with NVRTC to a cubin, without a GPU, and read the ptxas report.
 
 This is the compile check of CI: every template instance of every source
-(:func:`npsparseattn.cuda.raw_sources.instances`) is compiled for ``sm_80`` and
+(:func:`npsparseattn.cuda.cupy_raw.sources.instances`) is compiled for ``sm_80`` and
 ``sm_90`` by NVRTC from the ``nvidia-cuda-nvrtc`` wheel (through
 ``cuda.bindings.nvrtc``), with ``--ptxas-options=-v`` so that the log gives,
 per kernel, its registers, spill stores/loads, stack frame and shared memory.
 No compile cache is involved: each call compiles.
 
 A GPU run compiles the same translation unit through ``cupy.RawModule``
-(:mod:`npsparseattn.cuda.raw_loader`) with :func:`options`, to which CuPy
+(:mod:`npsparseattn.cuda.cupy_raw.loader`) with :func:`options`, to which CuPy
 appends ``-arch=sm_XX``, ``--device-as-default-execution-space`` and
 ``-ftz=true``; :func:`compile_source` passes the same (:data:`CUPY_APPENDS`).
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from npsparseattn.cuda import raw_sources
+from npsparseattn.cuda.cupy_raw import sources
 
 ARCHS = ("sm_80", "sm_90")
 CUPY_APPENDS = ("--device-as-default-execution-space", "-ftz=true")
@@ -26,7 +26,7 @@ CUPY_APPENDS = ("--device-as-default-execution-space", "-ftz=true")
 
 def options(arch: str | None = None) -> list[str]:
     """NVRTC options of every build of the kernels (``-arch`` when ``arch`` is given)."""
-    opts = ["--std=c++17", f"-DNPSA_SOURCE_VERSION=0x{raw_sources.version()}"]
+    opts = ["--std=c++17", f"-DNPSA_SOURCE_VERSION=0x{sources.version()}"]
     if arch is not None:
         opts.insert(0, f"-arch={arch}")
     return opts
@@ -112,14 +112,14 @@ def _check(result, what: str):
 
 
 def compile_source(source: str, arch: str, names: tuple[str, ...] | None = None) -> Build:
-    """Compile ``source`` (one of :data:`~npsparseattn.cuda.raw_sources.SOURCES`) for ``arch`` to a cubin.
+    """Compile ``source`` (one of :data:`~npsparseattn.cuda.cupy_raw.sources.SOURCES`) for ``arch`` to a cubin.
 
     ``names`` are the instances to build (default: all of the source's).
     Raises :class:`NVRTCError` with NVRTC's log on a compile error.
     """
     nvrtc = _nvrtc()
-    names = raw_sources.instances(source) if names is None else names
-    text = raw_sources.translation_unit(source).encode()
+    names = sources.instances(source) if names is None else names
+    text = sources.translation_unit(source).encode()
     prog = _check(nvrtc.nvrtcCreateProgram(text, source.encode(), 0, [], []), "nvrtcCreateProgram")
     try:
         for name in names:

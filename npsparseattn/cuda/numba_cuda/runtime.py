@@ -1,7 +1,5 @@
-"""The ``numba-cuda`` backend's runtime: what every one of its modules shares.
+"""The ``numba-cuda`` backend's driver: how its kernels are built, launched and recorded.
 
-* **Declarations** of the kernel contract common to the backend's modules
-  (:data:`KINDS`, :data:`DTYPES`, :func:`compute_dtype`, :func:`reasons`).
 * **Lazy numba-cuda.**  Nothing here imports ``numba.cuda`` or CuPy at import
   time (the registry may import a module only to ask its reasons): kernels are
   built by factories on first use (:func:`kernel`, :func:`device_function`).
@@ -15,7 +13,9 @@
 * **Recording.**  :func:`record_launches` collects the launches instead of
   running them; the compile checks use it to compile exactly the kernel
   signatures the backend launches, for compute capability 8.0 and 9.0,
-  without a GPU (:mod:`npsparseattn.cuda.numba_compile`).
+  without a GPU (:mod:`npsparseattn.cuda.numba_cuda.compile`).
+
+The declarations of the kernel contract live in :mod:`npsparseattn.cuda.numba_cuda`.
 """
 
 from __future__ import annotations
@@ -31,35 +31,10 @@ import numpy as np
 
 from npsparseattn.cuda import _env
 
-KINDS = ("numpy",) if _env.simulator() else ("cupy",)
-DTYPES = ("float16", "bfloat16", "float32")
-MAX_HEAD_DIM = 128  # the widest shared-memory tiles (numba_tiles.HEAD_DIMS)
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 UNBOUNDED = 1 << 40  # a window side without a bound
 MAX_GRID = 2**31 - 1  # blocks of a one-dimensional grid
 
 _recorder: list[Launch] | None = None
-
-
-def compute_dtype(dtype: Any) -> np.dtype:
-    """The kernels read the input dtype itself: half precision stays half in memory and is widened in registers."""
-    return np.dtype(dtype)
-
-
-def reasons(dims: tuple[int, ...] = ()) -> list[str]:
-    """Why the backend cannot take a problem with head dimensions ``dims`` here (empty: it can)."""
-    found = list(_env.numba_cuda_reasons())
-    wide = [d for d in dims if d > MAX_HEAD_DIM]
-    if wide:
-        found.append(f"head dimension {max(wide)} is wider than the {MAX_HEAD_DIM} columns of its shared-memory tiles")
-    return found
-
-
-def head_dims(problem: Any) -> tuple[int, int]:
-    """``(D, Dv)`` of an attention problem, or of an LSH problem's dense form."""
-    dense = getattr(problem, "dense", problem)
-    return int(dense.q.shape[3]), int(dense.v.shape[3])
 
 
 def window_bound(value: int | None) -> int:
@@ -177,21 +152,6 @@ def array_module(x: Any) -> Any:
 def empty(like: Any, shape: tuple[int, ...], dtype: Any) -> Any:
     """An uninitialised array of the kind of ``like`` (on its device)."""
     return array_module(like).empty(shape, dtype)
-
-
-def upload(like: Any, x: np.ndarray) -> Any:
-    """The host array ``x`` as an array of the kind of ``like``: a copy on the device that holds ``like``."""
-    if isinstance(like, np.ndarray):
-        return np.asarray(x)
-    import cupy
-
-    with like.device:
-        return cupy.asarray(x)
-
-
-def device_key(x: Any) -> int | None:
-    """The device that holds ``x`` (``None`` for a NumPy array): the key of per-device caches."""
-    return None if isinstance(x, np.ndarray) else int(x.device.id)
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ Rows with no visible key get output 0 and ``lse = -inf``, and contribute no
 gradient: their ``P`` is never evaluated.
 
 Each factory takes the tiles and ``bf16``: whether the storage arrays are
-bfloat16 viewed as uint16 (:func:`~npsparseattn.cuda.numba_runtime.storage`).
+bfloat16 viewed as uint16 (:func:`~npsparseattn.cuda.numba_cuda.runtime.storage`).
 """
 
 from __future__ import annotations
@@ -34,9 +34,8 @@ import math
 from functools import cache
 from typing import Any
 
-from npsparseattn.cuda.numba_runtime import (
-    LN2,
-    LOG2E,
+from npsparseattn.cuda.constants import LN2, LOG2E
+from npsparseattn.cuda.numba_cuda.runtime import (
     blocks,
     cuda,
     empty,
@@ -48,7 +47,7 @@ from npsparseattn.cuda.numba_runtime import (
     storage,
     window_bound,
 )
-from npsparseattn.cuda.numba_tiles import PAD, Tiles, ops, tiles
+from npsparseattn.cuda.numba_cuda.tiles import PAD, Tiles, ops, tiles
 
 # numba.cuda, bound by the kernel factories on first use.  Kernels must reach it as a module global:
 # the simulator swaps the module globals that hold numba.cuda for its own while a kernel runs.
@@ -437,7 +436,7 @@ def dkdv_kernel(t: Tiles, bf16: bool) -> Any:
     return kernel(dkdv_pass)
 
 
-def forward(
+def forward_runs(
     q: Any,
     k: Any,
     v: Any,
@@ -496,7 +495,7 @@ def forward(
     return out, lse
 
 
-def backward(
+def backward_runs(
     dout: Any,
     q: Any,
     k: Any,
@@ -514,7 +513,7 @@ def backward(
     right: int | None,
     grads: tuple[Any, Any, Any] | None = None,
 ) -> tuple[Any, Any, Any]:
-    """Attention backward over runs (dQ) and the transpose's runs ``columns`` (dK/dV); see :func:`forward`.
+    """Attention backward over runs (dQ) and the transpose's runs ``columns`` (dK/dV); see :func:`forward_runs`.
 
     ``dout``/``out`` (B, Hq, Lq, Dv) in the storage dtype, ``lse`` (B, Hq, Lq)
     float32; ``columns`` row ``lh * nkb + c`` lists ranges of query blocks

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from npsparseattn.cuda.numba_runtime import KINDS, cuda, empty, kernel, launch, on_device, reasons, threads_per_block
+from npsparseattn.cuda.numba_cuda import KINDS, reasons
+from npsparseattn.cuda.numba_cuda.runtime import cuda, empty, kernel, launch, on_device, threads_per_block
 
 __all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "compute_dtype", "sort", "unsupported"]
 

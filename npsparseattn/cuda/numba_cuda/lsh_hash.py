@@ -19,11 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from npsparseattn.cuda.numba_runtime import (
-    DTYPES,
-    KINDS,
+from npsparseattn.cuda.layout_runs import upload
+from npsparseattn.cuda.numba_cuda import DTYPES, KINDS, compute_dtype, reasons
+from npsparseattn.cuda.numba_cuda.runtime import (
     blocks,
-    compute_dtype,
     cuda,
     empty,
     is_bf16,
@@ -31,10 +30,8 @@ from npsparseattn.cuda.numba_runtime import (
     kernel_view,
     launch,
     on_device,
-    reasons,
     storage,
     threads_per_block,
-    upload,
 )
 
 __all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "buckets", "compute_dtype", "unsupported"]

@@ -1,9 +1,9 @@
 """Reformer LSH attention on the GPU (numba-cuda), forward and backward: backend ``"numba-cuda"`` of ``lsh_attention``.
 
 The sort plan (``order``, ``inverse``) comes from the same backend's
-``lsh_buckets`` and ``lsh_sort`` (:mod:`npsparseattn.cuda.numba_lsh_hash`,
-:mod:`npsparseattn.cuda.numba_lsh_sort`); the kernels are in
-:mod:`npsparseattn.cuda.numba_lsh_kernels`.
+``lsh_buckets`` and ``lsh_sort`` (:mod:`npsparseattn.cuda.numba_cuda.lsh_hash`,
+:mod:`npsparseattn.cuda.numba_cuda.lsh_sort`); the kernels are in
+:mod:`npsparseattn.cuda.numba_cuda.lsh_kernels`.
 
 Forward: the key normalisation per position, then one block per (chunk tile,
 head, batch) computes every sorted slot's round output with the online
@@ -21,8 +21,8 @@ so no atomics and the same result on every run; a last pass sums every
 position's rounds and applies the Jacobian of the key normalisation.  Extra
 memory: float32 (B, H, n_hashes * L, 2 D + Dv).
 
-Takes what :mod:`npsparseattn.cuda.numba_exact` takes (dtypes, devices, head
-dimensions up to 128), with the same tolerances.
+Takes what the backend takes (:mod:`npsparseattn.cuda.numba_cuda`: dtypes,
+devices, head dimensions up to 128), with the same tolerances.
 """
 
 from __future__ import annotations
@@ -31,30 +31,20 @@ from typing import Any
 
 import numpy as np
 
-from npsparseattn.cuda import numba_lsh_kernels as kernels
-from npsparseattn.cuda.numba_exact import STRIDED_ROWS, TOLERANCE
-from npsparseattn.cuda.numba_runtime import (
-    DTYPES,
-    KINDS,
+from npsparseattn.cuda.numba_cuda import DTYPES, KINDS, STRIDED_ROWS, TOLERANCE, compute_dtype, unsupported
+from npsparseattn.cuda.numba_cuda import lsh_kernels as kernels
+from npsparseattn.cuda.numba_cuda.runtime import (
     blocks,
-    compute_dtype,
     empty,
-    head_dims,
     is_bf16,
     kernel_view,
     launch,
     on_device,
-    reasons,
     threads_per_block,
 )
-from npsparseattn.cuda.numba_tiles import tiles
+from npsparseattn.cuda.numba_cuda.tiles import tiles
 
 __all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]
-
-
-def unsupported(problem: Any) -> list[str]:
-    """Environment reasons (numba-cuda, CuPy, a GPU of compute capability 8.0+) and head dimensions above 128."""
-    return reasons(head_dims(problem))
 
 
 def _key_scale(qk: Any) -> Any:

@@ -4,7 +4,7 @@ The sorted sequence of a (batch, head) has ``N = n_hashes * L`` items (slot
 ``s`` holds item ``order[s]``, position ``order[s] % L``), cut into chunks of
 ``chunk`` slots; chunk ``c`` attends chunks ``c - before .. c + after``
 (cyclically; a chunk listed twice counts twice).  The kernels are those of
-dense attention (:mod:`npsparseattn.cuda.numba_attention`, the same tiles and
+dense attention (:mod:`npsparseattn.cuda.numba_cuda.attention_kernels`, the same tiles and
 helpers) with rows gathered through the sort plan and the Reformer masks:
 logits ``q . key`` in base-2 units, a later position (causal) gets
 ``NEG_CAUSAL``, the own position ``NEG_SELF`` (constants, not ``-inf``, so
@@ -27,7 +27,7 @@ every row sees something).
   position's rounds and applies the key normalisation's Jacobian.
 
 Each factory takes ``bf16``: whether the storage arrays are bfloat16 viewed
-as uint16 (:func:`~npsparseattn.cuda.numba_runtime.storage`).
+as uint16 (:func:`~npsparseattn.cuda.numba_cuda.runtime.storage`).
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ import math
 from functools import cache
 from typing import Any
 
-from npsparseattn.cuda.numba_runtime import LN2, LOG2E, cuda, kernel, storage
-from npsparseattn.cuda.numba_tiles import PAD, Tiles, ops
+from npsparseattn.cuda.constants import LN2, LOG2E
+from npsparseattn.cuda.numba_cuda.runtime import cuda, kernel, storage
+from npsparseattn.cuda.numba_cuda.tiles import PAD, Tiles, ops
 from npsparseattn.problems.lsh import KEY_EPS, NEG_CAUSAL, NEG_SELF
 
 # numba.cuda, bound by the kernel factories on first use (a module global: the simulator swaps it)

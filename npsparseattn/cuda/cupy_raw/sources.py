@@ -1,15 +1,15 @@
 """The CUDA C++ sources of the ``cupy`` backend and their template instances, shared by every way of building them.
 
-The kernels live in ``npsparseattn/cuda/kernels/*.cu`` (package data, read with
+The kernels live in ``npsparseattn/cuda/cupy_raw/kernels/*.cu`` (package data, read with
 :mod:`importlib.resources`).  A translation unit is one ``.cu`` file with its
 ``#include "..."`` headers inlined (each ``#pragma once`` header once), and a
 ``#line`` directive before every piece so compiler messages name the real file
 and line.  Three builds read the same text:
 
-* ``cupy.RawModule`` on a GPU (:mod:`npsparseattn.cuda.raw_loader`);
+* ``cupy.RawModule`` on a GPU (:mod:`npsparseattn.cuda.cupy_raw.loader`);
 * NVRTC straight to a cubin for sm_80/sm_90, for the compile and register
-  checks of CI (:mod:`npsparseattn.cuda.raw_nvrtc`);
-* the host compiler, with the emulation header (:mod:`npsparseattn.cuda.emulate`).
+  checks of CI (:mod:`npsparseattn.cuda.cupy_raw.nvrtc`);
+* the host compiler, with the emulation header (:mod:`npsparseattn.cuda.cupy_raw.emulate`).
 
 Template instances are named once here (:func:`instances`), as the C++
 expressions ``RawModule(name_expressions=...)`` takes.
@@ -22,25 +22,22 @@ import re
 from functools import cache
 from importlib import resources
 
+from npsparseattn._backend_table import entries
+
 HEAD_DIMS = (32, 64, 96, 128)
 """Head dimensions with a kernel instance (``D == Dv``)."""
 
 ELEMENT_TYPES = {"float16": "npsa::f16", "bfloat16": "npsa::bf16"}
 """Input dtype name -> the C++ element tag of the kernels."""
 
-SOURCES = ("attention.cu", "block_sparse.cu", "selftest.cu")
+_CUPY = entries(backend="cupy")
+SOURCES = (*dict.fromkeys(e.source for e in _CUPY if e.source), "selftest.cu")
+"""Every ``.cu`` file with kernels: the sources of the table's ``cupy`` entries, then the self-tests."""
 
-# kernel name -> (source file, template parameters: T element type, D head dim, M masked)
-KERNELS = {
-    "npsa_attn_fwd": ("attention.cu", "TDM"),
-    "npsa_attn_bwd": ("attention.cu", "TDM"),
-    "npsa_bwd_prep": ("attention.cu", "TD"),
-    "npsa_dq_store": ("attention.cu", "T"),
-    "npsa_bsa_fwd": ("block_sparse.cu", "TDM"),
-    "npsa_bsa_bwd": ("block_sparse.cu", "TDM"),
-}
+KERNELS = {kernel.name: (e.source, kernel.params) for e in _CUPY for kernel in e.kernels}
+"""Kernel name -> (source file, template parameters: T element type, D head dim, M masked), from the table."""
 
-HOT_KERNELS = ("npsa_attn_fwd", "npsa_attn_bwd", "npsa_bsa_fwd", "npsa_bsa_bwd")
+HOT_KERNELS = tuple(kernel.name for e in _CUPY for kernel in e.kernels if kernel.hot)
 """Kernels whose instances must not spill registers (checked from the ptxas log)."""
 
 SELFTEST = (
@@ -120,11 +117,11 @@ def source_of(name: str) -> str:
 
 
 def _kernels_dir():
-    return resources.files("npsparseattn.cuda") / "kernels"
+    return resources.files("npsparseattn.cuda.cupy_raw") / "kernels"
 
 
 def kernel_files() -> list[str]:
-    """Names of every ``.cu`` and ``.cuh`` file shipped in ``npsparseattn/cuda/kernels``."""
+    """Names of every ``.cu`` and ``.cuh`` file shipped in ``npsparseattn/cuda/cupy_raw/kernels``."""
     return sorted(p.name for p in _kernels_dir().iterdir() if p.name.endswith((".cu", ".cuh")))
 
 

@@ -6,7 +6,7 @@ CuPy ``RawKernel`` call (``args``: arrays, ``numpy.int32``/``int64``/``float32``
 scalars):
 
 * on a GPU, :class:`DeviceKernels` for CuPy's current device: the translation
-  unit of the instance's source (:mod:`npsparseattn.cuda.raw_sources`) is
+  unit of the instance's source (:mod:`npsparseattn.cuda.cupy_raw.sources`) is
   compiled lazily by ``RawModule`` with ``name_expressions``, one module per
   (source, element type, head dimension) so a first call compiles a few
   instances rather than all of them, cached per device (and on disk by CuPy,
@@ -14,7 +14,7 @@ scalars):
   kernels that need more than 48 KiB of dynamic shared memory get the opt-in
   attribute set once;
 * with ``NPSPARSEATTN_CUDA_EMULATE=1``, the host build of the same sources
-  (:mod:`npsparseattn.cuda.emulate.host`), on NumPy arrays.
+  (:mod:`npsparseattn.cuda.cupy_raw.emulate.host`), on NumPy arrays.
 
 Nothing here imports CuPy until a GPU launch needs it.
 """
@@ -24,7 +24,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from npsparseattn.cuda import _env, raw_nvrtc, raw_sources
+from npsparseattn.cuda import _env
+from npsparseattn.cuda.cupy_raw import nvrtc, sources
 
 PORTABLE_SHARED_BYTES = 48 * 1024
 
@@ -44,13 +45,13 @@ class DeviceKernels:
         if fn is None:
             import cupy
 
-            source = raw_sources.source_of(name)
-            group = raw_sources.module_group(name)
+            source = sources.source_of(name)
+            group = sources.module_group(name)
             module = self._modules.get((source, group))
             if module is None:
                 module = cupy.RawModule(
-                    code=raw_sources.translation_unit(source),
-                    options=tuple(raw_nvrtc.options()),
+                    code=sources.translation_unit(source),
+                    options=tuple(nvrtc.options()),
                     name_expressions=list(group),
                 )
                 self._modules[(source, group)] = module
@@ -72,7 +73,7 @@ _DEVICES: dict[int, DeviceKernels] = {}
 def launcher():
     """What the backend modules launch through: the host build under emulation, else the current device's kernels."""
     if _env.emulation():
-        from npsparseattn.cuda.emulate.host import library
+        from npsparseattn.cuda.cupy_raw.emulate.host import library
 
         return library()
     import cupy

@@ -1,54 +1,28 @@
 """Block-sparse attention on the GPU (numba-cuda), forward and backward: backend ``"numba-cuda"`` of
 ``block_sparse_attention``.
 
-The kernels are those of dense attention (:mod:`npsparseattn.cuda.numba_attention`)
+The kernels of dense attention (:mod:`~npsparseattn.cuda.numba_cuda.attention_kernels`)
 walking the layout's runs of consecutive stored key blocks instead of one run
 over every key, so the work grows with the stored blocks: the forward and the
 dQ pass take the layout's rows (CSR), the dK/dV pass its transpose (CSC),
 each GQA group's query heads summed by the block that owns the key head.  A
 layout block of ``bq`` query rows is cut into tiles of the kernel's row count
 (the last may be partial); blocks narrower than a tile leave part of it idle.
-
-The runs are uploaded once per layout and device and kept while the layout is
-among the :data:`CACHED_LAYOUTS` most recently used (layouts are immutable,
-so the cache is keyed by the object).  Refuses, tolerances and dtypes: those
-of :mod:`npsparseattn.cuda.numba_exact`.
+The runs come from the GPU backends' one device cache
+(:mod:`npsparseattn.cuda.layout_runs`).  What it takes, refuses and its
+tolerances: :mod:`npsparseattn.cuda.numba_cuda`.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
-import numpy as np
-
-from npsparseattn.cuda import numba_attention
-from npsparseattn.cuda.numba_exact import STRIDED_ROWS, TOLERANCE, unsupported
-from npsparseattn.cuda.numba_runtime import DTYPES, KINDS, compute_dtype, device_key, upload
+from npsparseattn.cuda.layout_runs import device_runs
+from npsparseattn.cuda.numba_cuda import DTYPES, KINDS, STRIDED_ROWS, TOLERANCE, compute_dtype, unsupported
+from npsparseattn.cuda.numba_cuda.attention_kernels import backward_runs, forward_runs
 from npsparseattn.layouts import BlockLayout
 
 __all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]
-
-CACHED_LAYOUTS = 32
-_RUNS: OrderedDict[tuple[int, int | None, str], tuple[BlockLayout, tuple[Any, Any, Any]]] = OrderedDict()
-
-
-def device_runs(layout: BlockLayout, like: Any, which: str = "rows") -> tuple[Any, Any, Any]:
-    """The runs of ``layout`` (``which="rows"``) or of its transpose (``"columns"``) on the device of ``like``.
-
-    int32 ``(ptr, start, stop)`` arrays, uploaded on first use and cached.
-    """
-    key = (id(layout), device_key(like), which)
-    hit = _RUNS.get(key)
-    if hit is not None and hit[0] is layout:
-        _RUNS.move_to_end(key)
-        return hit[1]
-    source = layout if which == "rows" else layout.transpose()
-    runs = tuple(upload(like, np.ascontiguousarray(a, np.int32)) for a in source.runs())
-    _RUNS[key] = (layout, runs)
-    while len(_RUNS) > CACHED_LAYOUTS:
-        _RUNS.popitem(last=False)
-    return runs
 
 
 def forward(
@@ -74,7 +48,7 @@ def forward(
     layout : BlockLayout
         ``seq == (Lq, Lk)``, ``heads`` 1 or Hq (checked by the caller).
     scale, offset, left, right :
-        As :func:`npsparseattn.cuda.numba_exact.forward`, applied inside the stored blocks.
+        As :func:`npsparseattn.cuda.numba_cuda.exact.forward`, applied inside the stored blocks.
     out, lse : arrays, optional
         Buffers (B, Hq, Lq, Dv) in the input dtype and (B, Hq, Lq) float32.
 
@@ -82,10 +56,8 @@ def forward(
     -------
     out, lse; rows with no visible stored key get 0 and ``-inf``.
     """
-    return numba_attention.forward(
-        q, k, v, device_runs(layout, q), layout.heads, layout.block, scale=scale, offset=offset, left=left,
-        right=right, out=out, lse=lse,
-    )  # fmt: skip
+    mask = dict(scale=scale, offset=offset, left=left, right=right)
+    return forward_runs(q, k, v, device_runs(layout, q), layout.heads, layout.block, **mask, out=out, lse=lse)
 
 
 def backward(
@@ -110,7 +82,6 @@ def backward(
     gives the ``(dq, dk, dv)`` buffers.  Returns ``(dq, dk, dv)`` shaped like
     ``q``, ``k``, ``v``; ``dk``/``dv`` are summed over each GQA group.
     """
-    return numba_attention.backward(
-        dout, q, k, v, out, lse, device_runs(layout, q), device_runs(layout, q, "columns"), layout.heads,
-        layout.block, scale=scale, offset=offset, left=left, right=right, grads=grads,
-    )  # fmt: skip
+    mask = dict(scale=scale, offset=offset, left=left, right=right)
+    rows, columns = device_runs(layout, q), device_runs(layout, q, transposed=True)
+    return backward_runs(dout, q, k, v, out, lse, rows, columns, layout.heads, layout.block, **mask, grads=grads)

@@ -29,7 +29,7 @@ from functools import cache
 from types import SimpleNamespace
 
 from npsparseattn.cuda import _env
-from npsparseattn.cuda.numba_runtime import device_function, storage
+from npsparseattn.cuda.numba_cuda.runtime import device_function, storage
 
 PAD = 4  # extra words per row of a probability tile: conflict-free writes from registers
 HEAD_DIMS = (64, 128)  # head-dimension capacities of the GPU instances
@@ -112,7 +112,7 @@ def ops(t: Tiles, bf16: bool = False) -> SimpleNamespace:
 
     Loads by all threads of a block (``tid`` is the thread's index) from a
     4-D array ``src[b, h, row, c]`` (rows ``r0 + r``, ``r < nr``; columns
-    ``c < nc``), widened to float32 (:func:`~npsparseattn.cuda.numba_runtime.storage`):
+    ``c < nc``), widened to float32 (:func:`~npsparseattn.cuda.numba_cuda.runtime.storage`):
 
     ``load_by_row(src, b, h, r0, nr, cap, nc, dst, stride, tid)``
         ``dst[c*stride + r]`` for ``r < cap`` (zeros past ``nr``); consecutive
@@ -128,7 +128,7 @@ def ops(t: Tiles, bf16: bool = False) -> SimpleNamespace:
         tile, past the head dimension) hold numbers: they are multiplied and
         then masked or dropped, never used.
 
-    The helpers are inlined into the kernels (:func:`~npsparseattn.cuda.numba_runtime.device_function`),
+    The helpers are inlined into the kernels (:func:`~npsparseattn.cuda.numba_cuda.runtime.device_function`),
     so the products' loops unroll over the constant tile sizes and ``acc`` stays in registers.
     """
     from numba import float32, uint32

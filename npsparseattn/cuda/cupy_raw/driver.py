@@ -1,0 +1,215 @@
+"""The ``cupy`` backend's host driver, one for dense and block-sparse attention.
+
+The operation modules (:mod:`~npsparseattn.cuda.cupy_raw.exact`,
+:mod:`~npsparseattn.cuda.cupy_raw.block_sparse`) call :func:`forward` and
+:func:`backward` with ``layout=None`` (dense: the kernels walk one span of
+tiles) or a :class:`~npsparseattn.layouts.BlockLayout` (block-sparse: the
+kernels walk the runs of its rows, :mod:`npsparseattn.cuda.layout_runs`).
+Everything else is shared: argument checks, output buffers, the launch
+geometry (a Python copy of the shapes of ``npsa_attn.cuh``, kept equal to
+them by a test) and the steps of the backward:
+
+* ``npsa_bwd_prep``: ``delta = rowsum(dO * O)``, ``lse2 = lse * log2 e``
+  (``+inf`` for an empty row) and a zeroed float32 dQ accumulator;
+* the key-side kernel: one CTA per (64 keys, key head, batch) walks the query
+  tiles of its GQA group, accumulates dK and dV in registers and adds
+  ``dQ = dS K`` to the accumulator with float32 atomics;
+* ``npsa_dq_store``: ``dq = dtype(dq_acc * scale)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from npsparseattn._arrays import array_module
+from npsparseattn.cuda.constants import LOG2E
+from npsparseattn.cuda.cupy_raw import HALF_DTYPES, loader, sources
+from npsparseattn.cuda.layout_runs import device_runs
+
+NTHREADS = 128  # npsa::NTHREADS: 4 warps
+BWD_KEYS = 64  # npsa::BwdShape<D>::BK: keys per backward CTA
+
+
+def fwd_rows(d: int, *, sparse: bool = False) -> int:
+    """Query rows per forward CTA: npsa::DenseFwdShape<D>::BQ (two m-tiles of 16 rows per warp for
+    D <= 64, one above) or npsa::SparseFwdShape<D>::BQ (one)."""
+    return 64 if sparse or d > 64 else 128
+
+
+def fwd_shared_bytes(d: int) -> int:
+    """npsa::FwdShape<D, MT>::SMEM: double-buffered K and V tiles of 64 rows of D + 8 elements (Q passes
+    through the K buffers)."""
+    return 4 * 64 * (d + 8) * 2
+
+
+def bwd_query_tile(d: int) -> int:
+    """npsa::BwdShape<D>::BQ: queries per backward step."""
+    return 64 if d <= 64 else 32
+
+
+def bwd_shared_bytes(d: int) -> int:
+    """npsa::BwdShape<D>::SMEM: K, V (64 rows), Q and dO double-buffered, lse2/delta, dS^T (64 x BQ + 8)."""
+    bq = bwd_query_tile(d)
+    return 2 * 64 * (d + 8) * 2 + 4 * bq * (d + 8) * 2 + 2 * 2 * bq * 4 + 64 * (bq + 8) * 2
+
+
+def blocks(n: int, size: int) -> int:
+    """``ceil(n / size)``."""
+    return -(-n // size)
+
+
+def _xp(x: Any) -> Any:
+    return array_module("numpy" if isinstance(x, np.ndarray) else "cupy")
+
+
+def check_arrays(dtype: Any, lse: Any = None, **arrays: Any) -> None:
+    """The kernels read raw pointers: every array C-contiguous, ``arrays`` all of ``dtype`` (float16 or
+    bfloat16), ``lse`` float32.  ``ValueError``/``TypeError`` naming the array otherwise (the public
+    functions copy and cast before calling the kernels)."""
+    if np.dtype(dtype).name not in HALF_DTYPES:
+        raise TypeError(f"the cupy kernels read float16 or bfloat16, got {np.dtype(dtype).name}")
+    for name, x in {**arrays, **({} if lse is None else {"lse": lse})}.items():
+        want = np.float32 if name == "lse" else dtype
+        if x.dtype != np.dtype(want):
+            raise TypeError(f"{name} has dtype {x.dtype.name}; the cupy kernels need {np.dtype(want).name}")
+        if not x.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous for the cupy kernels")
+
+
+def window_args(left: int | None, right: int | None, lq: int, lk: int) -> tuple[bool, int, int]:
+    """``(masked, left, right)`` for the kernels: a side of ``None`` becomes a bound no pair reaches,
+    and every bound is clamped so that ``i + offset +- bound`` stays inside int32."""
+    limit = lq + lk + 1
+    masked = left is not None or right is not None
+
+    def clamp(x):
+        return limit if x is None else max(-limit, min(int(x), limit))
+
+    return masked, clamp(left), clamp(right)
+
+
+def output_buffer(x: Any, shape: tuple[int, ...], dtype: Any, xp: Any) -> tuple[Any, Any]:
+    """``(target, kernel_out)``: a C-contiguous array of ``shape``/``dtype`` for the kernel to write, and
+    where the result goes (``x`` itself when the kernel can write it in place, else ``x`` after a copy)."""
+    if x is None:
+        out = xp.empty(shape, dtype)
+        return out, out
+    if x.flags.c_contiguous and x.dtype == np.dtype(dtype) and tuple(x.shape) == shape:
+        return x, x
+    return x, xp.empty(shape, dtype)
+
+
+def finish(target: Any, computed: Any) -> Any:
+    """Copy ``computed`` into ``target`` if they differ (see :func:`output_buffer`); return ``target``."""
+    if computed is not target:
+        target[...] = computed
+    return target
+
+
+def _launch(kernel: str, dtype: str, d: int | None, masked: bool | None, grid, shared: int, args: list) -> None:
+    loader.launcher().launch(sources.instance(kernel, dtype, d, masked), grid, (NTHREADS,), shared, args)
+
+
+def forward(
+    q: Any,
+    k: Any,
+    v: Any,
+    layout: Any,
+    *,
+    scale: float,
+    offset: int,
+    left: int | None,
+    right: int | None,
+    out: Any = None,
+    lse: Any = None,
+) -> tuple[Any, Any]:
+    """Attention forward on canonical 4-D arrays (tensor cores): dense if ``layout`` is None, else over its
+    stored blocks.  Arguments and results: :func:`npsparseattn.cuda.cupy_raw.exact.forward`."""
+    xp = _xp(q)
+    check_arrays(q.dtype, q=q, k=k, v=v)
+    n_batch, hq, lq, d = q.shape
+    hk, lk = k.shape[1], k.shape[2]
+    out_t, out_k = output_buffer(out, (n_batch, hq, lq, d), q.dtype, xp)
+    lse_t, lse_k = output_buffer(lse, (n_batch, hq, lq), np.float32, xp)
+    if lq > 0:
+        masked, left_b, right_b = window_args(left, right, lq, lk)
+        if layout is None:
+            kernel, grid, runs = "npsa_attn_fwd", (blocks(lq, fwd_rows(d)), hq, n_batch), ()
+            ints = (lq, lk, hq, hk, offset, left_b, right_b)
+        else:
+            bq, bk = layout.block
+            nqb, chunks = layout.n_query_blocks, blocks(bq, fwd_rows(d, sparse=True))
+            kernel, grid, runs = "npsa_bsa_fwd", (nqb * chunks, hq, n_batch), device_runs(layout, q)
+            ints = (lq, lk, hq, hk, bq, bk, nqb, layout.heads, chunks, offset, left_b, right_b)
+        args = [q, k, v, out_k, lse_k, *runs, *map(np.int32, ints), np.float32(scale * LOG2E)]
+        _launch(kernel, q.dtype.name, d, masked, grid, fwd_shared_bytes(d), args)
+    return finish(out_t, out_k), finish(lse_t, lse_k)
+
+
+def backward_prepare(dout: Any, out: Any, lse: Any, dtype: str, d: int) -> tuple[Any, Any, Any]:
+    """``(lse2, delta, dq_acc)`` of a backward: ``lse * log2 e`` (+inf for empty rows), ``rowsum(dout * out)``
+    and a zeroed float32 dQ accumulator shaped like ``out``."""
+    xp = _xp(dout)
+    rows = math.prod(out.shape[:3])
+    lse2 = xp.empty(out.shape[:3], np.float32)
+    delta = xp.empty(out.shape[:3], np.float32)
+    dq_acc = xp.empty(out.shape, np.float32)
+    args = [out, dout, lse, lse2, delta, dq_acc, np.int32(rows)]
+    _launch("npsa_bwd_prep", dtype, d, None, (blocks(rows, NTHREADS // 4),), 0, args)
+    return lse2, delta, dq_acc
+
+
+def store_dq(dq_acc: Any, dq: Any, dtype: str, scale: float) -> None:
+    """``dq = dtype(dq_acc * scale)`` (both C-contiguous, same shape)."""
+    n = dq_acc.size
+    _launch("npsa_dq_store", dtype, None, None, (blocks(n // 8, NTHREADS),), 0, [dq_acc, dq, np.int64(n),
+            np.float32(scale)])  # fmt: skip
+
+
+def backward(
+    dout: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    layout: Any,
+    *,
+    scale: float,
+    offset: int,
+    left: int | None,
+    right: int | None,
+    grads: tuple[Any, Any, Any] | None = None,
+) -> tuple[Any, Any, Any]:
+    """Attention backward on canonical 4-D arrays (tensor cores): dense if ``layout`` is None, else over its
+    stored blocks.  Arguments and results: :func:`npsparseattn.cuda.cupy_raw.exact.backward`."""
+    xp = _xp(q)
+    check_arrays(q.dtype, lse, q=q, k=k, v=v, dout=dout, out=out)
+    n_batch, hq, lq, d = q.shape
+    hk, lk = k.shape[1], k.shape[2]
+    targets = (None, None, None) if grads is None else grads
+    bufs = [output_buffer(g, x.shape, x.dtype, xp) for g, x in zip(targets, (q, k, v))]
+    dq, dk, dv = (b[1] for b in bufs)
+    if lq == 0 or lk == 0:
+        for g in (dq, dk, dv):
+            g[...] = 0
+    else:
+        dtype = q.dtype.name
+        lse2, delta, dq_acc = backward_prepare(dout, out, lse, dtype, d)
+        masked, left_b, right_b = window_args(left, right, lq, lk)
+        if layout is None:
+            kernel, grid, runs = "npsa_attn_bwd", (blocks(lk, BWD_KEYS), hk, n_batch), ()
+            ints = (lq, lk, hq, hk, offset, left_b, right_b)
+        else:
+            bq, bk = layout.block
+            nkb, chunks = layout.n_key_blocks, blocks(bk, BWD_KEYS)
+            kernel, grid, runs = "npsa_bsa_bwd", (nkb * chunks, hk, n_batch), device_runs(layout, q, transposed=True)
+            ints = (lq, lk, hq, hk, bq, bk, nkb, layout.heads, chunks, offset, left_b, right_b)
+        args = [q, k, v, dout, lse2, delta, dq_acc, dk, dv, *runs, *map(np.int32, ints),
+                np.float32(scale * LOG2E), np.float32(scale)]  # fmt: skip
+        _launch(kernel, dtype, d, masked, grid, bwd_shared_bytes(d), args)
+        store_dq(dq_acc, dq, dtype, scale)
+    return tuple(finish(t, c) for t, c in bufs)

@@ -1,0 +1,89 @@
+"""Tiled exact attention on tensor cores (CUDA C++, ``kernels/attention.cu``): backend ``"cupy"`` of ``attention``.
+
+Forward: one CTA of 4 warps per (128 query rows for D <= 64, else 64; query
+head; batch), each warp 32 or 16 rows; Q stays in registers as mma fragments,
+K and V tiles of 64 keys are double-buffered in shared memory with
+``cp.async``; ``S = Q K^T`` and ``O += P V`` run as ``mma.sync.m16n8k16``
+with float32 accumulators, the online softmax in registers (base 2).  Key
+tiles outside the causal/window band are never visited; tiles fully inside
+it skip the element mask.
+
+Backward (FlashAttention-2): the steps of :mod:`~npsparseattn.cuda.cupy_raw.driver`;
+dQ is summed with atomics, in an order that may vary between runs (not
+bitwise deterministic).
+
+What it takes and refuses, and its tolerances: :mod:`npsparseattn.cuda.cupy_raw`
+(float16 and bfloat16 with ``D == Dv`` in 32, 64, 96, 128).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from npsparseattn.cuda.cupy_raw import (
+    DTYPES,
+    STRIDED_ROWS,
+    TOLERANCE,
+    __getattr__,  # noqa: F401  (KINDS: read when asked, the emulation may change)
+    compute_dtype,
+    driver,
+    unsupported,
+)
+
+__all__ = ["DTYPES", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]
+
+
+def forward(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    scale: float,
+    offset: int,
+    left: int | None,
+    right: int | None,
+    out: Any = None,
+    lse: Any = None,
+) -> tuple[Any, Any]:
+    """Tiled attention forward on canonical 4-D arrays (tensor cores).
+
+    Parameters
+    ----------
+    q : (B, Hq, Lq, D), k : (B, Hk, Lk, D), v : (B, Hk, Lk, D)
+        float16 or bfloat16, C-contiguous, one dtype; ``Hq % Hk == 0``.
+    scale, offset, left, right :
+        Query ``i`` sees key ``j`` iff ``i+offset-left <= j <= i+offset+right``
+        (``None``: unbounded); scores are ``scale * q . k``.
+    out, lse : arrays, optional
+        Buffers (B, Hq, Lq, D) in the input dtype and (B, Hq, Lq) float32.
+
+    Returns
+    -------
+    out : (B, Hq, Lq, D) input dtype, lse : (B, Hq, Lq) float32; a row with no visible key gets 0 and ``-inf``.
+    """
+    return driver.forward(q, k, v, None, scale=scale, offset=offset, left=left, right=right, out=out, lse=lse)
+
+
+def backward(
+    dout: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    *,
+    scale: float,
+    offset: int,
+    left: int | None,
+    right: int | None,
+    grads: tuple[Any, Any, Any] | None = None,
+) -> tuple[Any, Any, Any]:
+    """Tiled attention backward on canonical 4-D arrays (tensor cores).
+
+    ``dout``/``out`` (B, Hq, Lq, D) and ``lse`` (B, Hq, Lq) float32 come from
+    :func:`forward` with the same options; ``grads`` optionally gives the
+    ``(dq, dk, dv)`` buffers.  Returns ``(dq, dk, dv)`` shaped like ``q``,
+    ``k``, ``v`` in the input dtype; ``dk``/``dv`` are summed over each GQA group.
+    """
+    mask = dict(scale=scale, offset=offset, left=left, right=right)
+    return driver.backward(dout, q, k, v, out, lse, None, **mask, grads=grads)
