@@ -7,7 +7,26 @@ tiles) or a :class:`~npsparseattn.layouts.BlockLayout` (block-sparse: the
 kernels walk the runs of its rows, :mod:`npsparseattn.cuda.layout_runs`).
 Everything else is shared: argument checks, output buffers, the launch
 geometry (a Python copy of the shapes of ``npsa_attn.cuh``, kept equal to
-them by a test) and the steps of the backward:
+them by a test), what every launch needs, and the steps of the backward.
+
+What reaches a launch:
+
+* **No empty grid.**  A grid with a dimension of 0 (an empty batch, no
+  query rows) is an invalid launch on a GPU; such a launch has nothing to
+  write and is skipped (:func:`_launch`).
+* **16-byte aligned base pointers.**  ``cp.async`` and the 16-byte vector
+  loads and stores fault on a misaligned address.  An input that does not
+  start on a 16-byte boundary (a view one element into a buffer, a DLPack
+  tensor with an odd storage offset) is copied to one that does; a
+  misaligned output buffer is computed in an aligned temporary and copied
+  in (:func:`kernel_input`, :func:`output_buffer`).  Rows are ``D`` 16-bit
+  elements, a multiple of 16 bytes, so every row is aligned then.
+* **The device of the arrays.**  Buffers are allocated and kernels launched
+  inside ``with q.device`` (:func:`device_of`), on that device's current
+  stream, whatever CuPy's current device is; the layout runs are uploaded
+  there too (:mod:`npsparseattn.cuda.layout_runs`).
+
+The backward's steps:
 
 * ``npsa_bwd_prep``: ``delta = rowsum(dO * O)``, ``lse2 = lse * log2 e``
   (``+inf`` for an empty row) and a zeroed float32 dQ accumulator;
@@ -19,6 +38,7 @@ them by a test) and the steps of the backward:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -31,6 +51,7 @@ from npsparseattn.cuda.layout_runs import device_runs
 
 NTHREADS = 128  # npsa::NTHREADS: 4 warps
 BWD_KEYS = 64  # npsa::BwdShape<D>::BK: keys per backward CTA
+ALIGNMENT = 16  # bytes: cp.async and the vector loads/stores
 
 
 def fwd_rows(d: int, *, sparse: bool = False) -> int:
@@ -65,6 +86,37 @@ def _xp(x: Any) -> Any:
     return array_module("numpy" if isinstance(x, np.ndarray) else "cupy")
 
 
+def device_of(x: Any) -> Any:
+    """A context in which CuPy allocates and launches on the device that holds ``x`` (none for NumPy)."""
+    return contextlib.nullcontext() if isinstance(x, np.ndarray) else x.device
+
+
+def address(x: Any) -> int:
+    """The address of ``x``'s first element."""
+    return x.ctypes.data if isinstance(x, np.ndarray) else x.data.ptr
+
+
+def empty(xp: Any, shape: tuple[int, ...], dtype: Any) -> Any:
+    """An uninitialised C-contiguous array that starts on a 16-byte boundary (CuPy's allocations start on
+    256 bytes; NumPy's are cut from a slightly larger buffer)."""
+    if xp is not np:
+        return xp.empty(shape, dtype)
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def kernel_input(x: Any) -> Any:
+    """``x`` itself if it starts on a 16-byte boundary, else an aligned copy."""
+    if address(x) % ALIGNMENT == 0:
+        return x
+    copy = empty(_xp(x), x.shape, x.dtype)
+    copy[...] = x
+    return copy
+
+
 def check_arrays(dtype: Any, lse: Any = None, **arrays: Any) -> None:
     """The kernels read raw pointers: every array C-contiguous, ``arrays`` all of ``dtype`` (float16 or
     bfloat16), ``lse`` float32.  ``ValueError``/``TypeError`` naming the array otherwise (the public
@@ -92,14 +144,15 @@ def window_args(left: int | None, right: int | None, lq: int, lk: int) -> tuple[
 
 
 def output_buffer(x: Any, shape: tuple[int, ...], dtype: Any, xp: Any) -> tuple[Any, Any]:
-    """``(target, kernel_out)``: a C-contiguous array of ``shape``/``dtype`` for the kernel to write, and
-    where the result goes (``x`` itself when the kernel can write it in place, else ``x`` after a copy)."""
+    """``(target, kernel_out)``: an aligned C-contiguous array of ``shape``/``dtype`` for the kernel to write,
+    and where the result goes (``x`` itself when the kernel can write it in place, else ``x`` after a copy)."""
     if x is None:
-        out = xp.empty(shape, dtype)
+        out = empty(xp, shape, dtype)
         return out, out
-    if x.flags.c_contiguous and x.dtype == np.dtype(dtype) and tuple(x.shape) == shape:
+    in_place = x.flags.c_contiguous and x.dtype == np.dtype(dtype) and tuple(x.shape) == shape
+    if in_place and address(x) % ALIGNMENT == 0:
         return x, x
-    return x, xp.empty(shape, dtype)
+    return x, empty(xp, shape, dtype)
 
 
 def finish(target: Any, computed: Any) -> Any:
@@ -110,7 +163,9 @@ def finish(target: Any, computed: Any) -> Any:
 
 
 def _launch(kernel: str, dtype: str, d: int | None, masked: bool | None, grid, shared: int, args: list) -> None:
-    loader.launcher().launch(sources.instance(kernel, dtype, d, masked), grid, (NTHREADS,), shared, args)
+    """Launch an instance of ``kernel`` on ``grid`` CTAs of :data:`NTHREADS`; an empty grid launches nothing."""
+    if min(grid) > 0:
+        loader.launcher().launch(sources.instance(kernel, dtype, d, masked), grid, (NTHREADS,), shared, args)
 
 
 def forward(
@@ -128,8 +183,14 @@ def forward(
 ) -> tuple[Any, Any]:
     """Attention forward on canonical 4-D arrays (tensor cores): dense if ``layout`` is None, else over its
     stored blocks.  Arguments and results: :func:`npsparseattn.cuda.cupy_raw.exact.forward`."""
-    xp = _xp(q)
     check_arrays(q.dtype, q=q, k=k, v=v)
+    with device_of(q):
+        return _forward(q, k, v, layout, scale, offset, left, right, out, lse)
+
+
+def _forward(q, k, v, layout, scale, offset, left, right, out, lse) -> tuple[Any, Any]:
+    xp = _xp(q)
+    q, k, v = (kernel_input(x) for x in (q, k, v))
     n_batch, hq, lq, d = q.shape
     hk, lk = k.shape[1], k.shape[2]
     out_t, out_k = output_buffer(out, (n_batch, hq, lq, d), q.dtype, xp)
@@ -154,9 +215,9 @@ def backward_prepare(dout: Any, out: Any, lse: Any, dtype: str, d: int) -> tuple
     and a zeroed float32 dQ accumulator shaped like ``out``."""
     xp = _xp(dout)
     rows = math.prod(out.shape[:3])
-    lse2 = xp.empty(out.shape[:3], np.float32)
-    delta = xp.empty(out.shape[:3], np.float32)
-    dq_acc = xp.empty(out.shape, np.float32)
+    lse2 = empty(xp, out.shape[:3], np.float32)
+    delta = empty(xp, out.shape[:3], np.float32)
+    dq_acc = empty(xp, out.shape, np.float32)
     args = [out, dout, lse, lse2, delta, dq_acc, np.int32(rows)]
     _launch("npsa_bwd_prep", dtype, d, None, (blocks(rows, NTHREADS // 4),), 0, args)
     return lse2, delta, dq_acc
@@ -186,8 +247,14 @@ def backward(
 ) -> tuple[Any, Any, Any]:
     """Attention backward on canonical 4-D arrays (tensor cores): dense if ``layout`` is None, else over its
     stored blocks.  Arguments and results: :func:`npsparseattn.cuda.cupy_raw.exact.backward`."""
-    xp = _xp(q)
     check_arrays(q.dtype, lse, q=q, k=k, v=v, dout=dout, out=out)
+    with device_of(q):
+        return _backward(dout, q, k, v, out, lse, layout, scale, offset, left, right, grads)
+
+
+def _backward(dout, q, k, v, out, lse, layout, scale, offset, left, right, grads) -> tuple[Any, Any, Any]:
+    xp = _xp(q)
+    dout, q, k, v, out, lse = (kernel_input(x) for x in (dout, q, k, v, out, lse))
     n_batch, hq, lq, d = q.shape
     hk, lk = k.shape[1], k.shape[2]
     targets = (None, None, None) if grads is None else grads

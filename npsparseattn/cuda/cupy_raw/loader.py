@@ -24,8 +24,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from npsparseattn.cuda import _env
 from npsparseattn.cuda.cupy_raw import nvrtc, sources
+from npsparseattn.cuda.cupy_raw.limits import check_launch
 
 PORTABLE_SHARED_BYTES = 48 * 1024
 
@@ -59,12 +62,16 @@ class DeviceKernels:
         return fn
 
     def launch(self, name: str, grid: Sequence[int], block: Sequence[int], shared_bytes: int, args: Sequence[Any]):
-        """Launch instance ``name`` on CuPy's current stream."""
+        """Launch instance ``name`` on CuPy's current stream (:class:`~.limits.LaunchError` if a GPU would refuse
+        it: a grid dimension of 0, too many threads, too much shared memory).  Pointer arguments given as
+        ``None`` are passed as null pointers."""
+        check_launch(name, grid, block, shared_bytes)
         fn = self.function(name)
         if shared_bytes > PORTABLE_SHARED_BYTES and self._shared.get(name, 0) < shared_bytes:
             fn.max_dynamic_shared_size_bytes = shared_bytes
             self._shared[name] = shared_bytes
-        fn(tuple(grid), tuple(block), tuple(args), shared_mem=shared_bytes)
+        values = tuple(np.uint64(0) if a is None else a for a in args)
+        fn(tuple(grid), tuple(block), values, shared_mem=shared_bytes)
 
 
 _DEVICES: dict[int, DeviceKernels] = {}

@@ -2,11 +2,15 @@
 
 A launch looks like a CuPy ``RawKernel`` call: ``launch(name, grid, block,
 shared_bytes, args)`` with ``args`` a sequence of C-contiguous NumPy arrays
-(passed as pointers) and ``numpy.int32``, ``uint32``, ``int64``, ``float32`` scalars.  The
-parameter types are checked against the instance's C++ signature (the library
-reports it), every array's bytes are registered as the global memory the kernel
-may touch, and an emulator failure (an access outside those arrays, a deadlock,
-warp divergence in a collective) raises :class:`EmulationError` with its message.
+(passed as pointers; ``None`` is a null pointer) and ``numpy.int32``, ``uint32``,
+``int64``, ``float32`` scalars.  A launch a GPU would refuse (a grid dimension of 0,
+too many threads, too much shared memory) raises
+:class:`~npsparseattn.cuda.cupy_raw.limits.LaunchError` first, as the GPU loader
+does.  The parameter types are checked against the instance's C++ signature (the
+library reports it), every array's bytes are registered as the global memory the
+kernel may touch, and an emulator failure (an access outside those arrays, a
+deadlock, warp divergence in a collective) raises :class:`EmulationError` with its
+message.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from npsparseattn.cuda.cupy_raw.emulate.build import library_path
+from npsparseattn.cuda.cupy_raw.limits import check_launch
 
 _LOCK = threading.Lock()  # the emulator keeps one launch state: one launch at a time
 REVERSE, GREEDY, EAGER_COPIES = 1, 2, 4
@@ -35,7 +40,7 @@ class EmulationError(RuntimeError):
 
 
 def _code(arg: Any) -> str:
-    if isinstance(arg, np.ndarray):
+    if arg is None or isinstance(arg, np.ndarray):
         return "p"
     if isinstance(arg, np.int32):
         return "i"
@@ -99,6 +104,7 @@ class HostLibrary:
         """Run instance ``name`` on the host under ``schedule`` (flags :data:`REVERSE`, :data:`GREEDY`,
         :data:`EAGER_COPIES`; default :data:`SCHEDULE`)."""
         index = self._find(name)
+        check_launch(name, grid, block, shared_bytes)
         schedule = SCHEDULE if schedule is None else schedule
         codes = "".join(_code(a) for a in args)
         expected = self.signature(name)
@@ -106,7 +112,9 @@ class HostLibrary:
             raise TypeError(f"{name} takes parameters {expected!r}, got {codes!r}")
         holders, ranges = [], []
         for arg in args:
-            if isinstance(arg, np.ndarray):
+            if arg is None:
+                holders.append(ctypes.c_void_p(0))
+            elif isinstance(arg, np.ndarray):
                 if not arg.flags.c_contiguous:
                     raise ValueError(f"{name}: array arguments must be C-contiguous")
                 ptr = arg.ctypes.data
