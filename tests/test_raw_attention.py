@@ -19,6 +19,7 @@ from raw_support import DTYPE_NAMES, DTYPES, MODES, RawMode, assert_within_twice
 
 import npsparseattn as nsa
 from npsparseattn import reference
+from npsparseattn.cuda.cupy_raw import driver, sources
 from npsparseattn.cuda.cupy_raw import exact as raw_exact
 from npsparseattn.cuda.cupy_raw.emulate import host
 
@@ -182,6 +183,40 @@ def test_refusals_name_the_reason(rng, monkeypatch):
     monkeypatch.delenv("NPSPARSEATTN_CUDA_EMULATE")
     with pytest.raises(nsa.BackendError, match=r"backend 'cupy' cannot run attention: takes CuPy arrays, got NumPy"):
         nsa.attention(q, k, v, backend="cupy")
+
+
+def test_the_race_detector_finds_a_missing_barrier_in_one_run(rng, monkeypatch):
+    """The forward with the barrier that frees a K/V buffer before its refill removed: the strict emulator stops
+    it in the default schedule, where without the race detector it runs to the end with the right result
+    (the threads happen to run in lockstep) and only another schedule would show the bug."""
+    RawMode("emulated", monkeypatch)
+    original = sources.read
+    barrier = "    __syncthreads();  // this buffer is free for the tile after next\n"
+
+    def planted(name):
+        text = original(name)
+        if name == "npsa_attn.cuh":
+            assert barrier in text
+            text = text.replace(barrier, "\n")
+        return text
+
+    name = "npsa_attn_fwd<npsa::f16, 32, false>"
+    q, k, v = (random_array(rng, (1, 1, 64 if i == 0 else 256, 32)).astype(np.float16) for i in range(3))
+    ints = [np.int32(x) for x in (64, 256, 1, 1, 192, 0, 0)]
+
+    def run(library, schedule=None):
+        out, lse = np.full((1, 1, 64, 32), np.nan, np.float16), np.full((1, 1, 64), np.nan, np.float32)
+        library.launch(name, (1, 1, 1), (128,), driver.fwd_shared_bytes(32), [q, k, v, out, lse, *ints,
+                       np.float32(0.25)], schedule=schedule)  # fmt: skip
+        return out, lse
+
+    expected = run(host.library())
+    monkeypatch.setattr(sources, "read", planted)
+    broken = host.library_of((name,))
+    with pytest.raises(host.EmulationError, match=r"shared-memory race \((read/write|cp.async write/read)\)"):
+        run(broken)
+    for a, b in zip(run(broken, host.RELAXED), expected):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.gpu

@@ -52,7 +52,7 @@ SELFTEST = (
     *(f"npsa_test_tiles<{t}, {d}>" for t in ELEMENT_TYPES.values() for d in HEAD_DIMS),
     *(f"npsa_test_shapes<{d}>" for d in HEAD_DIMS),
 )
-FAULTS = tuple(f"npsa_test_fault<{mode}>" for mode in range(5))
+FAULTS = tuple(f"npsa_test_fault<{mode}>" for mode in range(10))
 """Programs that break a rule on purpose: built for the host emulation only (tests of its checks)."""
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')

@@ -25,14 +25,16 @@ from typing import Any
 import numpy as np
 
 from npsparseattn.cuda.cupy_raw.emulate.build import library_path
-from npsparseattn.cuda.cupy_raw.limits import check_launch
+from npsparseattn.cuda.cupy_raw.limits import STRICTEST, Limits, check_launch
 
 _LOCK = threading.Lock()  # the emulator keeps one launch state: one launch at a time
-REVERSE, GREEDY, EAGER_COPIES = 1, 2, 4
+REVERSE, GREEDY, EAGER_COPIES, RELAXED = 1, 2, 4, 8
 """Schedule flags (``npsa_emu::ScheduleFlags``, see ``npsa_host.h``): threads last-first; always resume the
-first ready thread (warps run ahead of each other from barrier to barrier); cp.async copies land at issue."""
+first ready thread (warps run ahead of each other from barrier to barrier); cp.async copies land at issue;
+RELAXED: without the strict checks (races, uninitialised shared reads, barrier divergence)."""
 SCHEDULE = 0
-"""Default schedule of :meth:`HostLibrary.launch` (tests set it to run every kernel under another schedule)."""
+"""Default schedule of :meth:`HostLibrary.launch`: strict, threads in order (tests set it to run every kernel
+under another schedule)."""
 
 
 class EmulationError(RuntimeError):
@@ -72,6 +74,7 @@ class HostLibrary:
             ctypes.POINTER(ctypes.c_ulonglong),
             ctypes.c_int,
             ctypes.c_int,
+            ctypes.c_uint,
             ctypes.c_char_p,
             ctypes.c_int,
         ]
@@ -100,11 +103,13 @@ class HostLibrary:
         args: Sequence[Any],
         *,
         schedule: int | None = None,
+        limits: Limits = STRICTEST,
     ) -> None:
         """Run instance ``name`` on the host under ``schedule`` (flags :data:`REVERSE`, :data:`GREEDY`,
-        :data:`EAGER_COPIES`; default :data:`SCHEDULE`)."""
+        :data:`EAGER_COPIES`, :data:`RELAXED`; default :data:`SCHEDULE`), within the launch ``limits`` of
+        an architecture (default: the stricter of sm_80 and sm_90)."""
         index = self._find(name)
-        check_launch(name, grid, block, shared_bytes)
+        check_launch(name, grid, block, shared_bytes, limits=limits)
         schedule = SCHEDULE if schedule is None else schedule
         codes = "".join(_code(a) for a in args)
         expected = self.signature(name)
@@ -136,6 +141,7 @@ class HostLibrary:
                 (ctypes.c_ulonglong * max(1, len(ranges)))(*ranges),
                 len(ranges) // 2,
                 int(schedule),
+                limits.max_shared,
                 err,
                 len(err),
             )
@@ -147,3 +153,8 @@ class HostLibrary:
 def library() -> HostLibrary:
     """The host build for the current sources (built on first use, then cached on disk)."""
     return HostLibrary(library_path())
+
+
+def library_of(names: tuple[str, ...]) -> HostLibrary:
+    """A host build of the instances ``names`` only (seconds instead of a minute: tests of edited sources)."""
+    return HostLibrary(library_path(tuple(names)))

@@ -21,15 +21,19 @@ __attribute__((visibility("default"))) int npsa_emu_signature(int i, char* buf, 
 
 // Launch instance `i` like cuLaunchKernel (args: pointers to the parameter values).  `ranges` holds
 // nranges (start, end) byte addresses of the global buffers the kernel may touch; `schedule` holds
-// npsa_emu::ScheduleFlags.  Returns 0, or 1 with the reason in `err`.
+// npsa_emu::ScheduleFlags; `max_smem` is the device's limit of dynamic shared memory per block.
+// Returns 0, or 1 with the reason in `err`.
 __attribute__((visibility("default"))) int npsa_emu_launch(int i, const unsigned* grid, const unsigned* block,
                                                            unsigned smem, void** args,
                                                            const unsigned long long* ranges, int nranges,
-                                                           int schedule, char* err, int errlen) {
+                                                           int schedule, unsigned max_smem, char* err,
+                                                           int errlen) {
   npsa_emu::Launch launch;
   launch.reverse = schedule & npsa_emu::REVERSE;
   launch.greedy = schedule & npsa_emu::GREEDY;
   launch.eager_copies = schedule & npsa_emu::EAGER_COPIES;
+  launch.strict = !(schedule & npsa_emu::RELAXED);
+  launch.max_smem = max_smem;
   for (int r = 0; r < nranges; ++r)
     launch.ranges.push_back({static_cast<uintptr_t>(ranges[2 * r]), static_cast<uintptr_t>(ranges[2 * r + 1])});
   npsa_emu::L = &launch;

@@ -18,10 +18,23 @@
 // race-free kernel gives the same bits under every schedule.
 //
 // What is checked (each failure ends the launch with a message, like a CUDA launch error):
-// global accesses (ldg/stg/cp.async/atomic_add) inside the buffers registered for the launch and
-// aligned; shared accesses inside the dynamic shared memory and 16-byte aligned for ldmatrix and
-// cp.async; all 32 lanes of a warp in the same collective; no thread waiting at a barrier that
-// another thread can no longer reach (deadlock, or a thread that exited).
+// the launch itself (no grid dimension of 0, a block of 1..1024 threads within the block limits, the
+// dynamic shared memory within the device's limit); global accesses (ldg/stg/cp.async/atomic_add)
+// inside the buffers registered for the launch and aligned; shared accesses (ldmatrix, cp.async,
+// lds/sts) inside the dynamic shared memory and aligned (16 bytes for ldmatrix, cp.async and vectors);
+// all 32 lanes of a warp in the same collective; no thread waiting at a barrier that another thread
+// can no longer reach (deadlock, or a thread that exited).
+//
+// Strict mode (the default; the flag RELAXED turns it off) adds, per block, the checks of
+// compute-sanitizer's racecheck, initcheck and synccheck, for every schedule:
+// * races: every shared-memory byte records who wrote and who read it in the current barrier
+//   interval (the time between two completed __syncthreads); a read of a byte another thread wrote,
+//   a write of a byte another thread wrote or read, in the same interval, is a race whatever order
+//   the threads happened to run in.  A cp.async write counts from its issue to the wait that retires
+//   it: any access to its bytes in between by another thread is a race, and by the issuing thread a
+//   read before its wait;
+// * uninitialised reads: a read of a shared byte nothing wrote since the block started;
+// * barrier divergence: the threads of one barrier must all wait at the same __syncthreads.
 #pragma once
 #define NPSA_HOST_EMULATION 1
 
@@ -83,6 +96,16 @@ struct PendingCopy {
   unsigned char data[16];
 };
 
+// Per shared-memory byte, for the strict checks: who wrote and who read it in which barrier interval
+// (epoch), whose cp.async is still writing it, and whether anything wrote it.  Threads are stored
+// as index + 1 (0: none); MANY readers as 0xFFFF.  All zero at the start of a block.
+struct Shadow {
+  uint32_t w_epoch, r_epoch;
+  uint16_t writer, reader, pending;
+  uint8_t init, pad;
+};
+constexpr uint16_t MANY = 0xFFFF;
+
 struct Fiber {
   jmp_buf jb;
   ucontext_t uc;
@@ -119,10 +142,16 @@ struct Launch {
   jmp_buf sched;
   ucontext_t sched_uc;
   Fiber* cur = nullptr;
-  bool reverse = false, greedy = false, eager_copies = false;
+  bool reverse = false, greedy = false, eager_copies = false, strict = true;
+  unsigned max_smem = 166912;  // bytes of dynamic shared memory a block may have (sm_80; sm_90: 232448)
+  uint32_t epoch = 1;          // the current barrier interval of the block
+  unsigned warp_base = 0;      // first thread of the warp whose collective is executing
+  const char* sync_file = nullptr;
+  int sync_line = 0;
+  std::vector<Shadow> shadow;
 };
 
-enum ScheduleFlags { REVERSE = 1, GREEDY = 2, EAGER_COPIES = 4 };
+enum ScheduleFlags { REVERSE = 1, GREEDY = 2, EAGER_COPIES = 4, RELAXED = 8 };
 
 inline Launch* L = nullptr;
 constexpr size_t STACK = 256 * 1024;
@@ -179,9 +208,77 @@ inline unsigned char* shared_at(unsigned addr, size_t n, size_t align, const cha
   return L->smem.data() + addr;
 }
 
-inline void syncthreads() {
+// ---- the strict checks of shared memory (see the top of this file)
+
+[[noreturn]] inline void race(const char* kind, const char* what, unsigned byte, unsigned first, unsigned second) {
+  char buf[240];
+  std::snprintf(buf, sizeof buf,
+                "shared-memory race (%s) at byte %u: threads %u and %u in one barrier interval (%s)", kind,
+                byte, first, second, what);
+  fail(buf);
+}
+
+// Thread `t` reads bytes [addr, addr + n) of shared memory.
+inline void on_read(unsigned addr, size_t n, unsigned t, const char* what) {
+  if (!L->strict) return;
+  const uint16_t me = static_cast<uint16_t>(t + 1);
+  for (size_t i = 0; i < n; ++i) {
+    Shadow& s = L->shadow[addr + i];
+    if (s.pending == me)
+      fail(std::string(what) + ": reads shared memory its own cp.async has not landed yet (no cp.async.wait_group)");
+    if (s.pending) race("cp.async write/read", what, addr + i, s.pending - 1u, t);
+    if (!s.init) {
+      char buf[160];
+      std::snprintf(buf, sizeof buf, "%s: reads uninitialised shared memory at byte %u (nothing wrote it in this block)",
+                    what, addr + static_cast<unsigned>(i));
+      fail(buf);
+    }
+    if (s.w_epoch == L->epoch && s.writer != me) race("write/read", what, addr + i, s.writer - 1u, t);
+    if (s.r_epoch != L->epoch) s.r_epoch = L->epoch, s.reader = me;
+    else if (s.reader != me) s.reader = MANY;
+  }
+}
+
+// Thread `t` writes bytes [addr, addr + n) of shared memory (a cp.async: from its issue; `pending` until
+// the wait that retires it).
+inline void on_write(unsigned addr, size_t n, unsigned t, const char* what, bool pending = false) {
+  if (!L->strict) return;
+  const uint16_t me = static_cast<uint16_t>(t + 1);
+  for (size_t i = 0; i < n; ++i) {
+    Shadow& s = L->shadow[addr + i];
+    if (s.pending) race("cp.async write/write", what, addr + i, s.pending - 1u, t);
+    if (s.w_epoch == L->epoch && s.writer != me) race("write/write", what, addr + i, s.writer - 1u, t);
+    if (s.r_epoch == L->epoch && s.reader != me) {
+      race("read/write", what, addr + i, s.reader == MANY ? t : s.reader - 1u, t);
+    }
+    s.w_epoch = L->epoch, s.writer = me, s.init = 1;
+    if (pending) s.pending = me;
+  }
+}
+
+// A cp.async of thread `t` lands: its bytes are written now, in this interval.
+inline void on_landed(unsigned addr, size_t n, unsigned t) {
+  if (!L->strict) return;
+  for (size_t i = 0; i < n; ++i) {
+    Shadow& s = L->shadow[addr + i];
+    s.pending = 0, s.w_epoch = L->epoch, s.writer = static_cast<uint16_t>(t + 1), s.init = 1;
+  }
+}
+
+inline void syncthreads(const char* file, int line) {
+  if (L->strict) {
+    if (L->sync_arrived == 0) {
+      L->sync_file = file, L->sync_line = line;
+    } else if (L->sync_line != line || std::strcmp(L->sync_file, file) != 0) {
+      char buf[600];
+      std::snprintf(buf, sizeof buf, "barrier divergence: threads wait at the __syncthreads of %s:%d and of %s:%d",
+                    L->sync_file, L->sync_line, file, line);
+      fail(buf);
+    }
+  }
   if (++L->sync_arrived == static_cast<int>(L->nthreads)) {
     L->sync_arrived = 0;
+    ++L->epoch;
     for (Fiber& f : L->fibers)
       if (f.state == AT_SYNC) f.state = READY;
     return;
@@ -209,6 +306,7 @@ inline Out warp_collective(int op, const In& in, Exec exec) {
     In ins[32];
     Out outs[32];
     for (int l = 0; l < 32; ++l) std::memcpy(&ins[l], w.in[slot][l], sizeof(In));
+    L->warp_base = me->flat - lane;
     exec(ins, outs);
     for (int l = 0; l < 32; ++l) std::memcpy(w.out[slot][l], &outs[l], sizeof(Out));
     w.arrived = 0;
@@ -261,7 +359,9 @@ inline std::string deadlock_report() {
 
 // Run one block to completion; false on failure (L->error says why).
 inline bool run_block() {
-  std::memset(L->smem.data(), 0xFF, L->smem.size());
+  std::memset(L->smem.data(), 0xFF, L->smem.size());  // NaN in f16, bf16 and f32: a stale read shows
+  if (L->strict) std::memset(L->shadow.data(), 0, L->shadow.size() * sizeof(Shadow));
+  L->epoch = 1;
   L->sync_arrived = 0;
   for (Warp& w : L->warps) w.arrived = w.gen = w.op = 0;
   for (Fiber& f : L->fibers) {
@@ -302,13 +402,27 @@ inline bool run_grid(const unsigned* grid, const unsigned* block, unsigned smem_
   L->grid = {grid[0], grid[1], grid[2]};
   L->block = {block[0], block[1], block[2]};
   L->nthreads = block[0] * block[1] * block[2];
-  if (L->nthreads == 0 || L->nthreads % 32 || L->nthreads > 1024) {
-    L->error = "block size must be a positive multiple of 32, at most 1024";
+  char buf[200];
+  if (!grid[0] || !grid[1] || !grid[2] || grid[1] > 65535 || grid[2] > 65535 || grid[0] > 2147483647u) {
+    std::snprintf(buf, sizeof buf, "grid (%u, %u, %u): every dimension must be 1 or more (at most 2^31-1, 65535, 65535)",
+                  grid[0], grid[1], grid[2]);
+    L->error = buf;
+    return false;
+  }
+  if (L->nthreads == 0 || L->nthreads % 32 || L->nthreads > 1024 || block[2] > 64) {
+    L->error = "block size must be a positive multiple of 32, at most 1024 (z at most 64)";
+    return false;
+  }
+  if (smem_bytes > L->max_smem) {
+    std::snprintf(buf, sizeof buf, "%u bytes of dynamic shared memory, more than the device's %u", smem_bytes,
+                  L->max_smem);
+    L->error = buf;
     return false;
   }
   L->fibers.assign(L->nthreads, Fiber{});
   L->warps.assign(L->nthreads / 32, Warp{});
   L->smem.assign(smem_bytes, 0);
+  if (L->strict) L->shadow.assign(smem_bytes, Shadow{});
   for (unsigned i = 0; i < L->nthreads; ++i) {
     Fiber& f = L->fibers[i];
     f.stack = stack_for(i);
@@ -381,7 +495,7 @@ struct EntryOf<K> {
 #define blockIdx (npsa_emu::L->bid)
 #define blockDim (npsa_emu::L->block)
 #define gridDim (npsa_emu::L->grid)
-#define __syncthreads() npsa_emu::syncthreads()
+#define __syncthreads() npsa_emu::syncthreads(__FILE__, __LINE__)
 #define NPSA_DECLARE_SMEM(name) unsigned char* name = npsa_emu::L->smem.data()
 
 // ---- the primitives of kernels/npsa_ptx.cuh, emulated
@@ -445,7 +559,9 @@ inline void ldmatrix_exec(const LdIn* in, Regs4* out) {
   u16 m[4][8][8];
   for (int mat = 0; mat < 4; ++mat)
     for (int row = 0; row < 8; ++row) {
-      const unsigned char* p = npsa_emu::shared_at(in[mat * 8 + row].addr, 16, 16, "ldmatrix");
+      const unsigned addr = in[mat * 8 + row].addr;
+      const unsigned char* p = npsa_emu::shared_at(addr, 16, 16, "ldmatrix");
+      npsa_emu::on_read(addr, 16, npsa_emu::L->warp_base + mat * 8 + row, "ldmatrix");
       std::memcpy(m[mat][row], p, 16);
     }
   for (int lane = 0; lane < 32; ++lane)
@@ -538,7 +654,9 @@ inline void cp_async_16(u32 dst, const void* src, bool full) {
     npsa_emu::check_global(src, 16, 16, "cp.async source");
     std::memcpy(c.data, src, 16);
   }
-  if (npsa_emu::L->eager_copies) std::memcpy(npsa_emu::L->smem.data() + dst, c.data, 16);
+  const bool eager = npsa_emu::L->eager_copies;
+  npsa_emu::on_write(dst, 16, f->flat, "cp.async", !eager);
+  if (eager) std::memcpy(npsa_emu::L->smem.data() + dst, c.data, 16);
   else f->copies.push_back(c);
 }
 
@@ -549,8 +667,12 @@ inline void cp_async_wait() {
   npsa_emu::Fiber* f = npsa_emu::L->cur;
   std::vector<npsa_emu::PendingCopy> still;
   for (const npsa_emu::PendingCopy& c : f->copies) {
-    if (c.group < f->committed - N) std::memcpy(npsa_emu::L->smem.data() + c.dst, c.data, 16);
-    else still.push_back(c);
+    if (c.group < f->committed - N) {
+      std::memcpy(npsa_emu::L->smem.data() + c.dst, c.data, 16);
+      npsa_emu::on_landed(c.dst, 16, f->flat);
+    } else {
+      still.push_back(c);
+    }
   }
   f->copies.swap(still);
 }
@@ -590,6 +712,32 @@ template <class V>
 inline void stg(V* p, V v) {
   npsa_emu::check_global(p, sizeof(V), alignof(V), "global store");
   *p = v;
+}
+
+// The offset of a generic pointer into the dynamic shared memory, checked for range and alignment.
+inline unsigned shared_offset(const void* p, size_t n, size_t align, const char* what) {
+  const unsigned char* c = static_cast<const unsigned char*>(p);
+  const unsigned char* base = npsa_emu::L->smem.data();
+  if (c < base || c + n > base + npsa_emu::L->smem.size()) npsa_emu::fail(std::string(what) + ": address outside the shared memory");
+  const unsigned addr = static_cast<unsigned>(c - base);
+  if (addr % align) npsa_emu::fail(std::string(what) + ": misaligned shared address");
+  return addr;
+}
+
+template <class V>
+inline V lds(const void* p) {
+  const unsigned addr = shared_offset(p, sizeof(V), sizeof(V), "shared load");
+  npsa_emu::on_read(addr, sizeof(V), npsa_emu::L->cur->flat, "shared load");
+  V v;
+  std::memcpy(&v, npsa_emu::L->smem.data() + addr, sizeof(V));
+  return v;
+}
+
+template <class V>
+inline void sts(void* p, V v) {
+  const unsigned addr = shared_offset(p, sizeof(V), sizeof(V), "shared store");
+  npsa_emu::on_write(addr, sizeof(V), npsa_emu::L->cur->flat, "shared store");
+  std::memcpy(npsa_emu::L->smem.data() + addr, &v, sizeof(V));
 }
 
 }  // namespace npsa

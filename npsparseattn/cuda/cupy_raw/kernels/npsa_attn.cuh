@@ -275,8 +275,7 @@ __device__ __forceinline__ void forward_rows(const u16* q, const u16* k, const u
       const int row = row0 + mt * 16 + g + 8 * r;
 #pragma unroll
       for (int nd = 0; nd < D / 8; ++nd)
-        *reinterpret_cast<u32*>(smem + Tile<D>::at(row, nd * 8 + 2 * t)) =
-            pack2<T>(o[mt][nd][2 * r] * inv, o[mt][nd][2 * r + 1] * inv);
+        sts(smem + Tile<D>::at(row, nd * 8 + 2 * t), pack2<T>(o[mt][nd][2 * r] * inv, o[mt][nd][2 * r + 1] * inv));
       if (t == 0 && row < rows) stg(lse + row, sum > 0.f ? (m[mt][r] + log2f(sum)) * LN2 : -inf());
     }
   __syncthreads();
@@ -284,8 +283,7 @@ __device__ __forceinline__ void forward_rows(const u16* q, const u16* k, const u
   for (int ch = tid; ch < BQ * CHUNKS; ch += NTHREADS) {
     const int r = ch / CHUNKS, col = (ch % CHUNKS) * 8;
     if (r < rows)
-      stg(reinterpret_cast<u32x4*>(out + static_cast<long long>(r) * D + col),
-          *reinterpret_cast<const u32x4*>(smem + Tile<D>::at(r, col)));
+      stg(reinterpret_cast<u32x4*>(out + static_cast<long long>(r) * D + col), lds<u32x4>(smem + Tile<D>::at(r, col)));
   }
 }
 
@@ -327,8 +325,8 @@ __device__ __forceinline__ void backward_keys(const u16* q, const u16* k, const 
     if (tid < BQ) {  // padding rows: lse2 = +inf makes P = 0
       const long long row = static_cast<long long>(cur.head) * lq + cur.start + tid;
       const bool ok = tid < valid;
-      rowvals[buf * 2 * BQ + tid] = ok ? ldg(lse2 + row) : inf();
-      rowvals[buf * 2 * BQ + BQ + tid] = ok ? ldg(delta + row) : 0.f;
+      sts(rowvals + buf * 2 * BQ + tid, ok ? ldg(lse2 + row) : inf());
+      sts(rowvals + buf * 2 * BQ + BQ + tid, ok ? ldg(delta + row) : 0.f);
     }
   };
 
@@ -389,7 +387,7 @@ __device__ __forceinline__ void backward_keys(const u16* q, const u16* k, const 
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = nb * 8 + 2 * t + (e % 2);
-        float pe = exp2_approx(p[nb][e] * c - l2[col]);
+        float pe = exp2_approx(p[nb][e] * c - lds<float>(l2 + col));
         if (!interior) {
           const int key = key_row + 8 * (e / 2), query = cur.start + col;
           bool vis = key < j0 + kvalid && query >= cur.lo && query < cur.hi;
@@ -397,7 +395,7 @@ __device__ __forceinline__ void backward_keys(const u16* q, const u16* k, const 
           if (!vis) pe = 0.f;
         }
         p[nb][e] = pe;
-        ds[nb][e] = pe * (ds[nb][e] - dl[col]);
+        ds[nb][e] = pe * (ds[nb][e] - lds<float>(dl + col));
       }
 
     // dV += P^T dO, dK += dS^T Q
@@ -425,7 +423,7 @@ __device__ __forceinline__ void backward_keys(const u16* q, const u16* k, const 
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int row = warp * 16 + g + 8 * (e % 2), col = kk * 16 + 8 * (e / 2) + 2 * t;
-        *reinterpret_cast<u32*>(dst + Tile<BQ>::at(row, col)) = sa[kk][e];
+        sts(dst + Tile<BQ>::at(row, col), sa[kk][e]);
       }
     __syncthreads();
 

@@ -1,8 +1,9 @@
 // The warp-level PTX the attention kernels use: one small inline function per instruction.
 //
 // Everything the kernels do below plain C++ goes through this file: tensor-core mma.sync m16n8k16,
-// ldmatrix, cp.async, the f16/bf16 conversions, ex2.approx, warp shuffles, the float atomic add and
-// global loads/stores.  The host emulation (npsparseattn/cuda/emulate/npsa_host.h, force-included
+// ldmatrix, cp.async, the f16/bf16 conversions, ex2.approx, warp shuffles, the float atomic add,
+// global loads/stores (ldg/stg) and shared-memory loads/stores (lds/sts; the emulation checks their
+// alignment, bounds and races, so the kernels never dereference a shared-memory pointer themselves).  The host emulation (npsparseattn/cuda/emulate/npsa_host.h, force-included
 // before this file when NPSA_HOST_EMULATION is defined) implements the same functions from the
 // fragment layouts of the PTX ISA, so the kernels compile unchanged for the GPU (NVRTC) and the host.
 //
@@ -150,6 +151,17 @@ __device__ __forceinline__ V ldg(const V* p) {
 template <class V>
 __device__ __forceinline__ void stg(V* p, V v) {
   *p = v;
+}
+
+// A V (u32, float, u32x4) at a generic pointer into the dynamic shared memory, aligned to sizeof(V).
+template <class V>
+__device__ __forceinline__ V lds(const void* p) {
+  return *reinterpret_cast<const V*>(p);
+}
+
+template <class V>
+__device__ __forceinline__ void sts(void* p, V v) {
+  *reinterpret_cast<V*>(p) = v;
 }
 
 }  // namespace npsa

@@ -34,7 +34,7 @@ template <bool TRANS>
 __global__ void npsa_test_ldmatrix(const u16* m, const int* rows, u32* out) {
   NPSA_DECLARE_SMEM(smem);
   const int lane = threadIdx.x;
-  reinterpret_cast<u32x4*>(smem)[2 * lane] = ldg(reinterpret_cast<const u32x4*>(m) + lane);
+  sts(smem + 32 * lane, ldg(reinterpret_cast<const u32x4*>(m) + lane));
   __syncthreads();
   u32 r[4];
   const u32 addr = smem_u32(smem) + static_cast<u32>(ldg(rows + lane)) * 32;
@@ -73,10 +73,10 @@ __global__ void npsa_test_cp_async(const u16* src, u16* dst, int valid) {
   if (i >= 32) cp_async_16(base + i * 16, src + i * 8, i < valid);
   cp_async_commit();
   cp_async_wait<1>();
-  if (i < 32) stg(reinterpret_cast<u32x4*>(dst) + i, reinterpret_cast<const u32x4*>(smem)[i]);
+  if (i < 32) stg(reinterpret_cast<u32x4*>(dst) + i, lds<u32x4>(smem + 16 * i));
   cp_async_wait<0>();
   __syncthreads();
-  stg(reinterpret_cast<u32x4*>(dst) + 64 + i, reinterpret_cast<const u32x4*>(smem)[63 - i]);
+  stg(reinterpret_cast<u32x4*>(dst) + 64 + i, lds<u32x4>(smem + 16 * (63 - i)));
 }
 
 // One warp, the tile helpers of npsa_tile.cuh composed as the attention kernels compose them:
@@ -140,15 +140,24 @@ __global__ void npsa_test_shapes(int* out) {
   for (int i = 0; i < 10; ++i) stg(out + i, values[i]);
 }
 
-// Programs that break a rule, for the emulator's checks (MODE):
-//   0 global load past the buffer, 1 misaligned ldmatrix address, 2 __syncthreads in half the block,
-//   3 lanes of one warp in different collectives, 4 shared memory read before cp.async.wait_group
-//   (out[i] = what thread i saw: the emulator shows the 0xFFFF fill).
+// Programs that break a rule, for the emulator's checks (MODE), each the planted bug of one check:
+//   0 global load past the buffer (memcheck)
+//   1 misaligned ldmatrix address
+//   2 __syncthreads in half the block (a deadlock)
+//   3 lanes of one warp in different collectives
+//   4 shared memory read before its cp.async.wait_group (out[i] = what thread i saw: without the strict
+//     checks, the fill)
+//   5 a race: thread i writes shared word i and reads word i + 1 with no barrier between (racecheck)
+//   6 a read of shared memory nothing wrote (initcheck; without the strict checks it reads the fill)
+//   7 a cp.async whose global source is 2 bytes off a 16-byte boundary
+//   8 two different __syncthreads: the first warp at one, the others at another (synccheck)
+//   9 a misaligned 16-byte shared-memory load
+// Launched with 32 or 64 threads and 512 bytes of shared memory; `in` holds 8 * threads + 8 elements.
 template <int MODE>
 __global__ void npsa_test_fault(const u16* in, u16* out) {
   NPSA_DECLARE_SMEM(smem);
   const int i = threadIdx.x;
-  if (MODE == 0) stg(out + i, ldg(in + i + 1));
+  if (MODE == 0) stg(out + i, ldg(in + 8 * blockDim.x + 8 + i));
   if (MODE == 1) {
     u32 r[4];
     ldmatrix_x4(r, smem_u32(smem) + 8);
@@ -166,7 +175,26 @@ __global__ void npsa_test_fault(const u16* in, u16* out) {
   if (MODE == 4) {
     cp_async_16(smem_u32(smem) + 16 * i, in + 8 * i, true);
     cp_async_commit();
-    stg(out + i, reinterpret_cast<const u16*>(smem)[8 * i]);
+    stg(out + i, static_cast<u16>(lds<u32>(smem + 16 * i)));
     cp_async_wait<0>();
+  }
+  if (MODE == 5) {
+    sts(smem + 4 * i, static_cast<u32>(ldg(in + i)));
+    __syncthreads();
+    sts(smem + 4 * i, static_cast<u32>(i));
+    stg(out + i, static_cast<u16>(lds<u32>(smem + 4 * ((i + 1) % blockDim.x))));  // missing barrier
+  }
+  if (MODE == 6) stg(out + i, static_cast<u16>(lds<u32>(smem + 256 + 4 * (i % 64))));
+  if (MODE == 7) {
+    cp_async_16(smem_u32(smem) + 16 * i, in + 8 * i + 1, true);
+    cp_async_commit();
+    cp_async_wait<0>();
+  }
+  if (MODE == 8) {
+    if (i < 32) __syncthreads();
+    else __syncthreads();
+  }
+  if (MODE == 9) {
+    sts(smem + 16 * i, lds<u32x4>(smem + 8));
   }
 }
