@@ -28,6 +28,18 @@ if ml_dtypes is not None:
 DTYPE_NAMES = ("float16", "bfloat16")
 
 
+def to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bfloat16 (nearest even; NaN stays NaN) as their uint16 bits, without ml_dtypes."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)
+
+
+def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    """uint16 bfloat16 bits as float32 values."""
+    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
 def require_host_compiler() -> None:
     """Skip unless the host C++ compiler that builds the emulation is installed."""
     if shutil.which(build.compiler()[0]) is None:

@@ -6,7 +6,9 @@ on a GPU.
 * base pointers are 16-byte aligned: ``cp.async``, 16-byte vector loads and stores fault on a misaligned
   address, so a misaligned input (a view one element into a buffer, a DLPack tensor with an odd storage
   offset) is copied and a misaligned output is computed in an aligned temporary;
-* everything runs on the device that holds the arrays, whatever CuPy's current device is.
+* everything runs on the device that holds the arrays, whatever CuPy's current device is;
+* bfloat16 kernels run on uint16 buffers holding the bits (``element="bfloat16"``), so they are tested on
+  a CuPy without a bfloat16 dtype, and without ml_dtypes.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from typing import ClassVar
 import numpy as np
 import pytest
 from conftest import random_array
-from raw_support import DTYPES, MODES, RawMode
+from raw_support import DTYPES, MODES, RawMode, from_bf16_bits, to_bf16_bits
 
 import npsparseattn as nsa
-from npsparseattn import layouts
+from npsparseattn import layouts, reference
 from npsparseattn.cuda.cupy_raw import block_sparse as raw_block_sparse
 from npsparseattn.cuda.cupy_raw import driver, limits, loader
 from npsparseattn.cuda.cupy_raw import exact as raw_exact
@@ -124,6 +126,64 @@ def test_misaligned_output_buffers_are_written(rng, monkeypatch):
     for r, g, expected in zip(returned, grads_b, grads):
         assert r is g
         np.testing.assert_array_equal(g, expected)
+
+
+# --------------------------------------------------------------------------- bfloat16 as uint16 bits
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "block-sparse"])
+def test_bfloat16_kernels_run_on_uint16_buffers(rng, mode, sparse):
+    """On any CuPy (and without ml_dtypes): uint16 buffers holding bfloat16 bits, ``element="bfloat16"``."""
+    shapes = [(2, 4, 130, 64), (2, 2, 150, 64), (2, 2, 150, 64), (2, 4, 130, 64)]
+    values = [from_bf16_bits(to_bf16_bits(random_array(rng, s, np.float32))) for s in shapes]
+    q, k, v, dout = mode.put(*(to_bf16_bits(x) for x in values))
+    layout = layouts.bigbird((130, 150), 32, random_blocks=1, seed=1)
+    module, args = (raw_block_sparse, (layout,)) if sparse else (raw_exact, ())
+    kw = dict(scale=0.125, offset=20, left=70, right=0)
+    out, lse = module.forward(q, k, v, *args, **kw, element="bfloat16")
+    grads = module.backward(dout, q, k, v, out, lse, *args, **kw, element="bfloat16")
+    assert out.dtype == np.uint16 and [g.dtype for g in grads] == [np.uint16] * 3
+    q64, k64, v64, do64 = (x.astype(np.float64) for x in values)
+    mask = dict(window=(70, 0), scale=0.125)
+    if sparse:
+        ref = reference.block_sparse_attention(q64, k64, v64, layout, **mask)
+        ref_grads = reference.block_sparse_attention_backward(do64, q64, k64, v64, layout, **mask)
+    else:
+        ref = reference.attention(q64, k64, v64, **mask)
+        ref_grads = reference.attention_backward(do64, q64, k64, v64, **mask)
+    tol = raw_exact.TOLERANCE["bfloat16"]
+    for got, want in zip((out, *grads), (ref[0], *ref_grads)):
+        got = from_bf16_bits(mode.get(got)).astype(np.float64)
+        assert np.abs(got - want).max() <= tol * np.abs(want).max()
+    lse, ref_lse = mode.get(lse), ref[1]
+    np.testing.assert_allclose(lse[np.isfinite(ref_lse)], ref_lse[np.isfinite(ref_lse)], atol=1e-4, rtol=0)
+
+
+def test_uint16_buffers_give_the_bits_of_bfloat16_arrays(rng, monkeypatch):
+    """The public path on bfloat16 arrays (ml_dtypes) and the kernels on their uint16 bits: the same bits."""
+    RawMode("emulated", monkeypatch)
+    q, k, v, dout = _qkv(rng, (1, 2, 100, 32), "bfloat16")
+    x = random_array(rng, 1000, np.float32) * np.float32(1e3) ** rng.integers(-3, 3, 1000)
+    np.testing.assert_array_equal(to_bf16_bits(x), x.astype(DTYPES["bfloat16"]).view(np.uint16))
+    out, lse = nsa.attention(q, k, v, causal=True, return_lse=True, backend="cupy")
+    grads = nsa.attention_backward(dout, q, k, v, out, lse, causal=True, backend="cupy")
+    kw = dict(scale=32**-0.5, offset=0, left=None, right=0)
+    bits = [x.view(np.uint16) for x in (q, k, v, dout)]
+    out_b, lse_b = raw_exact.forward(*bits[:3], **kw, element="bfloat16")
+    grads_b = raw_exact.backward(bits[3], *bits[:3], out_b, lse_b, **kw, element="bfloat16")
+    np.testing.assert_array_equal(lse_b, lse)
+    for a, b in zip((out, *grads), (out_b, *grads_b)):
+        np.testing.assert_array_equal(a.view(np.uint16), b)
+
+
+def test_uint16_buffers_must_say_what_they_hold(rng, monkeypatch):
+    RawMode("emulated", monkeypatch)
+    q = np.zeros((1, 1, 8, 32), np.uint16)
+    kw = dict(scale=1.0, offset=0, left=None, right=None)
+    with pytest.raises(TypeError, match=r"uint16 buffers need element='bfloat16' or 'float16' \(the bits they hold\)"):
+        raw_exact.forward(q, q, q, **kw)
+    with pytest.raises(TypeError, match=r"element='bfloat16' is for uint16 buffers; these arrays are float16"):
+        raw_exact.forward(*(x.view(np.float16) for x in (q, q, q)), **kw, element="bfloat16")
 
 
 # --------------------------------------------------------------------------- the device of the arrays

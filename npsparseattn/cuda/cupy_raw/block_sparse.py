@@ -47,6 +47,7 @@ def forward(
     right: int | None,
     out: Any = None,
     lse: Any = None,
+    element: str | None = None,
 ) -> tuple[Any, Any]:
     """Block-sparse attention forward on canonical 4-D arrays (tensor cores).
 
@@ -60,12 +61,17 @@ def forward(
         As :func:`npsparseattn.cuda.cupy_raw.exact.forward`, applied inside the stored blocks.
     out, lse : arrays, optional
         Buffers (B, Hq, Lq, D) in the input dtype and (B, Hq, Lq) float32.
+    element : "bfloat16" or "float16", optional
+        For uint16 arrays: the element type whose bits they hold (bfloat16 kernels
+        run on uint16 buffers where CuPy has no bfloat16 dtype); results are
+        uint16 bits too.
 
     Returns
     -------
     out : (B, Hq, Lq, D), lse : (B, Hq, Lq) float32; rows with no visible stored key get 0 and ``-inf``.
     """
-    return driver.forward(q, k, v, layout, scale=scale, offset=offset, left=left, right=right, out=out, lse=lse)
+    mask = dict(scale=scale, offset=offset, left=left, right=right)
+    return driver.forward(q, k, v, layout, **mask, out=out, lse=lse, element=element)
 
 
 def backward(
@@ -82,6 +88,7 @@ def backward(
     left: int | None,
     right: int | None,
     grads: tuple[Any, Any, Any] | None = None,
+    element: str | None = None,
 ) -> tuple[Any, Any, Any]:
     """Block-sparse attention backward on canonical 4-D arrays (tensor cores).
 
@@ -89,6 +96,7 @@ def backward(
     :func:`forward` with the same layout and options; ``grads`` optionally
     gives the ``(dq, dk, dv)`` buffers.  Returns ``(dq, dk, dv)`` shaped like
     ``q``, ``k``, ``v``; ``dk``/``dv`` are summed over each GQA group.
+    ``element``: as for :func:`forward`.
     """
     mask = dict(scale=scale, offset=offset, left=left, right=right)
-    return driver.backward(dout, q, k, v, out, lse, layout, **mask, grads=grads)
+    return driver.backward(dout, q, k, v, out, lse, layout, **mask, grads=grads, element=element)

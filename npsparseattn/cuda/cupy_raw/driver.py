@@ -117,18 +117,35 @@ def kernel_input(x: Any) -> Any:
     return copy
 
 
-def check_arrays(dtype: Any, lse: Any = None, **arrays: Any) -> None:
+def element_type(dtype: Any, element: str | None) -> str:
+    """The element type the kernels read from arrays of ``dtype``: the dtype itself (float16, bfloat16), or
+    ``element`` for uint16 buffers that hold its bits (bfloat16 where CuPy has no bfloat16 dtype)."""
+    name = np.dtype(dtype).name
+    if name == "uint16":
+        if element not in HALF_DTYPES:
+            wanted = "element='bfloat16' or 'float16' (the bits they hold)"
+            raise TypeError(f"uint16 buffers need {wanted}, got {element!r}")
+        return element
+    if name not in HALF_DTYPES:
+        raise TypeError(f"the cupy kernels read float16 or bfloat16, got {name}")
+    if element is not None and element != name:
+        raise TypeError(f"element={element!r} is for uint16 buffers; these arrays are {name}")
+    return name
+
+
+def check_arrays(dtype: Any, lse: Any = None, *, element: str | None = None, **arrays: Any) -> str:
     """The kernels read raw pointers: every array C-contiguous, ``arrays`` all of ``dtype`` (float16 or
-    bfloat16), ``lse`` float32.  ``ValueError``/``TypeError`` naming the array otherwise (the public
-    functions copy and cast before calling the kernels)."""
-    if np.dtype(dtype).name not in HALF_DTYPES:
-        raise TypeError(f"the cupy kernels read float16 or bfloat16, got {np.dtype(dtype).name}")
+    bfloat16, or uint16 holding the bits of ``element``), ``lse`` float32.  ``ValueError``/``TypeError``
+    naming the array otherwise (the public functions copy and cast before calling the kernels).  Returns
+    the element type (:func:`element_type`)."""
+    element = element_type(dtype, element)
     for name, x in {**arrays, **({} if lse is None else {"lse": lse})}.items():
         want = np.float32 if name == "lse" else dtype
         if x.dtype != np.dtype(want):
             raise TypeError(f"{name} has dtype {x.dtype.name}; the cupy kernels need {np.dtype(want).name}")
         if not x.flags.c_contiguous:
             raise ValueError(f"{name} must be C-contiguous for the cupy kernels")
+    return element
 
 
 def window_args(left: int | None, right: int | None, lq: int, lk: int) -> tuple[bool, int, int]:
@@ -180,15 +197,16 @@ def forward(
     right: int | None,
     out: Any = None,
     lse: Any = None,
+    element: str | None = None,
 ) -> tuple[Any, Any]:
     """Attention forward on canonical 4-D arrays (tensor cores): dense if ``layout`` is None, else over its
     stored blocks.  Arguments and results: :func:`npsparseattn.cuda.cupy_raw.exact.forward`."""
-    check_arrays(q.dtype, q=q, k=k, v=v)
+    element = check_arrays(q.dtype, q=q, k=k, v=v, element=element)
     with device_of(q):
-        return _forward(q, k, v, layout, scale, offset, left, right, out, lse)
+        return _forward(q, k, v, layout, scale, offset, left, right, out, lse, element)
 
 
-def _forward(q, k, v, layout, scale, offset, left, right, out, lse) -> tuple[Any, Any]:
+def _forward(q, k, v, layout, scale, offset, left, right, out, lse, element) -> tuple[Any, Any]:
     xp = _xp(q)
     q, k, v = (kernel_input(x) for x in (q, k, v))
     n_batch, hq, lq, d = q.shape
@@ -206,7 +224,7 @@ def _forward(q, k, v, layout, scale, offset, left, right, out, lse) -> tuple[Any
             kernel, grid, runs = "npsa_bsa_fwd", (nqb * chunks, hq, n_batch), device_runs(layout, q)
             ints = (lq, lk, hq, hk, bq, bk, nqb, layout.heads, chunks, offset, left_b, right_b)
         args = [q, k, v, out_k, lse_k, *runs, *map(np.int32, ints), np.float32(scale * LOG2E)]
-        _launch(kernel, q.dtype.name, d, masked, grid, fwd_shared_bytes(d), args)
+        _launch(kernel, element, d, masked, grid, fwd_shared_bytes(d), args)
     return finish(out_t, out_k), finish(lse_t, lse_k)
 
 
@@ -244,15 +262,16 @@ def backward(
     left: int | None,
     right: int | None,
     grads: tuple[Any, Any, Any] | None = None,
+    element: str | None = None,
 ) -> tuple[Any, Any, Any]:
     """Attention backward on canonical 4-D arrays (tensor cores): dense if ``layout`` is None, else over its
     stored blocks.  Arguments and results: :func:`npsparseattn.cuda.cupy_raw.exact.backward`."""
-    check_arrays(q.dtype, lse, q=q, k=k, v=v, dout=dout, out=out)
+    element = check_arrays(q.dtype, lse, q=q, k=k, v=v, dout=dout, out=out, element=element)
     with device_of(q):
-        return _backward(dout, q, k, v, out, lse, layout, scale, offset, left, right, grads)
+        return _backward(dout, q, k, v, out, lse, layout, scale, offset, left, right, grads, element)
 
 
-def _backward(dout, q, k, v, out, lse, layout, scale, offset, left, right, grads) -> tuple[Any, Any, Any]:
+def _backward(dout, q, k, v, out, lse, layout, scale, offset, left, right, grads, element) -> tuple[Any, Any, Any]:
     xp = _xp(q)
     dout, q, k, v, out, lse = (kernel_input(x) for x in (dout, q, k, v, out, lse))
     n_batch, hq, lq, d = q.shape
@@ -264,7 +283,7 @@ def _backward(dout, q, k, v, out, lse, layout, scale, offset, left, right, grads
         for g in (dq, dk, dv):
             g[...] = 0
     else:
-        dtype = q.dtype.name
+        dtype = element
         lse2, delta, dq_acc = backward_prepare(dout, out, lse, dtype, d)
         masked, left_b, right_b = window_args(left, right, lq, lk)
         if layout is None:

@@ -44,6 +44,7 @@ def forward(
     right: int | None,
     out: Any = None,
     lse: Any = None,
+    element: str | None = None,
 ) -> tuple[Any, Any]:
     """Tiled attention forward on canonical 4-D arrays (tensor cores).
 
@@ -56,12 +57,17 @@ def forward(
         (``None``: unbounded); scores are ``scale * q . k``.
     out, lse : arrays, optional
         Buffers (B, Hq, Lq, D) in the input dtype and (B, Hq, Lq) float32.
+    element : "bfloat16" or "float16", optional
+        For uint16 arrays: the element type whose bits they hold (bfloat16 kernels
+        run on uint16 buffers where CuPy has no bfloat16 dtype); results are
+        uint16 bits too.
 
     Returns
     -------
     out : (B, Hq, Lq, D) input dtype, lse : (B, Hq, Lq) float32; a row with no visible key gets 0 and ``-inf``.
     """
-    return driver.forward(q, k, v, None, scale=scale, offset=offset, left=left, right=right, out=out, lse=lse)
+    mask = dict(scale=scale, offset=offset, left=left, right=right)
+    return driver.forward(q, k, v, None, **mask, out=out, lse=lse, element=element)
 
 
 def backward(
@@ -77,6 +83,7 @@ def backward(
     left: int | None,
     right: int | None,
     grads: tuple[Any, Any, Any] | None = None,
+    element: str | None = None,
 ) -> tuple[Any, Any, Any]:
     """Tiled attention backward on canonical 4-D arrays (tensor cores).
 
@@ -84,6 +91,7 @@ def backward(
     :func:`forward` with the same options; ``grads`` optionally gives the
     ``(dq, dk, dv)`` buffers.  Returns ``(dq, dk, dv)`` shaped like ``q``,
     ``k``, ``v`` in the input dtype; ``dk``/``dv`` are summed over each GQA group.
+    ``element``: as for :func:`forward`.
     """
     mask = dict(scale=scale, offset=offset, left=left, right=right)
-    return driver.backward(dout, q, k, v, out, lse, None, **mask, grads=grads)
+    return driver.backward(dout, q, k, v, out, lse, None, **mask, grads=grads, element=element)
