@@ -56,6 +56,7 @@ def test_hot_kernels_do_not_spill(arch):
 @pytest.mark.parametrize("d", sources.HEAD_DIMS)
 def test_shared_memory_fits_the_architecture(arch, d):
     assert driver.fwd_shared_bytes(d) <= limits.ARCHS[arch].max_shared
+    assert driver.fwd_shared_bytes(d, sparse=True) <= limits.ARCHS[arch].max_shared
     assert driver.bwd_shared_bytes(d) <= limits.ARCHS[arch].max_shared
 
 

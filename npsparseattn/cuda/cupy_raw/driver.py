@@ -55,15 +55,17 @@ ALIGNMENT = 16  # bytes: cp.async and the vector loads/stores
 
 
 def fwd_rows(d: int, *, sparse: bool = False) -> int:
-    """Query rows per forward CTA: npsa::DenseFwdShape<D>::BQ (two m-tiles of 16 rows per warp for
-    D <= 64, one above) or npsa::SparseFwdShape<D>::BQ (one)."""
-    return 64 if sparse or d > 64 else 128
+    """Query rows per forward CTA: npsa::DenseFwdShape<D>::BQ (two m-tiles of 16 rows per warp) or
+    npsa::SparseFwdShape<D>::BQ (one)."""
+    return 64 if sparse else 128
 
 
-def fwd_shared_bytes(d: int) -> int:
-    """npsa::FwdShape<D, MT>::SMEM: double-buffered K and V tiles of 64 rows of D + 8 elements (Q passes
-    through the K buffers)."""
-    return 4 * 64 * (d + 8) * 2
+def fwd_shared_bytes(d: int, *, sparse: bool = False) -> int:
+    """npsa::FwdShape<D, MT, QREG>::SMEM: double-buffered K and V tiles of 64 rows of D + 8 elements, then,
+    for the dense forward above D = 64, the resident Q tile of 128 rows (otherwise Q passes through the K
+    buffers on its way to registers)."""
+    resident_q = 0 if sparse or d <= 64 else 128 * (d + 8) * 2
+    return 4 * 64 * (d + 8) * 2 + resident_q
 
 
 def bwd_query_tile(d: int) -> int:
@@ -224,7 +226,7 @@ def _forward(q, k, v, layout, scale, offset, left, right, out, lse, element) -> 
             kernel, grid, runs = "npsa_bsa_fwd", (nqb * chunks, hq, n_batch), device_runs(layout, q)
             ints = (lq, lk, hq, hk, bq, bk, nqb, layout.heads, chunks, offset, left_b, right_b)
         args = [q, k, v, out_k, lse_k, *runs, *map(np.int32, ints), np.float32(scale * LOG2E)]
-        _launch(kernel, element, d, masked, grid, fwd_shared_bytes(d), args)
+        _launch(kernel, element, d, masked, grid, fwd_shared_bytes(d, sparse=layout is not None), args)
     return finish(out_t, out_k), finish(lse_t, lse_k)
 
 

@@ -15,7 +15,7 @@ __global__ void __launch_bounds__(NTHREADS, 1)
                   u16* __restrict__ out, float* __restrict__ lse, int lq, int lk, int hq, int hk, int off, int left,
                   int right, float c) {
   using S = DenseFwdShape<D>;
-  constexpr int BQ = S::BQ, BK = S::BK, MT = BQ / (16 * NWARPS);
+  constexpr int BQ = S::BQ, BK = S::BK;
   // masked (causal): the last query tiles see the most keys; start them first for a shorter tail
   const int tile = MASKED ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
   const int h = blockIdx.y, b = blockIdx.z, i0 = tile * BQ;
@@ -27,8 +27,8 @@ __global__ void __launch_bounds__(NTHREADS, 1)
     lo = max(0, i0 + off - left);
     hi = min(lk, i0 + rows - 1 + off + right + 1);
   }
-  forward_rows<T, D, MT, MASKED>(q + qrow * D, k + kbase, v + kbase, out + qrow * D, lse + qrow, i0, rows, lk,
-                                 Mask{off, left, right}, c, SpanWalk(lo, hi, BK));
+  forward_rows<T, S, MASKED>(q + qrow * D, k + kbase, v + kbase, out + qrow * D, lse + qrow, i0, rows, lk,
+                             Mask{off, left, right}, c, SpanWalk(lo, hi, BK));
 }
 
 // grid (ceil(Lk / BK), Hk, B), NTHREADS threads, BwdShape<D>::SMEM bytes.  Run npsa_bwd_prep first.

@@ -34,8 +34,8 @@ __global__ void __launch_bounds__(NTHREADS, 1)
   }
   RunWalk walk{ptr, run_start, run_stop, bk, lo, hi, BK, nqb, lheads, block};
   walk.reset(h);
-  forward_rows<T, D, 1, MASKED>(q + qrow * D, k + kbase, v + kbase, out + qrow * D, lse + qrow, i0, rows, lk,
-                                Mask{off, left, right}, c, walk);
+  forward_rows<T, SparseFwdShape<D>, MASKED>(q + qrow * D, k + kbase, v + kbase, out + qrow * D, lse + qrow, i0,
+                                             rows, lk, Mask{off, left, right}, c, walk);
 }
 
 // grid (nkb * kchunks, Hk, B) with kchunks = ceil(bk / BK); NTHREADS threads, BwdShape<D>::SMEM bytes.

@@ -94,34 +94,48 @@ struct HeadWalk {
 
 // MT m-tiles of 16 query rows per warp: each K/V fragment read from shared memory then feeds MT
 // products, so MT = 2 halves the shared-memory traffic per FLOP (at the price of registers).
-template <int D, int MT>
+// QREG: the warp's Q fragments stay in registers for the whole walk (D/4 * MT registers); otherwise
+// the Q tile stays in shared memory and each k-step reloads its MT fragments with ldmatrix (FA2's
+// choice at D = 128), which leaves the registers to the accumulators of two m-tiles.
+template <int D, int MT, bool QREG>
 struct FwdShape {
-  static constexpr int BQ = 16 * MT * NWARPS, BK = 64;
+  static constexpr int HEAD_DIM = D, M_TILES = MT, BQ = 16 * MT * NWARPS, BK = 64;
+  // The online softmax takes the keys of a tile in chunks of KC, the same at every shape so that the
+  // dense and block-sparse kernels round alike.  PIPE (Q in registers): the tile's K and V are awaited
+  // together and its chunks follow each other with no barrier between, so the scheduler can issue
+  // the next chunk's S = Q K^T while this chunk's softmax runs.  Otherwise (Q reloaded from shared
+  // memory, two m-tiles of accumulators in the registers) one chunk's scores are live at a time.
+  static constexpr int KC = 32;
+  static constexpr bool PIPE = QREG;
+  static constexpr bool Q_IN_REGISTERS = QREG;
   static constexpr int KV_BYTES = Tile<D>::template bytes<BK>();
-  // K and V double-buffered; the Q tile (read into registers before the first K/V load) and the
-  // output tile of the epilogue use the K buffers
-  static constexpr int SMEM = 4 * KV_BYTES;
-  static_assert(BQ <= 2 * BK, "the Q tile lives in the K buffers");
+  static constexpr int Q_BYTES = QREG ? 0 : Tile<D>::template bytes<BQ>();  // the resident Q tile
+  // K and V double-buffered, then the resident Q tile; the output tile of the epilogue (and, with
+  // QREG, the Q tile before the first K/V load) use the K buffers
+  static constexpr int SMEM = 4 * KV_BYTES + Q_BYTES;
+  static_assert(BQ <= 2 * BK, "the Q and output tiles pass through the K buffers");
 };
 
-// The dense forward takes two m-tiles per warp where the registers allow it (D <= 64); the
-// block-sparse forward takes one, so that 64-row layout blocks fill a CTA.
+// The dense forward takes two m-tiles per warp (128 query rows per CTA) at every D, with Q in
+// registers where they allow it (D <= 64) and in shared memory above; the block-sparse forward takes
+// one, so that 64-row layout blocks fill a CTA.
 template <int D>
-using DenseFwdShape = FwdShape<D, D <= 64 ? 2 : 1>;
+using DenseFwdShape = FwdShape<D, 2, (D <= 64)>;
 template <int D>
-using SparseFwdShape = FwdShape<D, 1>;
+using SparseFwdShape = FwdShape<D, 1, true>;
 
 // Softmax attention of `rows` query rows (q, out, lse point at the first) over the key tiles of
-// `walk` (k, v point at key 0 of the key head); `lk` keys exist.  Warp w owns rows
+// `walk` (k, v point at key 0 of the key head); `lk` keys exist.  S is a FwdShape; warp w owns rows
 // 16 MT w .. 16 MT (w + 1) - 1 of the CTA.
-template <class T, int D, int MT, bool MASKED, class W>
+template <class T, class S, bool MASKED, class W>
 __device__ __forceinline__ void forward_rows(const u16* q, const u16* k, const u16* v, u16* out, float* lse,
                                              int i0, int rows, int lk, Mask mask, float c, W walk) {
-  using S = FwdShape<D, MT>;
-  constexpr int BQ = S::BQ, BK = S::BK;
+  constexpr int D = S::HEAD_DIM, MT = S::M_TILES, BQ = S::BQ, BK = S::BK, KC = S::KC;
+  constexpr bool PIPE = S::PIPE;
+  constexpr bool QREG = S::Q_IN_REGISTERS;
   NPSA_DECLARE_SMEM(smem);
   const int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP, g = lane / 4, t = lane % 4;
-  const u32 sq = smem_u32(smem), sk = sq, sv = sk + 2 * S::KV_BYTES;
+  const u32 sk = smem_u32(smem), sv = sk + 2 * S::KV_BYTES, sq = QREG ? sk : sv + 2 * S::KV_BYTES;
   const int i_last = i0 + rows - 1, row0 = warp * 16 * MT;
 
   auto load_kv = [&](const Cursor& cur, int buf) {
@@ -132,17 +146,20 @@ __device__ __forceinline__ void forward_rows(const u16* q, const u16* k, const u
     cp_async_commit();
   };
 
-  // Q -> registers (this warp's rows as A fragments), then its shared memory goes to K and V
+  // Q -> shared memory; with QREG -> registers (this warp's rows as A fragments), then its shared
+  // memory goes to K and V
   load_tile<BQ, D, NTHREADS>(sq, q, D, rows, tid);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
-  u32 qf[MT][D / 16][4];
+  u32 qf[MT][QREG ? D / 16 : 1][4];
+  if constexpr (QREG) {
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) a_rows<D>(qf[mt][kk], sq, row0 + mt * 16, kk * 16, lane);
-  __syncthreads();
+      for (int kk = 0; kk < D / 16; ++kk) a_rows<D>(qf[mt][kk], sq, row0 + mt * 16, kk * 16, lane);
+    __syncthreads();
+  }
 
   Cursor cur, nxt;
   bool have = walk.next(cur);
@@ -169,92 +186,119 @@ __device__ __forceinline__ void forward_rows(const u16* q, const u16* k, const u
     cp_async_wait<3>();  // this tile's K has landed (its V and the next tile may be in flight)
     __syncthreads();
 
-    // S = Q K^T for this warp's rows
-    const u32 kt = sk + buf * S::KV_BYTES;
-    float s[MT][BK / 8][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nb = 0; nb < BK / 8; ++nb) s[mt][nb][0] = s[mt][nb][1] = s[mt][nb][2] = s[mt][nb][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-      for (int n2 = 0; n2 < BK / 16; ++n2) {
-        u32 b[2][2];
-        b_rows<D>(b, kt, n2 * 16, kk * 16, lane);
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          mma_16816<T>(s[mt][2 * n2], qf[mt][kk], b[0]);
-          mma_16816<T>(s[mt][2 * n2 + 1], qf[mt][kk], b[1]);
-        }
-      }
-    }
-
-    // scale to base 2, mask what is not visible
+    // The tile's keys in chunks of KC (S::KC): S = Q K^T of the chunk for this warp's rows, the online
+    // softmax, P V.  A chunk narrower than the tile keeps fewer scores live (registers at D = 128).
+    const u32 kt = sk + buf * S::KV_BYTES, vt = sv + buf * S::KV_BYTES;
     const bool interior = cur.start >= cur.lo && cur.start + BK <= cur.hi &&
                           (!MASKED || (cur.start >= i_last + mask.off - mask.left &&
                                        cur.start + BK - 1 <= i0 + mask.off + mask.right));
+    auto chunk = [&](const int kc) {
+      float s[MT][KC / 8][4];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int nb = 0; nb < BK / 8; ++nb)
+        for (int nb = 0; nb < KC / 8; ++nb) s[mt][nb][0] = s[mt][nb][1] = s[mt][nb][2] = s[mt][nb][3] = 0.f;
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float x = s[mt][nb][e] * c;
-          if (!interior) {
-            const int row = i0 + row0 + mt * 16 + g + 8 * (e / 2), col = cur.start + nb * 8 + 2 * t + (e % 2);
-            bool vis = col >= cur.lo && col < cur.hi;
-            if (MASKED) vis = vis && col >= row + mask.off - mask.left && col <= row + mask.off + mask.right;
-            if (!vis) x = -inf();
-          }
-          s[mt][nb][e] = x;
-        }
-
-    // online softmax: rows g (r = 0) and g + 8 (r = 1) of each m-tile; a row is spread over the 4
-    // lanes of a quad
-    u32 pf[MT][BK / 16][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = -inf();
-#pragma unroll
-        for (int nb = 0; nb < BK / 8; ++nb) mx = fmaxf(mx, fmaxf(s[mt][nb][2 * r], s[mt][nb][2 * r + 1]));
-        mx = fmaxf(mx, shfl_xor(mx, 1));
-        mx = fmaxf(mx, shfl_xor(mx, 2));
-        const float m_new = fmaxf(m[mt][r], mx);
-        const float base = m_new == -inf() ? 0.f : m_new;  // a row that has seen no key yet stays empty
-        const float alpha = exp2_approx(m[mt][r] - base);
-        m[mt][r] = m_new;
-        float sum = 0.f;
-#pragma unroll
-        for (int nb = 0; nb < BK / 8; ++nb) {
-          s[mt][nb][2 * r] = exp2_approx(s[mt][nb][2 * r] - base);
-          s[mt][nb][2 * r + 1] = exp2_approx(s[mt][nb][2 * r + 1] - base);
-          sum += s[mt][nb][2 * r] + s[mt][nb][2 * r + 1];
-        }
-        l[mt][r] = l[mt][r] * alpha + sum;  // partial: this lane's columns; the quad is summed at the end
-#pragma unroll
-        for (int nd = 0; nd < D / 8; ++nd) o[mt][nd][2 * r] *= alpha, o[mt][nd][2 * r + 1] *= alpha;
-      }
-      c_to_a<T, BK>(pf[mt], s[mt]);
-    }
-
-    cp_async_wait<2>();  // this tile's V
-    __syncthreads();
-    const u32 vt = sv + buf * S::KV_BYTES;
-#pragma unroll
-    for (int kk = 0; kk < BK / 16; ++kk) {
-#pragma unroll
-      for (int n2 = 0; n2 < D / 16; ++n2) {
-        u32 b[2][2];
-        b_cols<D>(b, vt, kk * 16, n2 * 16, lane);
+      for (int kk = 0; kk < D / 16; ++kk) {
+        u32 qa[MT][4];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          mma_16816<T>(o[mt][2 * n2], pf[mt][kk], b[0]);
-          mma_16816<T>(o[mt][2 * n2 + 1], pf[mt][kk], b[1]);
+          if constexpr (QREG) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) qa[mt][i] = qf[mt][kk][i];
+          } else {
+            a_rows<D>(qa[mt], sq, row0 + mt * 16, kk * 16, lane);
+          }
+        }
+#pragma unroll
+        for (int n2 = 0; n2 < KC / 16; ++n2) {
+          u32 b[2][2];
+          b_rows<D>(b, kt, kc + n2 * 16, kk * 16, lane);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            mma_16816<T>(s[mt][2 * n2], qa[mt], b[0]);
+            mma_16816<T>(s[mt][2 * n2 + 1], qa[mt], b[1]);
+          }
         }
       }
+
+      // scale to base 2, mask what is not visible: a key column in [lo, hi) and, with MASKED, a
+      // diagonal col - row in [off - left, off + right] (one live value per lane: its first diagonal)
+      const int col0 = cur.start + kc + 2 * t, diag0 = col0 - (i0 + row0 + g);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nb = 0; nb < KC / 8; ++nb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float x = s[mt][nb][e] * c;
+            if (!interior) {
+              const int col = col0 + nb * 8 + (e % 2), diag = diag0 + nb * 8 + (e % 2) - mt * 16 - 8 * (e / 2);
+              bool vis = col >= cur.lo && col < cur.hi;
+              if (MASKED) vis = vis && diag >= mask.off - mask.left && diag <= mask.off + mask.right;
+              if (!vis) x = -inf();
+            }
+            s[mt][nb][e] = x;
+          }
+
+      // online softmax: rows g (r = 0) and g + 8 (r = 1) of each m-tile; a row is spread over the 4
+      // lanes of a quad
+      u32 pf[MT][KC / 16][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float mx = -inf();
+#pragma unroll
+          for (int nb = 0; nb < KC / 8; ++nb) mx = fmaxf(mx, fmaxf(s[mt][nb][2 * r], s[mt][nb][2 * r + 1]));
+          mx = fmaxf(mx, shfl_xor(mx, 1));
+          mx = fmaxf(mx, shfl_xor(mx, 2));
+          const float m_new = fmaxf(m[mt][r], mx);
+          const float base = m_new == -inf() ? 0.f : m_new;  // a row that has seen no key yet stays empty
+          const float alpha = exp2_approx(m[mt][r] - base);
+          m[mt][r] = m_new;
+          float sum = 0.f;
+#pragma unroll
+          for (int nb = 0; nb < KC / 8; ++nb) {
+            s[mt][nb][2 * r] = exp2_approx(s[mt][nb][2 * r] - base);
+            s[mt][nb][2 * r + 1] = exp2_approx(s[mt][nb][2 * r + 1] - base);
+            sum += s[mt][nb][2 * r] + s[mt][nb][2 * r + 1];
+          }
+          l[mt][r] = l[mt][r] * alpha + sum;  // partial: this lane's columns; the quad is summed at the end
+#pragma unroll
+          for (int nd = 0; nd < D / 8; ++nd) o[mt][nd][2 * r] *= alpha, o[mt][nd][2 * r + 1] *= alpha;
+        }
+        c_to_a<T, KC>(pf[mt], s[mt]);
+      }
+
+      if (!PIPE && kc == 0) {
+        cp_async_wait<2>();  // this tile's V
+        __syncthreads();
+      }
+#pragma unroll
+      for (int kk = 0; kk < KC / 16; ++kk) {
+#pragma unroll
+        for (int n2 = 0; n2 < D / 16; ++n2) {
+          u32 b[2][2];
+          b_cols<D>(b, vt, kc + kk * 16, n2 * 16, lane);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            mma_16816<T>(o[mt][2 * n2], pf[mt][kk], b[0]);
+            mma_16816<T>(o[mt][2 * n2 + 1], pf[mt][kk], b[1]);
+          }
+        }
+      }
+    };
+    if constexpr (PIPE) {
+      // the tile's V too before its first chunk: no barrier between the chunks, so the scheduler may
+      // issue the next chunk's S = Q K^T while this chunk's softmax runs
+      cp_async_wait<2>();
+      __syncthreads();
+#pragma unroll
+      for (int kc = 0; kc < BK; kc += KC) chunk(kc);
+    } else {
+#pragma unroll 1  // one chunk's scores live at a time (unrolled, the scheduler would overlap the next chunk's)
+      for (int kc = 0; kc < BK; kc += KC) chunk(kc);
     }
     __syncthreads();  // this buffer is free for the tile after next
     cur = nxt;
@@ -262,8 +306,8 @@ __device__ __forceinline__ void forward_rows(const u16* q, const u16* k, const u
   }
 
   // epilogue: normalise, stage the output tile in shared memory (the K buffers), store 16-byte rows.
-  // No barrier first: the loop's last barrier (or, with no tile, the one after the Q fragments) came
-  // after every read of the buffers, and only empty cp.async groups are still open.
+  // No barrier first: the loop's last barrier (or, with no tile, the one after the Q load or the Q
+  // fragments) came after every read of the buffers, and only empty cp.async groups are still open.
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
