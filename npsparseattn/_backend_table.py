@@ -135,12 +135,14 @@ OPERATIONS: tuple[Operation, ...] = (
 _ATTENTION_KERNELS = (
     CudaKernel("npsa_attn_fwd", "TDM", hot=True),
     CudaKernel("npsa_attn_bwd", "TDM", hot=True),
+    CudaKernel("npsa_attn_dq", "TDM", hot=True),
     CudaKernel("npsa_bwd_prep", "TD"),
     CudaKernel("npsa_dq_store", "T"),
 )
 _BLOCK_SPARSE_KERNELS = (
     CudaKernel("npsa_bsa_fwd", "TDM", hot=True),
     CudaKernel("npsa_bsa_bwd", "TDM", hot=True),
+    CudaKernel("npsa_bsa_dq", "TDM", hot=True),
 )
 
 ENTRIES: tuple[Entry, ...] = (

@@ -58,6 +58,7 @@ def test_shared_memory_fits_the_architecture(arch, d):
     assert driver.fwd_shared_bytes(d) <= limits.ARCHS[arch].max_shared
     assert driver.fwd_shared_bytes(d, sparse=True) <= limits.ARCHS[arch].max_shared
     assert driver.bwd_shared_bytes(d) <= limits.ARCHS[arch].max_shared
+    assert driver.dq_shared_bytes(d) <= limits.ARCHS[arch].max_shared
 
 
 def test_compile_errors_name_the_real_file_and_line(monkeypatch):

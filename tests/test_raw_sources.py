@@ -69,12 +69,14 @@ def test_version_follows_every_kernel_file(monkeypatch):
 def test_instances_cover_dtype_head_dim_and_mask():
     names = sources.instances("attention.cu")
     assert "npsa_attn_fwd<npsa::bf16, 128, true>" in names and "npsa_dq_store<npsa::f16>" in names
-    assert len(names) == 2 * len(sources.HEAD_DIMS) * (2 + 2 + 1) + 2
+    assert len(names) == 2 * len(sources.HEAD_DIMS) * (2 + 2 + 2 + 1) + 2
     assert sources.module_group("npsa_attn_bwd<npsa::f16, 64, false>") == (
         "npsa_attn_fwd<npsa::f16, 64, false>",
         "npsa_attn_fwd<npsa::f16, 64, true>",
         "npsa_attn_bwd<npsa::f16, 64, false>",
         "npsa_attn_bwd<npsa::f16, 64, true>",
+        "npsa_attn_dq<npsa::f16, 64, false>",
+        "npsa_attn_dq<npsa::f16, 64, true>",
         "npsa_bwd_prep<npsa::f16, 64>",
         "npsa_dq_store<npsa::f16>",
     )
@@ -87,11 +89,13 @@ def test_instances_cover_dtype_head_dim_and_mask():
 @pytest.mark.parametrize("d", sources.HEAD_DIMS)
 def test_python_launch_geometry_matches_the_kernels(request, monkeypatch, mode, d):
     runner = KernelRunner(mode, monkeypatch)
-    out = np.zeros(10, np.int32)
+    out = np.zeros(12, np.int32)
     runner.launch(f"npsa_test_shapes<{d}>", (1,), (32,), 0, [out])
-    dense_bq, dense_bk, dense_smem, sparse_bq, sparse_bk, sparse_smem, bwd_bk, bwd_bq, bwd_smem, threads = out.tolist()
+    dense_bq, dense_bk, dense_smem, sparse_bq, sparse_bk, sparse_smem = out[:6].tolist()
+    bwd_bk, bwd_bq, bwd_smem, threads, dq_bq, dq_smem = out[6:].tolist()
     assert (dense_bq, sparse_bq) == (driver.fwd_rows(d), driver.fwd_rows(d, sparse=True))
     assert dense_bk == sparse_bk == 64 and threads == driver.NTHREADS
     assert (dense_smem, sparse_smem) == (driver.fwd_shared_bytes(d), driver.fwd_shared_bytes(d, sparse=True))
     assert (bwd_bk, bwd_bq) == (driver.BWD_KEYS, driver.bwd_query_tile(d))
     assert bwd_smem == driver.bwd_shared_bytes(d)
+    assert (dq_bq, dq_smem) == (driver.DQ_ROWS, driver.dq_shared_bytes(d))

@@ -89,6 +89,7 @@ def backward(
     right: int | None,
     grads: tuple[Any, Any, Any] | None = None,
     element: str | None = None,
+    deterministic: bool = False,
 ) -> tuple[Any, Any, Any]:
     """Block-sparse attention backward on canonical 4-D arrays (tensor cores).
 
@@ -96,7 +97,11 @@ def backward(
     :func:`forward` with the same layout and options; ``grads`` optionally
     gives the ``(dq, dk, dv)`` buffers.  Returns ``(dq, dk, dv)`` shaped like
     ``q``, ``k``, ``v``; ``dk``/``dv`` are summed over each GQA group.
-    ``element``: as for :func:`forward`.
+    ``element``: as for :func:`forward`.  ``deterministic=True``: dQ without atomics, in a separate pass
+    whose blocks own query rows (the same bits on every run, about a third more work); by default dQ is
+    summed with float32 atomics in an order that may vary between runs.  dK and dV are deterministic either
+    way.
     """
     mask = dict(scale=scale, offset=offset, left=left, right=right)
-    return driver.backward(dout, q, k, v, out, lse, layout, **mask, grads=grads, element=element)
+    options = dict(grads=grads, element=element, deterministic=deterministic)
+    return driver.backward(dout, q, k, v, out, lse, layout, **mask, **options)

@@ -34,6 +34,13 @@ The backward's steps:
   tiles of its GQA group, accumulates dK and dV in registers and adds
   ``dQ = dS K`` to the accumulator with float32 atomics;
 * ``npsa_dq_store``: ``dq = dtype(dq_acc * scale)``.
+
+With ``deterministic=True`` no atomics: ``npsa_bwd_prep`` without the
+accumulator, the key-side kernel for dK and dV only, then a dQ pass
+(``npsa_attn_dq``/``npsa_bsa_dq``) whose CTAs own query rows and walk the key
+tiles they see in a fixed order, accumulating dQ in registers: the same bits
+on every run, for about a third more work (S and dP are computed in both
+passes).  dK and dV are the same bits either way.
 """
 
 from __future__ import annotations
@@ -77,6 +84,14 @@ def bwd_shared_bytes(d: int) -> int:
     """npsa::BwdShape<D>::SMEM: K, V (64 rows), Q and dO double-buffered, lse2/delta, dS^T (64 x BQ + 8)."""
     bq = bwd_query_tile(d)
     return 2 * 64 * (d + 8) * 2 + 4 * bq * (d + 8) * 2 + 2 * 2 * bq * 4 + 64 * (bq + 8) * 2
+
+
+DQ_ROWS = 64  # npsa::DqShape<D>::BQ: query rows per CTA of the deterministic dQ pass
+
+
+def dq_shared_bytes(d: int) -> int:
+    """npsa::DqShape<D>::SMEM: double-buffered K and V tiles of 64 rows, the Q and dO tiles of 64 rows."""
+    return 4 * 64 * (d + 8) * 2 + 2 * 64 * (d + 8) * 2
 
 
 def blocks(n: int, size: int) -> int:
@@ -230,14 +245,14 @@ def _forward(q, k, v, layout, scale, offset, left, right, out, lse, element) -> 
     return finish(out_t, out_k), finish(lse_t, lse_k)
 
 
-def backward_prepare(dout: Any, out: Any, lse: Any, dtype: str, d: int) -> tuple[Any, Any, Any]:
+def backward_prepare(dout: Any, out: Any, lse: Any, dtype: str, d: int, accumulate: bool = True) -> tuple:
     """``(lse2, delta, dq_acc)`` of a backward: ``lse * log2 e`` (+inf for empty rows), ``rowsum(dout * out)``
-    and a zeroed float32 dQ accumulator shaped like ``out``."""
+    and a zeroed float32 dQ accumulator shaped like ``out`` (``None`` unless ``accumulate``)."""
     xp = _xp(dout)
     rows = math.prod(out.shape[:3])
     lse2 = empty(xp, out.shape[:3], np.float32)
     delta = empty(xp, out.shape[:3], np.float32)
-    dq_acc = empty(xp, out.shape, np.float32)
+    dq_acc = empty(xp, out.shape, np.float32) if accumulate else None
     args = [out, dout, lse, lse2, delta, dq_acc, np.int32(rows)]
     _launch("npsa_bwd_prep", dtype, d, None, (blocks(rows, NTHREADS // 4),), 0, args)
     return lse2, delta, dq_acc
@@ -265,15 +280,16 @@ def backward(
     right: int | None,
     grads: tuple[Any, Any, Any] | None = None,
     element: str | None = None,
+    deterministic: bool = False,
 ) -> tuple[Any, Any, Any]:
     """Attention backward on canonical 4-D arrays (tensor cores): dense if ``layout`` is None, else over its
     stored blocks.  Arguments and results: :func:`npsparseattn.cuda.cupy_raw.exact.backward`."""
     element = check_arrays(q.dtype, lse, q=q, k=k, v=v, dout=dout, out=out, element=element)
     with device_of(q):
-        return _backward(dout, q, k, v, out, lse, layout, scale, offset, left, right, grads, element)
+        return _backward(dout, q, k, v, out, lse, layout, scale, offset, left, right, grads, element, deterministic)
 
 
-def _backward(dout, q, k, v, out, lse, layout, scale, offset, left, right, grads, element) -> tuple[Any, Any, Any]:
+def _backward(dout, q, k, v, out, lse, layout, scale, offset, left, right, grads, element, deterministic) -> tuple:
     xp = _xp(q)
     dout, q, k, v, out, lse = (kernel_input(x) for x in (dout, q, k, v, out, lse))
     n_batch, hq, lq, d = q.shape
@@ -286,7 +302,7 @@ def _backward(dout, q, k, v, out, lse, layout, scale, offset, left, right, grads
             g[...] = 0
     else:
         dtype = element
-        lse2, delta, dq_acc = backward_prepare(dout, out, lse, dtype, d)
+        lse2, delta, dq_acc = backward_prepare(dout, out, lse, dtype, d, accumulate=not deterministic)
         masked, left_b, right_b = window_args(left, right, lq, lk)
         if layout is None:
             kernel, grid, runs = "npsa_attn_bwd", (blocks(lk, BWD_KEYS), hk, n_batch), ()
@@ -299,5 +315,24 @@ def _backward(dout, q, k, v, out, lse, layout, scale, offset, left, right, grads
         args = [q, k, v, dout, lse2, delta, dq_acc, dk, dv, *runs, *map(np.int32, ints),
                 np.float32(scale * LOG2E), np.float32(scale)]  # fmt: skip
         _launch(kernel, dtype, d, masked, grid, bwd_shared_bytes(d), args)
-        store_dq(dq_acc, dq, dtype, scale)
+        if deterministic:
+            _dq_pass(dout, q, k, v, lse2, delta, dq, layout, scale, offset, left_b, right_b, masked, dtype)
+        else:
+            store_dq(dq_acc, dq, dtype, scale)
     return tuple(finish(t, c) for t, c in bufs)
+
+
+def _dq_pass(dout, q, k, v, lse2, delta, dq, layout, scale, offset, left_b, right_b, masked, dtype) -> None:
+    """``dq`` without atomics: one CTA per 64 query rows (of a layout block's chunk) walks its key tiles."""
+    n_batch, hq, lq, d = q.shape
+    hk, lk = k.shape[1], k.shape[2]
+    if layout is None:
+        kernel, grid, runs = "npsa_attn_dq", (blocks(lq, DQ_ROWS), hq, n_batch), ()
+        ints = (lq, lk, hq, hk, offset, left_b, right_b)
+    else:
+        bq, bk = layout.block
+        nqb, chunks = layout.n_query_blocks, blocks(bq, DQ_ROWS)
+        kernel, grid, runs = "npsa_bsa_dq", (nqb * chunks, hq, n_batch), device_runs(layout, q)
+        ints = (lq, lk, hq, hk, bq, bk, nqb, layout.heads, chunks, offset, left_b, right_b)
+    args = [q, k, v, dout, lse2, delta, dq, *runs, *map(np.int32, ints), np.float32(scale * LOG2E), np.float32(scale)]
+    _launch(kernel, dtype, d, masked, grid, dq_shared_bytes(d), args)

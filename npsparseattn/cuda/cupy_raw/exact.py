@@ -1,16 +1,17 @@
 """Tiled exact attention on tensor cores (CUDA C++, ``kernels/attention.cu``): backend ``"cupy"`` of ``attention``.
 
-Forward: one CTA of 4 warps per (128 query rows for D <= 64, else 64; query
-head; batch), each warp 32 or 16 rows; Q stays in registers as mma fragments,
-K and V tiles of 64 keys are double-buffered in shared memory with
-``cp.async``; ``S = Q K^T`` and ``O += P V`` run as ``mma.sync.m16n8k16``
-with float32 accumulators, the online softmax in registers (base 2).  Key
-tiles outside the causal/window band are never visited; tiles fully inside
-it skip the element mask.
+Forward: one CTA of 4 warps per (128 query rows, query head, batch), each
+warp 32 rows (two m-tiles); Q stays in registers as mma fragments for
+D <= 64 and in shared memory above (its fragments reloaded per k-step), K and
+V tiles of 64 keys are double-buffered in shared memory with ``cp.async``;
+``S = Q K^T`` and ``O += P V`` run as ``mma.sync.m16n8k16`` with float32
+accumulators, the online softmax in registers (base 2).  Key tiles outside
+the causal/window band are never visited; tiles fully inside it skip the
+element mask.
 
 Backward (FlashAttention-2): the steps of :mod:`~npsparseattn.cuda.cupy_raw.driver`;
 dQ is summed with atomics, in an order that may vary between runs (not
-bitwise deterministic).
+bitwise deterministic), unless ``deterministic=True`` (a separate dQ pass).
 
 What it takes and refuses, and its tolerances: :mod:`npsparseattn.cuda.cupy_raw`
 (float16 and bfloat16 with ``D == Dv`` in 32, 64, 96, 128).
@@ -84,6 +85,7 @@ def backward(
     right: int | None,
     grads: tuple[Any, Any, Any] | None = None,
     element: str | None = None,
+    deterministic: bool = False,
 ) -> tuple[Any, Any, Any]:
     """Tiled attention backward on canonical 4-D arrays (tensor cores).
 
@@ -91,7 +93,11 @@ def backward(
     :func:`forward` with the same options; ``grads`` optionally gives the
     ``(dq, dk, dv)`` buffers.  Returns ``(dq, dk, dv)`` shaped like ``q``,
     ``k``, ``v`` in the input dtype; ``dk``/``dv`` are summed over each GQA group.
-    ``element``: as for :func:`forward`.
+    ``element``: as for :func:`forward`.  ``deterministic=True``: dQ without atomics, in a separate pass
+    whose blocks own query rows (the same bits on every run, about a third more work); by default dQ is
+    summed with float32 atomics in an order that may vary between runs.  dK and dV are deterministic either
+    way.
     """
     mask = dict(scale=scale, offset=offset, left=left, right=right)
-    return driver.backward(dout, q, k, v, out, lse, None, **mask, grads=grads, element=element)
+    options = dict(grads=grads, element=element, deterministic=deterministic)
+    return driver.backward(dout, q, k, v, out, lse, None, **mask, **options)

@@ -28,10 +28,11 @@ from npsparseattn.cuda.cupy_raw.emulate.build import library_path
 from npsparseattn.cuda.cupy_raw.limits import STRICTEST, Limits, check_launch
 
 _LOCK = threading.Lock()  # the emulator keeps one launch state: one launch at a time
-REVERSE, GREEDY, EAGER_COPIES, RELAXED = 1, 2, 4, 8
+REVERSE, GREEDY, EAGER_COPIES, RELAXED, REVERSE_BLOCKS = 1, 2, 4, 8, 16
 """Schedule flags (``npsa_emu::ScheduleFlags``, see ``npsa_host.h``): threads last-first; always resume the
 first ready thread (warps run ahead of each other from barrier to barrier); cp.async copies land at issue;
-RELAXED: without the strict checks (races, uninitialised shared reads, barrier divergence)."""
+RELAXED: without the strict checks (races, uninitialised shared reads, barrier divergence); REVERSE_BLOCKS:
+the grid's blocks last-first (atomic additions from different blocks in another order)."""
 SCHEDULE = 0
 """Default schedule of :meth:`HostLibrary.launch`: strict, threads in order (tests set it to run every kernel
 under another schedule)."""

@@ -33,6 +33,7 @@ __attribute__((visibility("default"))) int npsa_emu_launch(int i, const unsigned
   launch.greedy = schedule & npsa_emu::GREEDY;
   launch.eager_copies = schedule & npsa_emu::EAGER_COPIES;
   launch.strict = !(schedule & npsa_emu::RELAXED);
+  launch.reverse_blocks = schedule & npsa_emu::REVERSE_BLOCKS;
   launch.max_smem = max_smem;
   for (int r = 0; r < nranges; ++r)
     launch.ranges.push_back({static_cast<uintptr_t>(ranges[2 * r]), static_cast<uintptr_t>(ranges[2 * r + 1])});

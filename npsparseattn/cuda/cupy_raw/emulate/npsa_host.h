@@ -10,7 +10,9 @@
 // Shared memory is refilled with 0xFF bytes (NaN in f16, bf16 and f32) before every block.
 //
 // Schedules (flags of a launch): by default the threads run in index order, each until it blocks,
-// round after round, so the warps of a block advance together, and copies land as late as allowed:
+// round after round, so the warps of a block advance together, the blocks of the grid in index order
+// (REVERSE_BLOCKS: last first, so that the order of atomic additions from different blocks changes),
+// and copies land as late as allowed:
 // a read that misses its wait or barrier sees the fill.  REVERSE runs them last-first; GREEDY always
 // resumes the first ready thread, so one warp runs ahead to its next __syncthreads before the next
 // warp starts; EAGER_COPIES lands cp.async copies at issue, so with GREEDY a copy that overwrites a
@@ -142,7 +144,7 @@ struct Launch {
   jmp_buf sched;
   ucontext_t sched_uc;
   Fiber* cur = nullptr;
-  bool reverse = false, greedy = false, eager_copies = false, strict = true;
+  bool reverse = false, greedy = false, eager_copies = false, strict = true, reverse_blocks = false;
   unsigned max_smem = 166912;  // bytes of dynamic shared memory a block may have (sm_80; sm_90: 232448)
   uint32_t epoch = 1;          // the current barrier interval of the block
   unsigned warp_base = 0;      // first thread of the warp whose collective is executing
@@ -151,7 +153,7 @@ struct Launch {
   std::vector<Shadow> shadow;
 };
 
-enum ScheduleFlags { REVERSE = 1, GREEDY = 2, EAGER_COPIES = 4, RELAXED = 8 };
+enum ScheduleFlags { REVERSE = 1, GREEDY = 2, EAGER_COPIES = 4, RELAXED = 8, REVERSE_BLOCKS = 16 };
 
 inline Launch* L = nullptr;
 constexpr size_t STACK = 256 * 1024;
@@ -433,12 +435,13 @@ inline bool run_grid(const unsigned* grid, const unsigned* block, unsigned smem_
     f.flat = i;
     f.tid = {i % block[0], (i / block[0]) % block[1], i / (block[0] * block[1])};
   }
-  for (unsigned z = 0; z < grid[2]; ++z)
-    for (unsigned y = 0; y < grid[1]; ++y)
-      for (unsigned x = 0; x < grid[0]; ++x) {
-        L->bid = {x, y, z};
-        if (!run_block()) return false;
-      }
+  const unsigned long long blocks = 1ull * grid[0] * grid[1] * grid[2];
+  for (unsigned long long i = 0; i < blocks; ++i) {
+    const unsigned long long b = L->reverse_blocks ? blocks - 1 - i : i;
+    L->bid = {static_cast<unsigned>(b % grid[0]), static_cast<unsigned>(b / grid[0] % grid[1]),
+              static_cast<unsigned>(b / grid[0] / grid[1])};
+    if (!run_block()) return false;
+  }
   return true;
 }
 

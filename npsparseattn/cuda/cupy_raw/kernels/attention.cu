@@ -32,6 +32,7 @@ __global__ void __launch_bounds__(NTHREADS, 1)
 }
 
 // grid (ceil(Lk / BK), Hk, B), NTHREADS threads, BwdShape<D>::SMEM bytes.  Run npsa_bwd_prep first.
+// A null dq_acc: dK and dV only (the deterministic backward computes dQ with npsa_attn_dq).
 template <class T, int D, bool MASKED>
 __global__ void __launch_bounds__(NTHREADS, 1)
     npsa_attn_bwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
@@ -54,8 +55,31 @@ __global__ void __launch_bounds__(NTHREADS, 1)
                               HeadWalk<SpanWalk>(SpanWalk(lo, hi, BQ), hkv * group, (hkv + 1) * group));
 }
 
+// grid (ceil(Lq / 64), Hq, B), NTHREADS threads, DqShape<D>::SMEM bytes: dq = T(scale * dS K) without
+// atomics (the deterministic backward: npsa_bwd_prep, then npsa_attn_bwd with a null dq_acc, then this).
+template <class T, int D, bool MASKED>
+__global__ void __launch_bounds__(NTHREADS, 1)
+    npsa_attn_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
+                 const u16* __restrict__ dout, const float* __restrict__ lse2, const float* __restrict__ delta,
+                 u16* __restrict__ dq, int lq, int lk, int hq, int hk, int off, int left, int right, float c,
+                 float scale) {
+  constexpr int BQ = DqShape<D>::BQ, BK = DqShape<D>::BK;
+  const int tile = MASKED ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z, i0 = tile * BQ;
+  const int rows = min(BQ, lq - i0), hkv = h / (hq / hk);
+  const long long qrow = (static_cast<long long>(b) * hq + h) * lq + i0;
+  const long long kbase = (static_cast<long long>(b) * hk + hkv) * lk * D;
+  int lo = 0, hi = lk;
+  if (MASKED) {
+    lo = max(0, i0 + off - left);
+    hi = min(lk, i0 + rows - 1 + off + right + 1);
+  }
+  dq_rows<T, D, MASKED>(q + qrow * D, k + kbase, v + kbase, dout + qrow * D, lse2 + qrow, delta + qrow, dq + qrow * D,
+                        i0, rows, lk, Mask{off, left, right}, c, scale, SpanWalk(lo, hi, BK));
+}
+
 // Per query row (`rows` = B * Hq * Lq of them): delta = sum(dout * out), lse2 = lse * log2(e)
-// (+inf for an empty row, so that its P is 0), and the row of dq_acc set to zero.
+// (+inf for an empty row, so that its P is 0), and the row of dq_acc set to zero (if there is one).
 // grid ceil(rows / 32), NTHREADS threads (4 per row), no shared memory.
 template <class T, int D>
 __global__ void __launch_bounds__(NTHREADS, 1)
@@ -76,9 +100,11 @@ __global__ void __launch_bounds__(NTHREADS, 1)
         sum += to_float<T>(static_cast<u16>(aw[w] & 0xffffu)) * to_float<T>(static_cast<u16>(bw[w] & 0xffffu));
         sum += to_float<T>(static_cast<u16>(aw[w] >> 16)) * to_float<T>(static_cast<u16>(bw[w] >> 16));
       }
-      const u32x4 zero = {0u, 0u, 0u, 0u};
-      stg(reinterpret_cast<u32x4*>(dq_acc + at), zero);
-      stg(reinterpret_cast<u32x4*>(dq_acc + at + 4), zero);
+      if (dq_acc != nullptr) {
+        const u32x4 zero = {0u, 0u, 0u, 0u};
+        stg(reinterpret_cast<u32x4*>(dq_acc + at), zero);
+        stg(reinterpret_cast<u32x4*>(dq_acc + at + 4), zero);
+      }
     }
   }
   sum += shfl_xor(sum, 1);

@@ -7,7 +7,7 @@
 // backward), so blocks that are multiples of 64 use the tensor cores fully and smaller blocks leave
 // part of each CTA idle.  Layout arrays are int32: ptr (layout heads * rows + 1), run_start and
 // run_stop (runs, in blocks); lheads is 1 (shared by all heads) or Hq.  The backward needs
-// npsa_bwd_prep first and npsa_dq_store after, as the dense one.
+// npsa_bwd_prep first and npsa_dq_store after, as the dense one (or, deterministic, npsa_bsa_dq).
 #include "npsa_attn.cuh"
 
 using namespace npsa;
@@ -66,4 +66,32 @@ __global__ void __launch_bounds__(NTHREADS, 1)
                               lse2 + qbase * lq, delta + qbase * lq, dq_acc + qbase * lq * D, dk + krow * D,
                               dv + krow * D, j0, kvalid, lq, Mask{off, left, right}, c, scale,
                               HeadWalk<RunWalk>(walk, hkv * group, (hkv + 1) * group));
+}
+
+// grid (nqb * qchunks, Hq, B) with qchunks = ceil(bq / 64); NTHREADS threads, DqShape<D>::SMEM bytes: the
+// deterministic dQ over the runs of the layout's rows (as npsa_bsa_fwd walks them).
+template <class T, int D, bool MASKED>
+__global__ void __launch_bounds__(NTHREADS, 1)
+    npsa_bsa_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
+                const u16* __restrict__ dout, const float* __restrict__ lse2, const float* __restrict__ delta,
+                u16* __restrict__ dq, const int* __restrict__ ptr, const int* __restrict__ run_start,
+                const int* __restrict__ run_stop, int lq, int lk, int hq, int hk, int bq, int bk, int nqb, int lheads,
+                int qchunks, int off, int left, int right, float c, float scale) {
+  constexpr int BQ = DqShape<D>::BQ, BK = DqShape<D>::BK;
+  const int h = blockIdx.y, b = blockIdx.z, block = blockIdx.x / qchunks;
+  const int i0 = block * bq + (blockIdx.x % qchunks) * BQ;
+  const int rows = min(BQ, min((block + 1) * bq, lq) - i0);
+  if (rows <= 0) return;  // the last chunk of a partial last block
+  const int hkv = h / (hq / hk);
+  const long long qrow = (static_cast<long long>(b) * hq + h) * lq + i0;
+  const long long kbase = (static_cast<long long>(b) * hk + hkv) * lk * D;
+  int lo = 0, hi = lk;
+  if (MASKED) {
+    lo = max(0, i0 + off - left);
+    hi = min(lk, i0 + rows - 1 + off + right + 1);
+  }
+  RunWalk walk{ptr, run_start, run_stop, bk, lo, hi, BK, nqb, lheads, block};
+  walk.reset(h);
+  dq_rows<T, D, MASKED>(q + qrow * D, k + kbase, v + kbase, dout + qrow * D, lse2 + qrow, delta + qrow, dq + qrow * D,
+                        i0, rows, lk, Mask{off, left, right}, c, scale, walk);
 }

@@ -10,7 +10,8 @@
 // Block: NWARPS warps.  Forward: a CTA owns BQ = 16 * MT * NWARPS query rows, warp w MT m-tiles of
 // 16 rows, and walks key tiles of BK keys.  Backward: a CTA owns BK = 16 * NWARPS keys, warp w keys
 // 16w..16w+15, and walks query tiles of BQ queries (over every query head of its GQA group),
-// accumulating dK, dV in registers and adding dQ = dS K to a float buffer with atomics.
+// accumulating dK, dV in registers and adding dQ = dS K to a float buffer with atomics; or, for the
+// deterministic backward, leaves dQ to dq_rows, whose CTAs own query rows and walk key tiles.
 #pragma once
 #include "npsa_tile.cuh"
 
@@ -346,7 +347,8 @@ struct BwdShape {
 
 // Gradients of `kvalid` keys (k, v, dk, dv point at the first) from every query tile of `walk`.
 // Per query head h (cursor.head): q + h * lq * D, dout likewise, lse2 + h * lq, delta likewise,
-// dq_acc + h * lq * D (float, atomically accumulated, unscaled).
+// dq_acc + h * lq * D (float, atomically accumulated, unscaled).  A null dq_acc (the same in every
+// thread) leaves dQ to dq_rows: dK and dV only.
 template <class T, int D, bool MASKED, class W>
 __device__ __forceinline__ void backward_keys(const u16* q, const u16* k, const u16* v, const u16* dout,
                                               const float* lse2, const float* delta, float* dq_acc, u16* dk, u16* dv,
@@ -359,6 +361,7 @@ __device__ __forceinline__ void backward_keys(const u16* q, const u16* k, const 
   const u32 s_do = s_q + 2 * S::Q_BYTES, s_ds = s_do + 2 * S::Q_BYTES;
   float* rowvals = reinterpret_cast<float*>(smem + 2 * S::KV_BYTES + 4 * S::Q_BYTES + S::DS_BYTES);
   const long long lq_d = static_cast<long long>(lq) * D;
+  const bool with_dq = dq_acc != nullptr;
 
   auto load_queries = [&](const Cursor& cur, int buf) {
     const int valid = min(BQ, lq - cur.start);
@@ -462,14 +465,21 @@ __device__ __forceinline__ void backward_keys(const u16* q, const u16* k, const 
 
     // dS^T (rounded to T, as the dK product used it) to shared memory for dQ = dS K
     unsigned char* dst = smem + (s_ds - s_k);
+    if (with_dq) {
 #pragma unroll
-    for (int kk = 0; kk < BQ / 16; ++kk)
+      for (int kk = 0; kk < BQ / 16; ++kk)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = warp * 16 + g + 8 * (e % 2), col = kk * 16 + 8 * (e / 2) + 2 * t;
-        sts(dst + Tile<BQ>::at(row, col), sa[kk][e]);
-      }
-    __syncthreads();
+        for (int e = 0; e < 4; ++e) {
+          const int row = warp * 16 + g + 8 * (e % 2), col = kk * 16 + 8 * (e / 2) + 2 * t;
+          sts(dst + Tile<BQ>::at(row, col), sa[kk][e]);
+        }
+    }
+    __syncthreads();  // dS^T is complete; without dQ: every read of this tile's buffers is done
+    if (!with_dq) {
+      cur = nxt;
+      have = have_next;
+      continue;
+    }
 
     // dQ (BQ x D) = dS K: query m-tile warp % MT, columns split over the NWARPS / MT warps sharing it
     constexpr int MT = BQ / 16, SPLIT = NWARPS / MT, DN = D / SPLIT;
@@ -518,6 +528,140 @@ __device__ __forceinline__ void backward_keys(const u16* q, const u16* k, const 
       stg(reinterpret_cast<u32*>(dk + at), pack2<T>(dk_acc[nd][2 * e2] * scale, dk_acc[nd][2 * e2 + 1] * scale));
       stg(reinterpret_cast<u32*>(dv + at), pack2<T>(dv_acc[nd][2 * e2], dv_acc[nd][2 * e2 + 1]));
     }
+  }
+}
+
+// ------------------------------------------------------------------------ deterministic dQ
+
+// dQ without atomics (the `deterministic` backward): a CTA owns BQ query rows (warp w: rows
+// 16w..16w+15) and walks the key tiles they see, recomputing S = Q K^T, dP = dO V^T,
+// P = 2^(c S - lse2) and dS = P (dP - delta), and accumulates dQ = dS K in registers, in the order
+// of the walk.  K and V are double-buffered; Q and dO stay in shared memory.
+template <int D>
+struct DqShape {
+  static constexpr int BQ = 16 * NWARPS, BK = 64;
+  static constexpr int KV_BYTES = Tile<D>::template bytes<BK>();
+  static constexpr int Q_BYTES = Tile<D>::template bytes<BQ>();
+  static constexpr int SMEM = 4 * KV_BYTES + 2 * Q_BYTES;
+};
+
+// dQ of `rows` query rows of one head (q, dout, dq, lse2, delta point at the first) over the key
+// tiles of `walk` (k, v point at key 0 of the key head); `lk` keys exist.  dq = T(scale * dS K).
+template <class T, int D, bool MASKED, class W>
+__device__ __forceinline__ void dq_rows(const u16* q, const u16* k, const u16* v, const u16* dout, const float* lse2,
+                                        const float* delta, u16* dq, int i0, int rows, int lk, Mask mask, float c,
+                                        float scale, W walk) {
+  using S = DqShape<D>;
+  constexpr int BQ = S::BQ, BK = S::BK;
+  NPSA_DECLARE_SMEM(smem);
+  const int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP, g = lane / 4, t = lane % 4;
+  const u32 sk = smem_u32(smem), sv = sk + 2 * S::KV_BYTES, sq = sv + 2 * S::KV_BYTES, sdo = sq + S::Q_BYTES;
+  const int i_last = i0 + rows - 1, row0 = warp * 16;
+
+  auto load_kv = [&](const Cursor& cur, int buf) {
+    const int valid = min(BK, lk - cur.start);
+    load_tile<BK, D, NTHREADS>(sk + buf * S::KV_BYTES, k + static_cast<long long>(cur.start) * D, D, valid, tid);
+    load_tile<BK, D, NTHREADS>(sv + buf * S::KV_BYTES, v + static_cast<long long>(cur.start) * D, D, valid, tid);
+    cp_async_commit();
+  };
+
+  load_tile<BQ, D, NTHREADS>(sq, q, D, rows, tid);
+  load_tile<BQ, D, NTHREADS>(sdo, dout, D, rows, tid);
+  cp_async_commit();
+  // this lane's rows g and g + 8 of its warp: lse2 (+inf past the valid rows, so their P is 0), delta
+  float l2[2], dl[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + g + 8 * r;
+    l2[r] = row < rows ? ldg(lse2 + row) : inf();
+    dl[r] = row < rows ? ldg(delta + row) : 0.f;
+  }
+
+  Cursor cur, nxt;
+  bool have = walk.next(cur);
+  if (have) load_kv(cur, 0);
+
+  float acc[D / 8][4];
+#pragma unroll
+  for (int nd = 0; nd < D / 8; ++nd) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.f;
+
+  for (int buf = 0; have; buf ^= 1) {
+    const bool have_next = walk.next(nxt);
+    if (have_next) load_kv(nxt, buf ^ 1);
+    else cp_async_commit();
+    cp_async_wait<1>();  // Q, dO and this tile's K and V have landed
+    __syncthreads();
+    const u32 kt = sk + buf * S::KV_BYTES, vt = sv + buf * S::KV_BYTES;
+
+    // S = Q K^T and dP = dO V^T for this warp's 16 rows
+    float s[BK / 8][4], dp[BK / 8][4];
+#pragma unroll
+    for (int nb = 0; nb < BK / 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nb][e] = dp[nb][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      u32 qa[4], da[4];
+      a_rows<D>(qa, sq, row0, kk * 16, lane);
+      a_rows<D>(da, sdo, row0, kk * 16, lane);
+#pragma unroll
+      for (int n2 = 0; n2 < BK / 16; ++n2) {
+        u32 b[2][2];
+        b_rows<D>(b, kt, n2 * 16, kk * 16, lane);
+        mma_16816<T>(s[2 * n2], qa, b[0]);
+        mma_16816<T>(s[2 * n2 + 1], qa, b[1]);
+        b_rows<D>(b, vt, n2 * 16, kk * 16, lane);
+        mma_16816<T>(dp[2 * n2], da, b[0]);
+        mma_16816<T>(dp[2 * n2 + 1], da, b[1]);
+      }
+    }
+
+    // P = 2^(c S - lse2), dS = P (dP - delta); masked entries 0 (the diagonal rule of forward_rows)
+    const bool interior = cur.start >= cur.lo && cur.start + BK <= cur.hi &&
+                          (!MASKED || (cur.start >= i_last + mask.off - mask.left &&
+                                       cur.start + BK - 1 <= i0 + mask.off + mask.right));
+    const int col0 = cur.start + 2 * t, diag0 = col0 - (i0 + row0 + g);
+#pragma unroll
+    for (int nb = 0; nb < BK / 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float pe = exp2_approx(s[nb][e] * c - l2[e / 2]);
+        if (!interior) {
+          const int col = col0 + nb * 8 + (e % 2), diag = diag0 + nb * 8 + (e % 2) - 8 * (e / 2);
+          bool vis = col >= cur.lo && col < cur.hi;
+          if (MASKED) vis = vis && diag >= mask.off - mask.left && diag <= mask.off + mask.right;
+          if (!vis) pe = 0.f;
+        }
+        s[nb][e] = pe * (dp[nb][e] - dl[e / 2]);
+      }
+
+    // dQ += dS K, dS rounded to T as the key-side kernel rounds it
+    u32 dsa[BK / 16][4];
+    c_to_a<T, BK>(dsa, s);
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+#pragma unroll
+      for (int n2 = 0; n2 < D / 16; ++n2) {
+        u32 b[2][2];
+        b_cols<D>(b, kt, kk * 16, n2 * 16, lane);
+        mma_16816<T>(acc[2 * n2], dsa[kk], b[0]);
+        mma_16816<T>(acc[2 * n2 + 1], dsa[kk], b[1]);
+      }
+    }
+    __syncthreads();  // this buffer is free for the tile after next
+    cur = nxt;
+    have = have_next;
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + g + 8 * r;
+    if (row >= rows) continue;
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd)
+      stg(reinterpret_cast<u32*>(dq + static_cast<long long>(row) * D + nd * 8 + 2 * t),
+          pack2<T>(acc[nd][2 * r] * scale, acc[nd][2 * r + 1] * scale));
   }
 }
 

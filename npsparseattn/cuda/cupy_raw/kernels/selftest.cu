@@ -130,14 +130,15 @@ __global__ void npsa_test_tiles(const u16* a, const u16* bt, int bt_valid, const
 
 // The launch geometry of the attention kernels for head dimension D, for the Python side to check
 // its own copy against: dense forward BQ, BK, shared bytes; block-sparse forward BQ, BK, shared
-// bytes; backward BK, BQ, shared bytes; threads.
+// bytes; backward BK, BQ, shared bytes; threads; deterministic dQ BQ, shared bytes.
 template <int D>
 __global__ void npsa_test_shapes(int* out) {
   if (threadIdx.x != 0) return;
-  const int values[10] = {DenseFwdShape<D>::BQ,  DenseFwdShape<D>::BK,  DenseFwdShape<D>::SMEM, SparseFwdShape<D>::BQ,
-                          SparseFwdShape<D>::BK, SparseFwdShape<D>::SMEM, BwdShape<D>::BK,       BwdShape<D>::BQ,
-                          BwdShape<D>::SMEM,     NTHREADS};
-  for (int i = 0; i < 10; ++i) stg(out + i, values[i]);
+  const int values[12] = {DenseFwdShape<D>::BQ,  DenseFwdShape<D>::BK,   DenseFwdShape<D>::SMEM,
+                          SparseFwdShape<D>::BQ, SparseFwdShape<D>::BK,  SparseFwdShape<D>::SMEM,
+                          BwdShape<D>::BK,       BwdShape<D>::BQ,        BwdShape<D>::SMEM,
+                          NTHREADS,              DqShape<D>::BQ,         DqShape<D>::SMEM};
+  for (int i = 0; i < 12; ++i) stg(out + i, values[i]);
 }
 
 // Programs that break a rule, for the emulator's checks (MODE), each the planted bug of one check:
