@@ -196,6 +196,32 @@ def finish(target: Any, computed: Any) -> Any:
     return target
 
 
+KERNELS = {  # step -> (dense kernel, block-sparse kernel), and whether its CTAs own query rows or keys
+    "forward": ("npsa_attn_fwd", "npsa_bsa_fwd", True),
+    "keys": ("npsa_attn_bwd", "npsa_bsa_bwd", False),
+    "dq": ("npsa_attn_dq", "npsa_bsa_dq", True),
+}
+
+
+def walk_args(step: str, layout: Any, q: Any, k: Any, tile: int, window: tuple[int, int, int]) -> tuple:
+    """``(kernel, grid, runs, ints)`` of a launch of ``step`` (:data:`KERNELS`) whose CTAs own ``tile`` query rows
+    or keys: over a span for dense attention (``layout`` None), over the runs of the layout's rows (the
+    transpose's for the key side) chunk by chunk of its blocks otherwise.  ``window``: ``(offset, left,
+    right)`` as the kernels take them (:func:`window_args`)."""
+    dense, sparse, by_queries = KERNELS[step]
+    n_batch, hq, lq = q.shape[:3]
+    hk, lk = k.shape[1], k.shape[2]
+    heads = hq if by_queries else hk
+    if layout is None:
+        return dense, (blocks(lq if by_queries else lk, tile), heads, n_batch), (), (lq, lk, hq, hk, *window)
+    bq, bk = layout.block
+    n_blocks, chunks = (
+        (layout.n_query_blocks, blocks(bq, tile)) if by_queries else (layout.n_key_blocks, blocks(bk, tile))
+    )
+    ints = (lq, lk, hq, hk, bq, bk, n_blocks, layout.heads, chunks, *window)
+    return sparse, (n_blocks * chunks, heads, n_batch), device_runs(layout, q, transposed=not by_queries), ints
+
+
 def _launch(kernel: str, dtype: str, d: int | None, masked: bool | None, grid, shared: int, args: list) -> None:
     """Launch an instance of ``kernel`` on ``grid`` CTAs of :data:`NTHREADS`; an empty grid launches nothing."""
     if min(grid) > 0:
@@ -227,19 +253,13 @@ def _forward(q, k, v, layout, scale, offset, left, right, out, lse, element) -> 
     xp = _xp(q)
     q, k, v = (kernel_input(x) for x in (q, k, v))
     n_batch, hq, lq, d = q.shape
-    hk, lk = k.shape[1], k.shape[2]
+    lk = k.shape[2]
     out_t, out_k = output_buffer(out, (n_batch, hq, lq, d), q.dtype, xp)
     lse_t, lse_k = output_buffer(lse, (n_batch, hq, lq), np.float32, xp)
     if lq > 0:
         masked, left_b, right_b = window_args(left, right, lq, lk)
-        if layout is None:
-            kernel, grid, runs = "npsa_attn_fwd", (blocks(lq, fwd_rows(d)), hq, n_batch), ()
-            ints = (lq, lk, hq, hk, offset, left_b, right_b)
-        else:
-            bq, bk = layout.block
-            nqb, chunks = layout.n_query_blocks, blocks(bq, fwd_rows(d, sparse=True))
-            kernel, grid, runs = "npsa_bsa_fwd", (nqb * chunks, hq, n_batch), device_runs(layout, q)
-            ints = (lq, lk, hq, hk, bq, bk, nqb, layout.heads, chunks, offset, left_b, right_b)
+        tile = fwd_rows(d, sparse=layout is not None)
+        kernel, grid, runs, ints = walk_args("forward", layout, q, k, tile, (offset, left_b, right_b))
         args = [q, k, v, out_k, lse_k, *runs, *map(np.int32, ints), np.float32(scale * LOG2E)]
         _launch(kernel, element, d, masked, grid, fwd_shared_bytes(d, sparse=layout is not None), args)
     return finish(out_t, out_k), finish(lse_t, lse_k)
@@ -292,8 +312,7 @@ def backward(
 def _backward(dout, q, k, v, out, lse, layout, scale, offset, left, right, grads, element, deterministic) -> tuple:
     xp = _xp(q)
     dout, q, k, v, out, lse = (kernel_input(x) for x in (dout, q, k, v, out, lse))
-    n_batch, hq, lq, d = q.shape
-    hk, lk = k.shape[1], k.shape[2]
+    lq, d, lk = q.shape[2], q.shape[3], k.shape[2]
     targets = (None, None, None) if grads is None else grads
     bufs = [output_buffer(g, x.shape, x.dtype, xp) for g, x in zip(targets, (q, k, v))]
     dq, dk, dv = (b[1] for b in bufs)
@@ -304,35 +323,14 @@ def _backward(dout, q, k, v, out, lse, layout, scale, offset, left, right, grads
         dtype = element
         lse2, delta, dq_acc = backward_prepare(dout, out, lse, dtype, d, accumulate=not deterministic)
         masked, left_b, right_b = window_args(left, right, lq, lk)
-        if layout is None:
-            kernel, grid, runs = "npsa_attn_bwd", (blocks(lk, BWD_KEYS), hk, n_batch), ()
-            ints = (lq, lk, hq, hk, offset, left_b, right_b)
-        else:
-            bq, bk = layout.block
-            nkb, chunks = layout.n_key_blocks, blocks(bk, BWD_KEYS)
-            kernel, grid, runs = "npsa_bsa_bwd", (nkb * chunks, hk, n_batch), device_runs(layout, q, transposed=True)
-            ints = (lq, lk, hq, hk, bq, bk, nkb, layout.heads, chunks, offset, left_b, right_b)
-        args = [q, k, v, dout, lse2, delta, dq_acc, dk, dv, *runs, *map(np.int32, ints),
-                np.float32(scale * LOG2E), np.float32(scale)]  # fmt: skip
+        window, scales = (offset, left_b, right_b), (np.float32(scale * LOG2E), np.float32(scale))
+        kernel, grid, runs, ints = walk_args("keys", layout, q, k, BWD_KEYS, window)
+        args = [q, k, v, dout, lse2, delta, dq_acc, dk, dv, *runs, *map(np.int32, ints), *scales]
         _launch(kernel, dtype, d, masked, grid, bwd_shared_bytes(d), args)
-        if deterministic:
-            _dq_pass(dout, q, k, v, lse2, delta, dq, layout, scale, offset, left_b, right_b, masked, dtype)
+        if deterministic:  # dQ without atomics: CTAs of 64 query rows walk their key tiles
+            kernel, grid, runs, ints = walk_args("dq", layout, q, k, DQ_ROWS, window)
+            args = [q, k, v, dout, lse2, delta, dq, *runs, *map(np.int32, ints), *scales]
+            _launch(kernel, dtype, d, masked, grid, dq_shared_bytes(d), args)
         else:
             store_dq(dq_acc, dq, dtype, scale)
     return tuple(finish(t, c) for t, c in bufs)
-
-
-def _dq_pass(dout, q, k, v, lse2, delta, dq, layout, scale, offset, left_b, right_b, masked, dtype) -> None:
-    """``dq`` without atomics: one CTA per 64 query rows (of a layout block's chunk) walks its key tiles."""
-    n_batch, hq, lq, d = q.shape
-    hk, lk = k.shape[1], k.shape[2]
-    if layout is None:
-        kernel, grid, runs = "npsa_attn_dq", (blocks(lq, DQ_ROWS), hq, n_batch), ()
-        ints = (lq, lk, hq, hk, offset, left_b, right_b)
-    else:
-        bq, bk = layout.block
-        nqb, chunks = layout.n_query_blocks, blocks(bq, DQ_ROWS)
-        kernel, grid, runs = "npsa_bsa_dq", (nqb * chunks, hq, n_batch), device_runs(layout, q)
-        ints = (lq, lk, hq, hk, bq, bk, nqb, layout.heads, chunks, offset, left_b, right_b)
-    args = [q, k, v, dout, lse2, delta, dq, *runs, *map(np.int32, ints), np.float32(scale * LOG2E), np.float32(scale)]
-    _launch(kernel, dtype, d, masked, grid, dq_shared_bytes(d), args)

@@ -15,20 +15,10 @@ __global__ void __launch_bounds__(NTHREADS, 1)
                   u16* __restrict__ out, float* __restrict__ lse, int lq, int lk, int hq, int hk, int off, int left,
                   int right, float c) {
   using S = DenseFwdShape<D>;
-  constexpr int BQ = S::BQ, BK = S::BK;
-  // masked (causal): the last query tiles see the most keys; start them first for a shorter tail
-  const int tile = MASKED ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z, i0 = tile * BQ;
-  const int rows = min(BQ, lq - i0), hkv = h / (hq / hk);
-  const long long qrow = (static_cast<long long>(b) * hq + h) * lq + i0;
-  const long long kbase = (static_cast<long long>(b) * hk + hkv) * lk * D;
-  int lo = 0, hi = lk;
-  if (MASKED) {
-    lo = max(0, i0 + off - left);
-    hi = min(lk, i0 + rows - 1 + off + right + 1);
-  }
-  forward_rows<T, S, MASKED>(q + qrow * D, k + kbase, v + kbase, out + qrow * D, lse + qrow, i0, rows, lk,
-                             Mask{off, left, right}, c, SpanWalk(lo, hi, BK));
+  const Mask mask{off, left, right};
+  const QueryRows r = dense_rows<S::BQ, D, MASKED>(lq, lk, hq, hk, mask);
+  forward_rows<T, S, MASKED>(q + r.qrow * D, k + r.kbase, v + r.kbase, out + r.qrow * D, lse + r.qrow, r.i0, r.rows,
+                             lk, mask, c, SpanWalk(r.lo, r.hi, S::BK));
 }
 
 // grid (ceil(Lk / BK), Hk, B), NTHREADS threads, BwdShape<D>::SMEM bytes.  Run npsa_bwd_prep first.
@@ -39,20 +29,15 @@ __global__ void __launch_bounds__(NTHREADS, 1)
                   const u16* __restrict__ dout, const float* __restrict__ lse2, const float* __restrict__ delta,
                   float* __restrict__ dq_acc, u16* __restrict__ dk, u16* __restrict__ dv, int lq, int lk, int hq,
                   int hk, int off, int left, int right, float c, float scale) {
-  constexpr int BK = BwdShape<D>::BK, BQ = BwdShape<D>::BQ;
-  const int hkv = blockIdx.y, b = blockIdx.z, j0 = blockIdx.x * BK;
-  const int kvalid = min(BK, lk - j0), group = hq / hk;
-  const long long krow = (static_cast<long long>(b) * hk + hkv) * lk + j0;
-  const long long qbase = static_cast<long long>(b) * hq;
-  int lo = 0, hi = lq;
-  if (MASKED) {
-    lo = max(0, j0 - off - right);
-    hi = min(lq, j0 + kvalid - 1 - off + left + 1);
-  }
-  backward_keys<T, D, MASKED>(q + qbase * lq * D, k + krow * D, v + krow * D, dout + qbase * lq * D,
-                              lse2 + qbase * lq, delta + qbase * lq, dq_acc + qbase * lq * D, dk + krow * D,
-                              dv + krow * D, j0, kvalid, lq, Mask{off, left, right}, c, scale,
-                              HeadWalk<SpanWalk>(SpanWalk(lo, hi, BQ), hkv * group, (hkv + 1) * group));
+  constexpr int BK = BwdShape<D>::BK;
+  const Mask mask{off, left, right};
+  const int j0 = blockIdx.x * BK, group = hq / hk;
+  const KeyRows r = key_rows<MASKED>(j0, min(BK, lk - j0), lq, lk, hq, hk, mask);
+  backward_keys<T, D, MASKED>(q + r.qbase * lq * D, k + r.krow * D, v + r.krow * D, dout + r.qbase * lq * D,
+                              lse2 + r.qbase * lq, delta + r.qbase * lq, dq_acc + r.qbase * lq * D, dk + r.krow * D,
+                              dv + r.krow * D, j0, r.kvalid, lq, mask, c, scale,
+                              HeadWalk<SpanWalk>(SpanWalk(r.lo, r.hi, BwdShape<D>::BQ), blockIdx.y * group,
+                                                 (blockIdx.y + 1) * group));
 }
 
 // grid (ceil(Lq / 64), Hq, B), NTHREADS threads, DqShape<D>::SMEM bytes: dq = T(scale * dS K) without
@@ -63,19 +48,10 @@ __global__ void __launch_bounds__(NTHREADS, 1)
                  const u16* __restrict__ dout, const float* __restrict__ lse2, const float* __restrict__ delta,
                  u16* __restrict__ dq, int lq, int lk, int hq, int hk, int off, int left, int right, float c,
                  float scale) {
-  constexpr int BQ = DqShape<D>::BQ, BK = DqShape<D>::BK;
-  const int tile = MASKED ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z, i0 = tile * BQ;
-  const int rows = min(BQ, lq - i0), hkv = h / (hq / hk);
-  const long long qrow = (static_cast<long long>(b) * hq + h) * lq + i0;
-  const long long kbase = (static_cast<long long>(b) * hk + hkv) * lk * D;
-  int lo = 0, hi = lk;
-  if (MASKED) {
-    lo = max(0, i0 + off - left);
-    hi = min(lk, i0 + rows - 1 + off + right + 1);
-  }
-  dq_rows<T, D, MASKED>(q + qrow * D, k + kbase, v + kbase, dout + qrow * D, lse2 + qrow, delta + qrow, dq + qrow * D,
-                        i0, rows, lk, Mask{off, left, right}, c, scale, SpanWalk(lo, hi, BK));
+  const Mask mask{off, left, right};
+  const QueryRows r = dense_rows<DqShape<D>::BQ, D, MASKED>(lq, lk, hq, hk, mask);
+  dq_rows<T, D, MASKED>(q + r.qrow * D, k + r.kbase, v + r.kbase, dout + r.qrow * D, lse2 + r.qrow, delta + r.qrow,
+                        dq + r.qrow * D, r.i0, r.rows, lk, mask, c, scale, SpanWalk(r.lo, r.hi, DqShape<D>::BK));
 }
 
 // Per query row (`rows` = B * Hq * Lq of them): delta = sum(dout * out), lse2 = lse * log2(e)

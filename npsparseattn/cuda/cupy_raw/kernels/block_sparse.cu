@@ -19,23 +19,14 @@ __global__ void __launch_bounds__(NTHREADS, 1)
                  u16* __restrict__ out, float* __restrict__ lse, const int* __restrict__ ptr,
                  const int* __restrict__ run_start, const int* __restrict__ run_stop, int lq, int lk, int hq, int hk,
                  int bq, int bk, int nqb, int lheads, int qchunks, int off, int left, int right, float c) {
-  constexpr int BQ = SparseFwdShape<D>::BQ, BK = SparseFwdShape<D>::BK;
-  const int h = blockIdx.y, b = blockIdx.z, block = blockIdx.x / qchunks;
-  const int i0 = block * bq + (blockIdx.x % qchunks) * BQ;
-  const int rows = min(BQ, min((block + 1) * bq, lq) - i0);
-  if (rows <= 0) return;  // the last chunk of a partial last block
-  const int hkv = h / (hq / hk);
-  const long long qrow = (static_cast<long long>(b) * hq + h) * lq + i0;
-  const long long kbase = (static_cast<long long>(b) * hk + hkv) * lk * D;
-  int lo = 0, hi = lk;
-  if (MASKED) {
-    lo = max(0, i0 + off - left);
-    hi = min(lk, i0 + rows - 1 + off + right + 1);
-  }
-  RunWalk walk{ptr, run_start, run_stop, bk, lo, hi, BK, nqb, lheads, block};
-  walk.reset(h);
-  forward_rows<T, SparseFwdShape<D>, MASKED>(q + qrow * D, k + kbase, v + kbase, out + qrow * D, lse + qrow, i0,
-                                             rows, lk, Mask{off, left, right}, c, walk);
+  using S = SparseFwdShape<D>;
+  const Mask mask{off, left, right};
+  const QueryRows r = layout_rows<S::BQ, D, MASKED>(bq, qchunks, lq, lk, hq, hk, mask);
+  if (r.rows <= 0) return;  // the last chunk of a partial last block
+  RunWalk walk{ptr, run_start, run_stop, bk, r.lo, r.hi, S::BK, nqb, lheads, static_cast<int>(blockIdx.x) / qchunks};
+  walk.reset(blockIdx.y);
+  forward_rows<T, S, MASKED>(q + r.qrow * D, k + r.kbase, v + r.kbase, out + r.qrow * D, lse + r.qrow, r.i0, r.rows,
+                             lk, mask, c, walk);
 }
 
 // grid (nkb * kchunks, Hk, B) with kchunks = ceil(bk / BK); NTHREADS threads, BwdShape<D>::SMEM bytes.
@@ -48,24 +39,16 @@ __global__ void __launch_bounds__(NTHREADS, 1)
                  const int* __restrict__ run_start, const int* __restrict__ run_stop, int lq, int lk, int hq, int hk,
                  int bq, int bk, int nkb, int lheads, int kchunks, int off, int left, int right, float c,
                  float scale) {
-  constexpr int BK = BwdShape<D>::BK, BQ = BwdShape<D>::BQ;
-  const int hkv = blockIdx.y, b = blockIdx.z, block = blockIdx.x / kchunks;
-  const int j0 = block * bk + (blockIdx.x % kchunks) * BK;
-  const int kvalid = min(BK, min((block + 1) * bk, lk) - j0);
-  if (kvalid <= 0) return;
-  const int group = hq / hk;
-  const long long krow = (static_cast<long long>(b) * hk + hkv) * lk + j0;
-  const long long qbase = static_cast<long long>(b) * hq;
-  int lo = 0, hi = lq;
-  if (MASKED) {
-    lo = max(0, j0 - off - right);
-    hi = min(lq, j0 + kvalid - 1 - off + left + 1);
-  }
-  RunWalk walk{ptr, run_start, run_stop, bq, lo, hi, BQ, nkb, lheads, block};
-  backward_keys<T, D, MASKED>(q + qbase * lq * D, k + krow * D, v + krow * D, dout + qbase * lq * D,
-                              lse2 + qbase * lq, delta + qbase * lq, dq_acc + qbase * lq * D, dk + krow * D,
-                              dv + krow * D, j0, kvalid, lq, Mask{off, left, right}, c, scale,
-                              HeadWalk<RunWalk>(walk, hkv * group, (hkv + 1) * group));
+  constexpr int BK = BwdShape<D>::BK;
+  const Mask mask{off, left, right};
+  const int block = blockIdx.x / kchunks, j0 = block * bk + (blockIdx.x % kchunks) * BK, group = hq / hk;
+  const KeyRows r = key_rows<MASKED>(j0, min(BK, min((block + 1) * bk, lk) - j0), lq, lk, hq, hk, mask);
+  if (r.kvalid <= 0) return;  // the last chunk of a partial last block
+  RunWalk walk{ptr, run_start, run_stop, bq, r.lo, r.hi, BwdShape<D>::BQ, nkb, lheads, block};
+  backward_keys<T, D, MASKED>(q + r.qbase * lq * D, k + r.krow * D, v + r.krow * D, dout + r.qbase * lq * D,
+                              lse2 + r.qbase * lq, delta + r.qbase * lq, dq_acc + r.qbase * lq * D, dk + r.krow * D,
+                              dv + r.krow * D, j0, r.kvalid, lq, mask, c, scale,
+                              HeadWalk<RunWalk>(walk, blockIdx.y * group, (blockIdx.y + 1) * group));
 }
 
 // grid (nqb * qchunks, Hq, B) with qchunks = ceil(bq / 64); NTHREADS threads, DqShape<D>::SMEM bytes: the
@@ -77,21 +60,12 @@ __global__ void __launch_bounds__(NTHREADS, 1)
                 u16* __restrict__ dq, const int* __restrict__ ptr, const int* __restrict__ run_start,
                 const int* __restrict__ run_stop, int lq, int lk, int hq, int hk, int bq, int bk, int nqb, int lheads,
                 int qchunks, int off, int left, int right, float c, float scale) {
-  constexpr int BQ = DqShape<D>::BQ, BK = DqShape<D>::BK;
-  const int h = blockIdx.y, b = blockIdx.z, block = blockIdx.x / qchunks;
-  const int i0 = block * bq + (blockIdx.x % qchunks) * BQ;
-  const int rows = min(BQ, min((block + 1) * bq, lq) - i0);
-  if (rows <= 0) return;  // the last chunk of a partial last block
-  const int hkv = h / (hq / hk);
-  const long long qrow = (static_cast<long long>(b) * hq + h) * lq + i0;
-  const long long kbase = (static_cast<long long>(b) * hk + hkv) * lk * D;
-  int lo = 0, hi = lk;
-  if (MASKED) {
-    lo = max(0, i0 + off - left);
-    hi = min(lk, i0 + rows - 1 + off + right + 1);
-  }
-  RunWalk walk{ptr, run_start, run_stop, bk, lo, hi, BK, nqb, lheads, block};
-  walk.reset(h);
-  dq_rows<T, D, MASKED>(q + qrow * D, k + kbase, v + kbase, dout + qrow * D, lse2 + qrow, delta + qrow, dq + qrow * D,
-                        i0, rows, lk, Mask{off, left, right}, c, scale, walk);
+  const Mask mask{off, left, right};
+  const QueryRows r = layout_rows<DqShape<D>::BQ, D, MASKED>(bq, qchunks, lq, lk, hq, hk, mask);
+  if (r.rows <= 0) return;  // the last chunk of a partial last block
+  RunWalk walk{ptr, run_start, run_stop, bk, r.lo, r.hi, DqShape<D>::BK, nqb, lheads,
+               static_cast<int>(blockIdx.x) / qchunks};
+  walk.reset(blockIdx.y);
+  dq_rows<T, D, MASKED>(q + r.qrow * D, k + r.kbase, v + r.kbase, dout + r.qrow * D, lse2 + r.qrow, delta + r.qrow,
+                        dq + r.qrow * D, r.i0, r.rows, lk, mask, c, scale, walk);
 }

@@ -91,6 +91,43 @@ struct HeadWalk {
   }
 };
 
+// The query rows a CTA of a forward or dQ kernel owns and the keys they see: rows [i0, i0 + rows) of
+// query head blockIdx.y of batch blockIdx.z, at row `qrow` of q (rows of D elements), the first key of
+// their key head at element `kbase` of k, and the span [lo, hi) of keys any of them sees (every key
+// unless MASKED).
+struct QueryRows {
+  int i0, rows, lo, hi;
+  long long qrow, kbase;
+};
+
+template <int D, bool MASKED>
+__device__ __forceinline__ QueryRows query_rows(int i0, int rows, int lq, int lk, int hq, int hk, Mask mask) {
+  const int h = blockIdx.y, b = blockIdx.z;
+  QueryRows r{i0, rows, 0, lk, (static_cast<long long>(b) * hq + h) * lq + i0,
+              (static_cast<long long>(b) * hk + h / (hq / hk)) * lk * D};
+  if (MASKED) {
+    r.lo = max(0, i0 + mask.off - mask.left);
+    r.hi = min(lk, i0 + rows - 1 + mask.off + mask.right + 1);
+  }
+  return r;
+}
+
+// Dense kernels: CTA x owns query tile x of BQ rows, or with MASKED (causal) tile gridDim.x - 1 - x, so
+// the last tiles, which see the most keys, start first and the tail is shorter.
+template <int BQ, int D, bool MASKED>
+__device__ __forceinline__ QueryRows dense_rows(int lq, int lk, int hq, int hk, Mask mask) {
+  const int i0 = (MASKED ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * BQ;
+  return query_rows<D, MASKED>(i0, min(BQ, lq - i0), lq, lk, hq, hk, mask);
+}
+
+// Block-sparse kernels: CTA x owns chunk x % chunks (BQ rows) of layout block x / chunks (bq rows);
+// `rows` <= 0 for the chunks past a partial last block.
+template <int BQ, int D, bool MASKED>
+__device__ __forceinline__ QueryRows layout_rows(int bq, int chunks, int lq, int lk, int hq, int hk, Mask mask) {
+  const int block = blockIdx.x / chunks, i0 = block * bq + (blockIdx.x % chunks) * BQ;
+  return query_rows<D, MASKED>(i0, min(BQ, min((block + 1) * bq, lq) - i0), lq, lk, hq, hk, mask);
+}
+
 // ------------------------------------------------------------------------------------------ forward
 
 // MT m-tiles of 16 query rows per warp: each K/V fragment read from shared memory then feeds MT
@@ -333,6 +370,26 @@ __device__ __forceinline__ void forward_rows(const u16* q, const u16* k, const u
 }
 
 // ----------------------------------------------------------------------------------------- backward
+
+// The keys a CTA of a key-side backward kernel owns and the queries that see them: keys
+// [j0, j0 + kvalid) of key head blockIdx.y of batch blockIdx.z, at row `krow` of k, the first query
+// head of the batch at row `qbase` of the heads of q, and the span [lo, hi) of queries any of the keys
+// is seen by (every query unless MASKED).
+struct KeyRows {
+  int j0, kvalid, lo, hi;
+  long long krow, qbase;
+};
+
+template <bool MASKED>
+__device__ __forceinline__ KeyRows key_rows(int j0, int kvalid, int lq, int lk, int hq, int hk, Mask mask) {
+  const int hkv = blockIdx.y, b = blockIdx.z;
+  KeyRows r{j0, kvalid, 0, lq, (static_cast<long long>(b) * hk + hkv) * lk + j0, static_cast<long long>(b) * hq};
+  if (MASKED) {
+    r.lo = max(0, j0 - mask.off - mask.right);
+    r.hi = min(lq, j0 + kvalid - 1 - mask.off + mask.left + 1);
+  }
+  return r;
+}
 
 template <int D>
 struct BwdShape {
