@@ -71,7 +71,7 @@ def forward(
     out : (B, Hq, Lq, D), lse : (B, Hq, Lq) float32; rows with no visible stored key get 0 and ``-inf``.
     """
     mask = dict(scale=scale, offset=offset, left=left, right=right)
-    return driver.forward(q, k, v, layout, **mask, out=out, lse=lse, element=element)
+    return driver.forward(q, k, v, layout, mask, out, lse, element)
 
 
 def backward(
@@ -103,5 +103,4 @@ def backward(
     way.
     """
     mask = dict(scale=scale, offset=offset, left=left, right=right)
-    options = dict(grads=grads, element=element, deterministic=deterministic)
-    return driver.backward(dout, q, k, v, out, lse, layout, **mask, **options)
+    return driver.backward((dout, q, k, v, out, lse), layout, mask, grads, element, deterministic)

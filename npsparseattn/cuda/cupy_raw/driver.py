@@ -229,27 +229,17 @@ def _launch(kernel: str, dtype: str, d: int | None, masked: bool | None, grid, s
 
 
 def forward(
-    q: Any,
-    k: Any,
-    v: Any,
-    layout: Any,
-    *,
-    scale: float,
-    offset: int,
-    left: int | None,
-    right: int | None,
-    out: Any = None,
-    lse: Any = None,
-    element: str | None = None,
+    q: Any, k: Any, v: Any, layout: Any, mask: dict[str, Any], out: Any, lse: Any, element: str | None
 ) -> tuple[Any, Any]:
     """Attention forward on canonical 4-D arrays (tensor cores): dense if ``layout`` is None, else over its
-    stored blocks.  Arguments and results: :func:`npsparseattn.cuda.cupy_raw.exact.forward`."""
+    stored blocks; ``mask`` holds ``scale, offset, left, right``.  Arguments and results:
+    :func:`npsparseattn.cuda.cupy_raw.exact.forward`."""
     element = check_arrays(q.dtype, q=q, k=k, v=v, element=element)
     with device_of(q):
-        return _forward(q, k, v, layout, scale, offset, left, right, out, lse, element)
+        return _forward(q, k, v, layout, **mask, out=out, lse=lse, element=element)
 
 
-def _forward(q, k, v, layout, scale, offset, left, right, out, lse, element) -> tuple[Any, Any]:
+def _forward(q, k, v, layout, *, scale, offset, left, right, out, lse, element) -> tuple[Any, Any]:
     xp = _xp(q)
     q, k, v = (kernel_input(x) for x in (q, k, v))
     n_batch, hq, lq, d = q.shape
@@ -286,30 +276,18 @@ def store_dq(dq_acc: Any, dq: Any, dtype: str, scale: float) -> None:
 
 
 def backward(
-    dout: Any,
-    q: Any,
-    k: Any,
-    v: Any,
-    out: Any,
-    lse: Any,
-    layout: Any,
-    *,
-    scale: float,
-    offset: int,
-    left: int | None,
-    right: int | None,
-    grads: tuple[Any, Any, Any] | None = None,
-    element: str | None = None,
-    deterministic: bool = False,
+    arrays: tuple, layout: Any, mask: dict[str, Any], grads: Any, element: str | None, deterministic: bool
 ) -> tuple[Any, Any, Any]:
-    """Attention backward on canonical 4-D arrays (tensor cores): dense if ``layout`` is None, else over its
-    stored blocks.  Arguments and results: :func:`npsparseattn.cuda.cupy_raw.exact.backward`."""
+    """Attention backward on canonical 4-D arrays (tensor cores): ``arrays`` are ``(dout, q, k, v, out, lse)``,
+    dense if ``layout`` is None, else over its stored blocks; ``mask`` holds ``scale, offset, left, right``.
+    Arguments and results: :func:`npsparseattn.cuda.cupy_raw.exact.backward`."""
+    dout, q, k, v, out, lse = arrays
     element = check_arrays(q.dtype, lse, q=q, k=k, v=v, dout=dout, out=out, element=element)
     with device_of(q):
-        return _backward(dout, q, k, v, out, lse, layout, scale, offset, left, right, grads, element, deterministic)
+        return _backward(*arrays, layout, **mask, grads=grads, element=element, deterministic=deterministic)
 
 
-def _backward(dout, q, k, v, out, lse, layout, scale, offset, left, right, grads, element, deterministic) -> tuple:
+def _backward(dout, q, k, v, out, lse, layout, *, scale, offset, left, right, grads, element, deterministic) -> tuple:
     xp = _xp(q)
     dout, q, k, v, out, lse = (kernel_input(x) for x in (dout, q, k, v, out, lse))
     lq, d, lk = q.shape[2], q.shape[3], k.shape[2]

@@ -68,7 +68,7 @@ def forward(
     out : (B, Hq, Lq, D) input dtype, lse : (B, Hq, Lq) float32; a row with no visible key gets 0 and ``-inf``.
     """
     mask = dict(scale=scale, offset=offset, left=left, right=right)
-    return driver.forward(q, k, v, None, **mask, out=out, lse=lse, element=element)
+    return driver.forward(q, k, v, None, mask, out, lse, element)
 
 
 def backward(
@@ -99,5 +99,4 @@ def backward(
     way.
     """
     mask = dict(scale=scale, offset=offset, left=left, right=right)
-    options = dict(grads=grads, element=element, deterministic=deterministic)
-    return driver.backward(dout, q, k, v, out, lse, None, **mask, **options)
+    return driver.backward((dout, q, k, v, out, lse), None, mask, grads, element, deterministic)

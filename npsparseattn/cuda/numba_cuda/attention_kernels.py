@@ -437,19 +437,7 @@ def dkdv_kernel(t: Tiles, bf16: bool) -> Any:
 
 
 def forward_runs(
-    q: Any,
-    k: Any,
-    v: Any,
-    runs: Runs,
-    lheads: int,
-    block: tuple[int, int],
-    *,
-    scale: float,
-    offset: int,
-    left: int | None,
-    right: int | None,
-    out: Any = None,
-    lse: Any = None,
+    q: Any, k: Any, v: Any, runs: Runs, lheads: int, block: tuple[int, int], mask: dict[str, Any], out: Any, lse: Any
 ) -> tuple[Any, Any]:
     """Attention forward over runs of key blocks, on canonical arrays of one kind (CuPy, or NumPy simulated).
 
@@ -464,9 +452,8 @@ def forward_runs(
         1 (rows shared by every head) or Hq.
     block : (bq, bk)
         Query and key block edges of the runs.
-    scale, offset, left, right :
-        The visibility rule of the kernel contract.
-    out, lse : optional buffers (B, Hq, Lq, Dv) in the storage dtype and (B, Hq, Lq) float32.
+    mask : ``scale, offset, left, right``, the visibility rule of the kernel contract.
+    out, lse : buffers (B, Hq, Lq, Dv) in the storage dtype and (B, Hq, Lq) float32, or None.
 
     Returns
     -------
@@ -474,6 +461,7 @@ def forward_runs(
     """
     n_batch, hq, lq, d = q.shape
     lk, dv = k.shape[2], v.shape[3]
+    scale, offset, left, right = (mask[key] for key in ("scale", "offset", "left", "right"))
     with on_device(q):
         out = empty(q, (n_batch, hq, lq, dv), q.dtype) if out is None else out
         lse = empty(q, (n_batch, hq, lq), "float32") if lse is None else lse
@@ -496,30 +484,19 @@ def forward_runs(
 
 
 def backward_runs(
-    dout: Any,
-    q: Any,
-    k: Any,
-    v: Any,
-    out: Any,
-    lse: Any,
-    runs: Runs,
-    columns: Runs,
-    lheads: int,
-    block: tuple[int, int],
-    *,
-    scale: float,
-    offset: int,
-    left: int | None,
-    right: int | None,
-    grads: tuple[Any, Any, Any] | None = None,
+    arrays: tuple, runs: Runs, columns: Runs, lheads: int, block: tuple[int, int], mask: dict[str, Any], grads: Any
 ) -> tuple[Any, Any, Any]:
     """Attention backward over runs (dQ) and the transpose's runs ``columns`` (dK/dV); see :func:`forward_runs`.
+
+    ``arrays`` are ``(dout, q, k, v, out, lse)``; ``grads`` the ``(dq, dk, dv)`` buffers or None.
 
     ``dout``/``out`` (B, Hq, Lq, Dv) in the storage dtype, ``lse`` (B, Hq, Lq)
     float32; ``columns`` row ``lh * nkb + c`` lists ranges of query blocks
     that attend key block ``c``.  Returns ``(dq, dk, dv)`` in the storage
     dtype, ``dk``/``dv`` summed over each GQA group.
     """
+    dout, q, k, v, out, lse = arrays
+    scale, offset, left, right = (mask[key] for key in ("scale", "offset", "left", "right"))
     n_batch, hq, lq, d = q.shape
     hk, lk, dv = k.shape[1], k.shape[2], v.shape[3]
     with on_device(q):

@@ -57,7 +57,7 @@ def forward(
     out, lse; rows with no visible stored key get 0 and ``-inf``.
     """
     mask = dict(scale=scale, offset=offset, left=left, right=right)
-    return forward_runs(q, k, v, device_runs(layout, q), layout.heads, layout.block, **mask, out=out, lse=lse)
+    return forward_runs(q, k, v, device_runs(layout, q), layout.heads, layout.block, mask, out, lse)
 
 
 def backward(
@@ -84,4 +84,4 @@ def backward(
     """
     mask = dict(scale=scale, offset=offset, left=left, right=right)
     rows, columns = device_runs(layout, q), device_runs(layout, q, transposed=True)
-    return backward_runs(dout, q, k, v, out, lse, rows, columns, layout.heads, layout.block, **mask, grads=grads)
+    return backward_runs((dout, q, k, v, out, lse), rows, columns, layout.heads, layout.block, mask, grads)

@@ -55,7 +55,7 @@ def forward(
     out : (B, Hq, Lq, Dv) in the input dtype, lse : (B, Hq, Lq) float32.
     """
     mask = dict(scale=scale, offset=offset, left=left, right=right)
-    return forward_runs(q, k, v, single_run(q), 1, _whole(q, k), **mask, out=out, lse=lse)
+    return forward_runs(q, k, v, single_run(q), 1, _whole(q, k), mask, out, lse)
 
 
 def backward(
@@ -82,4 +82,4 @@ def backward(
     """
     runs = single_run(q)
     mask = dict(scale=scale, offset=offset, left=left, right=right)
-    return backward_runs(dout, q, k, v, out, lse, runs, runs, 1, _whole(q, k), **mask, grads=grads)
+    return backward_runs((dout, q, k, v, out, lse), runs, runs, 1, _whole(q, k), mask, grads)
