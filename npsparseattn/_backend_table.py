@@ -65,12 +65,14 @@ class Backend:
 
 @dataclass(frozen=True)
 class Operation:
-    """A registry operation; ``short`` names its test fixture (``<short>_backend``); ``alias_of``: it runs the
-    kernels of that operation (ring attention runs the attention kernels block by block)."""
+    """A registry operation; ``short`` names its test fixture (``<short>_backend``); ``kernels``: the functions a
+    backend module of it defines (the kernel contract of :mod:`npsparseattn.problems`); ``alias_of``: it runs
+    the kernels of that operation (ring attention runs the attention kernels block by block)."""
 
     name: str
     short: str
     summary: str
+    kernels: tuple[str, ...] = ("forward", "backward")
     alias_of: str | None = None
 
 
@@ -124,12 +126,14 @@ BACKEND_BY_NAME = {backend.name: backend for backend in BACKENDS}
 OPERATIONS: tuple[Operation, ...] = (
     Operation("attention", "attention", "tiled exact attention"),
     Operation("block_sparse_attention", "block_sparse", "attention over the blocks of a CSR layout"),
-    Operation("lsh_buckets", "lsh_buckets", "Reformer LSH hashing"),
-    Operation("lsh_sort", "lsh_sort", "the LSH sort plan"),
+    Operation("lsh_buckets", "lsh_buckets", "Reformer LSH hashing", kernels=("buckets",)),
+    Operation("lsh_sort", "lsh_sort", "the LSH sort plan", kernels=("sort",)),
     Operation("lsh_attention", "lsh", "Reformer LSH attention"),
-    Operation("ring_attention", "ring", "sequence-parallel attention", alias_of="attention"),
+    Operation("ring_attention", "ring", "sequence-parallel attention", kernels=(), alias_of="attention"),
     Operation("attention_varlen", "varlen", "packed variable-length sequences"),
-    Operation("attention_with_kvcache", "kvcache", "decoding from a contiguous or paged KV cache"),
+    Operation(
+        "attention_with_kvcache", "kvcache", "decoding from a contiguous or paged KV cache", kernels=("forward",)
+    ),
 )
 
 _ATTENTION_KERNELS = (

@@ -178,15 +178,7 @@ def available_backends(op: str = "attention") -> list[str]:
 
 # what a backend module declares (the kernel contract of npsparseattn.problems), and its kernels per operation
 CONTRACT = ("KINDS", "DTYPES", "TOLERANCE", "STRIDED_ROWS", "compute_dtype", "unsupported")
-KERNELS = {
-    "attention": ("forward", "backward"),
-    "block_sparse_attention": ("forward", "backward"),
-    "lsh_buckets": ("buckets",),
-    "lsh_sort": ("sort",),
-    "lsh_attention": ("forward", "backward"),
-    "attention_varlen": ("forward", "backward"),
-    "attention_with_kvcache": ("forward",),
-}
+KERNELS = {op.name: op.kernels for op in _backend_table.OPERATIONS if not op.alias_of}
 _REGISTERED: set[Row] = set()  # rows added by register_backend (the ones unregister_backend may remove)
 
 
