@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.npsparseattn-installed
 EXTRAS ?= test,mpi,plot,bench,docs,cuda,interop
 
-.PHONY: demo test lint bench docs asv-smoke clean-cache test-cudasim gpu-check
+.PHONY: demo test lint bench docs asv-smoke clean-cache test-cudasim gpu-check check-wheel
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ test-cudasim: $(STAMP)
 GPU_CHECK_OUT ?= build/gpu-check
 gpu-check:
 	$(PYTHON) tools/gpu_check.py $(GPU_CHECK_OUT)
+
+# The built wheel, installed into a fresh virtual environment (no network: --no-deps, the dependencies are
+# this environment's), runs one emulated backend="cupy" call from outside the checkout: package data such as
+# the CUDA sources and the emulation headers must be in the wheel (an editable install would hide a gap).
+check-wheel: $(STAMP)
+	$(BIN)/python tools/check_wheel.py
 
 # The documentation site; Sphinx warnings are errors.
 docs: $(STAMP)

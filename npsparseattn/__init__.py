@@ -12,9 +12,15 @@ lsh_attention, lsh_attention_backward, lsh_buckets, lsh_sort
 layouts
     BlockLayout and its builders (dense, causal, sliding_window, strided, fixed,
     longformer, bigbird, topk, from_* / to_scipy, union, intersect, stack).
+context_parallel_attention, context_parallel_attention_backward
+    Exact attention over a sequence sharded across MPI ranks or GPUs: ring,
+    Ulysses (all-to-all over heads), hybrid and all-gather modes; packed
+    documents, block-sparse layouts; communicators in ``npsparseattn.distributed``.
+inspect
+    How much of the dense attention a sparse selection keeps: coverage per
+    query, mass maps per block, recall per head, a real q/k sample (module).
 ring_attention, ring_attention_backward, shard, unshard
-    Exact attention over a sequence sharded across MPI ranks or GPUs (K/V travel
-    a ring); communicators in ``npsparseattn.distributed``.
+    The ring mode under its own name, and how to cut a sequence into shards.
 attention_varlen, attention_varlen_backward
     Packed batches of sequences of different lengths (flash-attn's varlen).
 attention_with_kvcache
@@ -22,10 +28,11 @@ attention_with_kvcache
     place (flash-attn's ``flash_attn_with_kvcache``; flash-decoding splits).
 merge_states
     The exact merge of two partial attention results by their lse.
-available_backends, register_backend, BackendError
+available_backends, register_backend, unregister_backend, BackendError
     The backend registry: which implementations exist for an operation, how
     to add one (a module per operation on the kernel contract of
-    :mod:`npsparseattn.problems`), the error that explains a refusal.
+    :mod:`npsparseattn.problems`) and remove it again, the error that
+    explains a refusal.
 reference
     Dense float64 oracle (module).
 
@@ -40,9 +47,10 @@ until a kernel runs).
 
 from __future__ import annotations
 
-from npsparseattn import layouts, reference
-from npsparseattn._dispatch import BackendError, available_backends, register_backend
+from npsparseattn import inspect, layouts, reference
+from npsparseattn._dispatch import BackendError, available_backends, register_backend, unregister_backend
 from npsparseattn.block_sparse import block_sparse_attention, block_sparse_attention_backward
+from npsparseattn.context_parallel import context_parallel_attention, context_parallel_attention_backward
 from npsparseattn.exact import attention, attention_backward
 from npsparseattn.kvcache import attention_with_kvcache
 from npsparseattn.lsh import lsh_attention, lsh_attention_backward, lsh_buckets, lsh_rotations, lsh_sort
@@ -63,6 +71,9 @@ __all__ = [
     "available_backends",
     "block_sparse_attention",
     "block_sparse_attention_backward",
+    "context_parallel_attention",
+    "context_parallel_attention_backward",
+    "inspect",
     "layouts",
     "lsh_attention",
     "lsh_attention_backward",
@@ -75,5 +86,6 @@ __all__ = [
     "ring_attention",
     "ring_attention_backward",
     "shard",
+    "unregister_backend",
     "unshard",
 ]

@@ -144,9 +144,21 @@ class Implementation:
 _LOADED: dict[Row, Implementation] = {}
 
 
+ARRAY_OPERATIONS = {"merge_states": "array arithmetic that runs on NumPy and CuPy arrays as they are"}
+
+
 def check_operation(op: Any) -> str:
-    """``op`` is a known operation name; ``ValueError`` listing them otherwise."""
-    if op not in OPERATIONS:
+    """``op`` is a known operation name; ``ValueError`` listing them otherwise.
+
+    ``merge_states`` is named as what it is: a public operation with no
+    backends (array arithmetic, no ``backend=`` argument).
+    """
+    if isinstance(op, str) and op in ARRAY_OPERATIONS:
+        raise ValueError(
+            f"{op} has no backends to choose from: it is {ARRAY_OPERATIONS[op]} (it takes no backend= argument); "
+            f"the operations with backends are {', '.join(map(repr, OPERATIONS))}"
+        )
+    if not isinstance(op, str) or op not in OPERATIONS:
         raise ValueError(f"unknown operation {op!r}; the operations are {', '.join(map(repr, OPERATIONS))}")
     return op
 
@@ -170,8 +182,10 @@ def backend_names() -> list[str]:
 def available_backends(op: str = "attention") -> list[str]:
     """Names of the backends registered for ``op``, in auto-selection order.
 
-    Every operation answers (``"ring_attention"`` runs the ``"attention"``
-    kernels); an unknown name is a ``ValueError`` listing the operations.
+    Every operation that takes ``backend=`` answers (``"ring_attention"``
+    runs the ``"attention"`` kernels).  ``"merge_states"`` has no backends
+    (it is array arithmetic on NumPy or CuPy arrays) and says so; an unknown
+    name is a ``ValueError`` listing the operations.
     Whether one can run given inputs here: call with ``backend=<name>``; the
     :class:`BackendError` names every reason it cannot.
 
@@ -181,15 +195,57 @@ def available_backends(op: str = "attention") -> list[str]:
     return [impl.name for impl in implementations(op)]
 
 
+# what a backend module declares (the kernel contract of npsparseattn.problems), and its kernels per operation
+CONTRACT = ("KINDS", "DTYPES", "TOLERANCE", "STRIDED_ROWS", "compute_dtype", "unsupported")
+KERNELS = {
+    "attention": ("forward", "backward"),
+    "block_sparse_attention": ("forward", "backward"),
+    "lsh_buckets": ("buckets",),
+    "lsh_sort": ("sort",),
+    "lsh_attention": ("forward", "backward"),
+    "attention_varlen": ("forward", "backward"),
+    "attention_with_kvcache": ("forward",),
+}
+_REGISTERED: set[Row] = set()  # rows added by register_backend (the ones unregister_backend may remove)
+
+
+def _check_module(op: str, module: Any) -> None:
+    """``module`` names an importable module that declares the contract and has ``op``'s kernels."""
+    if not isinstance(module, str) or not module:
+        raise TypeError(f"module must be an import path such as 'mypackage.attention', got {module!r}")
+    try:
+        loaded = importlib.import_module(module)
+    except Exception as err:  # an import error, or any error raised while the module runs
+        raise ValueError(f"module {module!r} cannot be imported: {type(err).__name__}: {err}") from err
+    missing = [name for name in CONTRACT + KERNELS[op] if not hasattr(loaded, name)]
+    if missing:
+        raise ValueError(
+            f"module {module!r} does not follow the kernel contract of {op}: it lacks {', '.join(missing)} "
+            f"(a backend module declares {', '.join(CONTRACT)} and the kernels {', '.join(KERNELS[op])}; "
+            f"see npsparseattn.problems)"
+        )
+    not_callable = [
+        name for name in ("compute_dtype", "unsupported", *KERNELS[op]) if not callable(getattr(loaded, name))
+    ]
+    if not_callable:
+        raise ValueError(f"module {module!r}: {', '.join(not_callable)} must be functions")
+
+
 def register_backend(op: str, backend: str, module: str, *, priority: int = 50, auto: bool = True) -> None:
     """Add the implementation of ``op`` by ``backend``, whose kernels live in ``module`` (an import path).
 
-    The module follows the kernel contract of :mod:`npsparseattn.problems`;
-    it is imported the first time the registry consults it.  For example,
+    The module follows the kernel contract of :mod:`npsparseattn.problems`:
+    it is imported now and must declare ``KINDS``, ``DTYPES``, ``TOLERANCE``,
+    ``STRIDED_ROWS``, ``compute_dtype`` and ``unsupported`` and define the
+    operation's kernels (``forward`` and ``backward``; ``buckets`` for
+    ``lsh_buckets``, ``sort`` for ``lsh_sort``, ``forward`` only for
+    ``attention_with_kvcache``), or registration fails and nothing changes.
+    ``priority`` is an int (lower is tried first by ``backend="auto"``: the
+    built-in CPU kernels have 10), ``auto`` a bool.  For example,
     ``register_backend("attention", "mine", "mypackage.attention", priority=5)``
     makes ``backend="mine"`` call ``mypackage.attention.forward`` (and
     ``backward``), and ``backend="auto"`` try it first.  Each name is taken
-    once per operation:
+    once per operation; :func:`unregister_backend` removes it again:
 
     >>> register_backend("attention", "numba", "npsparseattn.cpu.exact")
     Traceback (most recent call last):
@@ -202,7 +258,36 @@ def register_backend(op: str, backend: str, module: str, *, priority: int = 50, 
         raise ValueError(f"backend must be a non-empty name other than 'auto', got {backend!r}")
     if any(row.op == op and row.backend == backend for row in _TABLE):
         raise ValueError(f"backend {backend!r} is already registered for {op}")
-    _TABLE.append(Row(op, backend, module, priority, auto))
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise TypeError(f"priority must be an int (lower is tried first; the CPU kernels have 10), got {priority!r}")
+    if not isinstance(auto, bool):
+        raise TypeError(f"auto must be True or False, got {auto!r}")
+    _check_module(op, module)
+    row = Row(op, backend, module, int(priority), auto)
+    _TABLE.append(row)
+    _REGISTERED.add(row)
+
+
+def unregister_backend(op: str, backend: str) -> None:
+    """Remove the implementation of ``op`` by ``backend`` that :func:`register_backend` added.
+
+    Built-in backends stay (pass another ``backend=`` to avoid one); a name
+    not registered for ``op`` is a ``ValueError`` listing the names that are.
+
+    >>> unregister_backend("attention", "numba")
+    Traceback (most recent call last):
+    ValueError: backend 'numba' is built into npsparseattn and cannot be removed from attention
+    """
+    check_operation(op)
+    rows = [row for row in _TABLE if row.op == op and row.backend == backend]
+    if not rows:
+        have = ", ".join(impl.name for impl in implementations(op))
+        raise ValueError(f"backend {backend!r} is not registered for {op}; its backends: {have}")
+    if rows[0] not in _REGISTERED:
+        raise ValueError(f"backend {backend!r} is built into npsparseattn and cannot be removed from {op}")
+    _TABLE.remove(rows[0])
+    _REGISTERED.discard(rows[0])
+    _LOADED.pop(rows[0], None)
 
 
 def select(op: str, problem: Any, backend: str) -> Implementation:

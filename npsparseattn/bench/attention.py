@@ -73,6 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     isa.add_argument(parser)
 
 
+def check_arguments(args: argparse.Namespace) -> str | None:
+    """What is wrong with a combination of options (the command line checks each count on its own), or ``None``."""
+    if args.kv_heads is not None and args.heads % args.kv_heads:
+        return f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads} (grouped-query attention)"
+    return None
+
+
 def total_memory() -> int:
     """Physical memory of the machine in bytes."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

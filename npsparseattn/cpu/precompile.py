@@ -3,7 +3,8 @@
 A kernel compiles on its first call (10-30 s each, single-threaded) and is
 then loaded from numba's cache next to its source (or ``NUMBA_CACHE_DIR``) in
 a fraction of a second.  :func:`precompile` makes every version a program can
-need, for float32 and float64 inputs (float16 and bfloat16 read as float32),
+need, for float32 and float64 inputs (float16 and bfloat16 read as float32;
+a float16 or bfloat16 KV cache as its 16-bit patterns),
 C-contiguous and, for the kernels that read strided rows in place (varlen,
 the KV cache), strided (:mod:`npsparseattn.cpu._jit`), by calling each
 operation on small random inputs: for a container image, a cluster job's
@@ -84,6 +85,9 @@ def _kvcache(dtype, rng: np.random.Generator) -> None:
         k_cache, v_cache = (_array(rng, (2, 2, capacity, 16), dtype, strided) for _ in range(2))
         seqlens = np.full(2, capacity - 8, np.int32)
         nsa.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, backend="numba")
+        if dtype == np.float32 and lq == 9:  # float16/bfloat16 caches are read as stored: their bits, as uint16
+            half = (x.astype(np.float16) for x in (q, k_cache, v_cache))
+            nsa.attention_with_kvcache(*half, cache_seqlens=seqlens, backend="numba")
 
 
 def _lsh(dtype, rng: np.random.Generator) -> None:
