@@ -11,9 +11,13 @@ order, that allows automatic choice and has no reasons against the problem;
 when none fits, the error lists every row with its reasons (the xformers
 habit).  A named backend is taken or refused with its reasons.
 
+The rows are derived from the one table of implementations,
+:mod:`npsparseattn._backend_table`, which also feeds the ahead-of-time
+builds, the compile checks, the tests' backend axis and the docs.
 ``ring_attention`` runs the ``attention`` kernels block by block, so it is an
 alias of ``attention`` here.  Adding a backend is one module per operation
-plus one :func:`register_backend` call (or one row in :data:`_TABLE`).
+plus one :func:`register_backend` call (or, inside the package, one entry
+per operation in the table).
 """
 
 from __future__ import annotations
@@ -26,19 +30,11 @@ from typing import Any
 
 import numpy as np
 
+from npsparseattn import _backend_table
 from npsparseattn._arrays import KIND_NAMES
 
-OPERATIONS = (
-    "attention",
-    "block_sparse_attention",
-    "lsh_buckets",
-    "lsh_sort",
-    "lsh_attention",
-    "ring_attention",
-    "attention_varlen",
-    "attention_with_kvcache",
-)
-ALIASES = {"ring_attention": "attention"}  # ring attention runs the attention kernels block by block
+OPERATIONS = tuple(op.name for op in _backend_table.OPERATIONS)
+ALIASES = {op.name: op.alias_of for op in _backend_table.OPERATIONS if op.alias_of}  # ring attention: block by block
 
 
 class BackendError(ValueError):
@@ -50,8 +46,9 @@ class Row:
     """One backend's implementation of one operation: the module that holds its kernels.
 
     ``priority``: lower is tried first by ``backend="auto"`` (CPU kernels 10,
-    CuPy 20, numba-cuda 30, reference 100).  ``auto=False``: only taken when
-    named (the dense float64 reference is the test oracle, O(L^2) in memory).
+    CuPy 20, numba-cuda 30, reference 100; :data:`npsparseattn._backend_table.BACKENDS`).
+    ``auto=False``: only taken when named (the dense float64 reference is the
+    test oracle, O(L^2) in memory).
     """
 
     op: str
@@ -61,29 +58,13 @@ class Row:
     auto: bool = True
 
 
-_TABLE: list[Row] = [
-    Row("attention", "numba", "npsparseattn.cpu.exact", 10),
-    Row("attention", "cupy", "npsparseattn.cuda.raw_exact", 20),
-    Row("attention", "numba-cuda", "npsparseattn.cuda.numba_exact", 30),
-    Row("attention", "reference", "npsparseattn.reference.exact", 100, auto=False),
-    Row("block_sparse_attention", "numba", "npsparseattn.cpu.block_sparse", 10),
-    Row("block_sparse_attention", "cupy", "npsparseattn.cuda.raw_block_sparse", 20),
-    Row("block_sparse_attention", "numba-cuda", "npsparseattn.cuda.numba_block_sparse", 30),
-    Row("block_sparse_attention", "reference", "npsparseattn.reference.block_sparse", 100, auto=False),
-    Row("lsh_buckets", "numba", "npsparseattn.cpu.lsh_hash", 10),
-    Row("lsh_buckets", "numba-cuda", "npsparseattn.cuda.numba_lsh_hash", 30),
-    Row("lsh_buckets", "reference", "npsparseattn.reference.lsh_hash", 100, auto=False),
-    Row("lsh_sort", "numba", "npsparseattn.cpu.lsh_sort", 10),
-    Row("lsh_sort", "numba-cuda", "npsparseattn.cuda.numba_lsh_sort", 30),
-    Row("lsh_sort", "reference", "npsparseattn.reference.lsh_sort", 100, auto=False),
-    Row("lsh_attention", "numba", "npsparseattn.cpu.lsh", 10),
-    Row("lsh_attention", "numba-cuda", "npsparseattn.cuda.numba_lsh", 30),
-    Row("lsh_attention", "reference", "npsparseattn.reference.lsh", 100, auto=False),
-    Row("attention_varlen", "numba", "npsparseattn.cpu.varlen", 10),
-    Row("attention_varlen", "reference", "npsparseattn.reference.varlen", 100, auto=False),
-    Row("attention_with_kvcache", "numba", "npsparseattn.cpu.kvcache", 10),
-    Row("attention_with_kvcache", "reference", "npsparseattn.reference.kvcache", 100, auto=False),
-]
+def _row(entry: _backend_table.Entry) -> Row:
+    backend = _backend_table.BACKEND_BY_NAME[entry.backend]
+    return Row(entry.op, entry.backend, entry.path, backend.priority, backend.auto)
+
+
+# derived from the one table of implementations (npsparseattn/_backend_table.py); register_backend appends
+_TABLE: list[Row] = [_row(entry) for entry in _backend_table.ENTRIES]
 
 
 class Implementation:
@@ -197,15 +178,7 @@ def available_backends(op: str = "attention") -> list[str]:
 
 # what a backend module declares (the kernel contract of npsparseattn.problems), and its kernels per operation
 CONTRACT = ("KINDS", "DTYPES", "TOLERANCE", "STRIDED_ROWS", "compute_dtype", "unsupported")
-KERNELS = {
-    "attention": ("forward", "backward"),
-    "block_sparse_attention": ("forward", "backward"),
-    "lsh_buckets": ("buckets",),
-    "lsh_sort": ("sort",),
-    "lsh_attention": ("forward", "backward"),
-    "attention_varlen": ("forward", "backward"),
-    "attention_with_kvcache": ("forward",),
-}
+KERNELS = {op.name: op.kernels for op in _backend_table.OPERATIONS if not op.alias_of}
 _REGISTERED: set[Row] = set()  # rows added by register_backend (the ones unregister_backend may remove)
 
 

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq", type=int, default=16384, help="total sequence length L (all ranks together)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=0, help="key/value heads (GQA); 0: as many as --heads")
+    parser.add_argument("--kv-heads", type=int, help="key/value heads (grouped-query attention; default: --heads)")
     parser.add_argument(
         "--mode", nargs="+", choices=[*MODES, "all"], default=["all"], help="context-parallel modes to measure"
     )

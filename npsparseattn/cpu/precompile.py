@@ -18,6 +18,9 @@ the block-sparse and varlen backwards also call) compile beside the LSH and
 KV-cache ones; in phase 2 the block-sparse and varlen kernels compile while
 the ``attention`` kernels they share are only loaded (varlen adds the
 strided version of the row-dot kernel, and is the only process writing it).
+The groups and their phases are those of the table of implementations
+(:mod:`npsparseattn._backend_table`, the ``numba`` entries); :data:`GROUPS`
+holds each group's warm-up call.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 import numpy as np
+
+from npsparseattn import _backend_table
 
 __all__ = ["GROUPS", "PHASES", "precompile", "run_group"]
 
@@ -106,11 +111,19 @@ GROUPS: dict[str, Callable[..., None]] = {
     "block_sparse": _block_sparse,
     "varlen": _varlen,
 }
+"""The warm-up of each group that the table's ``numba`` entries name (:func:`npsparseattn._backend_table.groups`)."""
+
+
+def _phases() -> tuple[tuple[tuple[str, ...], ...], ...]:
+    """The groups of the table's ``numba`` entries by phase, one process group each, phases in order."""
+    by_phase: dict[int, list[tuple[str, ...]]] = {}
+    for group, phase in _backend_table.groups("numba").items():
+        by_phase.setdefault(phase, []).append((group,))
+    return tuple(tuple(by_phase[phase]) for phase in sorted(by_phase))
+
+
 # groups of one phase own disjoint kernels and run side by side; a later phase only loads what an earlier one made
-PHASES: tuple[tuple[tuple[str, ...], ...], ...] = (
-    (("attention",), ("lsh", "kvcache")),
-    (("block_sparse",), ("varlen",)),
-)
+PHASES: tuple[tuple[tuple[str, ...], ...], ...] = _phases()
 
 
 def run_group(names: tuple[str, ...]) -> dict[str, float]:
