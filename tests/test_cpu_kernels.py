@@ -310,3 +310,33 @@ def test_only_bottom_right_aligned_decoding_takes_the_kv_cache_forward(rng):
     assert not dense_kernels.decode_shaped(q, k[:, :, :1000], 998)  # few keys
     many = np.concatenate([q] * 40, axis=2)  # 80 rows x group 2 > one row tile
     assert not dense_kernels.decode_shaped(many, k, 1200 - 80)
+
+
+@pytest.mark.parametrize("small_matrix", [True, False], ids=["small-matrix-blas", "packing-blas"])
+@pytest.mark.parametrize("mask", [dict(), dict(causal=True), dict(window=(90, 7))], ids=["full", "causal", "window"])
+def test_both_tile_families_match_the_reference(rng, monkeypatch, small_matrix, mask):
+    """The tiles for OpenBLAS's small-matrix cores and those for packing cores: whichever this machine's BLAS
+    picks, the other is run here too (forward, both backward schemes, odd lengths, GQA, D != Dv)."""
+    monkeypatch.setattr(dense_kernels, "small_matrix_kernels", lambda: small_matrix)
+    q, k, v = random_qkv(rng, batch=(2,), hq=4, hk=2, lq=531, lk=533, d=48, dv=40, dtype=np.float64)
+    expected = reference.attention(q, k, v, **mask)
+    out, lse = nsa.attention(q, k, v, return_lse=True, backend="numba", **mask)
+    assert rel_err(out, expected[0]) < 1e-10 and rel_err(lse, expected[1]) < 1e-10
+    dout = random_array(rng, out.shape)
+    ref_grads = reference.attention_backward(dout, q, k, v, **mask)
+    for scheme in SCHEMES:
+        grads = _kernel_backward(dout, q, k, v, out, lse, mask, scheme=scheme)
+        for g, r in zip(grads, ref_grads):
+            assert rel_err(g, r, floor=1.0) < 1e-10
+
+
+def test_tile_shapes_follow_the_blas_cores(monkeypatch):
+    monkeypatch.setattr(dense_kernels, "small_matrix_kernels", lambda: True)
+    for width in (32, 64, 128, 256):
+        for backward in (False, True):
+            rows, keys = dense_kernels.tile_shape(width, backward)
+            assert rows * keys * width <= dense_kernels.GEMM_VOLUME and keys % 32 == 0
+    monkeypatch.setattr(dense_kernels, "small_matrix_kernels", lambda: False)
+    assert dense_kernels.tile_shape(64) == dense_kernels.PACKED_TILES[64][0]
+    assert dense_kernels.tile_shape(100, backward=True) == dense_kernels.PACKED_TILES[128][1]
+    assert dense_kernels.tile_shape(512) == dense_kernels.PACKED_TILES[None][0]

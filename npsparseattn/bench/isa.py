@@ -75,13 +75,14 @@ def _cpu_model() -> tuple[str, set[str]]:
 
 
 def _blas() -> str:
-    """NumPy's BLAS, its version and the kernels it chose (threadpoolctl), e.g. ``'openblas 0.3.30 (Zen)'``."""
+    """The BLAS the kernels call (SciPy's), its version and the kernels it chose, e.g. ``'openblas 0.3.30 (Zen)'``."""
+    import scipy.linalg.cython_blas  # noqa: F401  (the kernels' BLAS: make sure it is loaded)
     from threadpoolctl import threadpool_info
 
-    for pool in threadpool_info():
-        if pool.get("user_api") == "blas":
-            arch = f" ({pool['architecture']})" if pool.get("architecture") else ""
-            return f"{pool.get('internal_api', 'blas')} {pool.get('version') or ''}{arch}".replace("  ", " ")
+    blas = [pool for pool in threadpool_info() if pool.get("user_api") == "blas"]
+    for pool in sorted(blas, key=lambda pool: "scipy.libs" not in str(pool.get("filepath", ""))):
+        arch = f" ({pool['architecture']})" if pool.get("architecture") else ""
+        return f"{pool.get('internal_api', 'blas')} {pool.get('version') or ''}{arch}".replace("  ", " ")
     return "no BLAS found"
 
 

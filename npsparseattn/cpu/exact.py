@@ -39,7 +39,7 @@ from numba import get_num_threads, prange
 
 from npsparseattn._dtypes import compute_dtype
 from npsparseattn.cpu import DTYPES, KINDS, kvcache
-from npsparseattn.cpu._blas import gemm_address, single_threaded_blas
+from npsparseattn.cpu._blas import gemm_address, single_threaded_blas, small_matrix_kernels
 from npsparseattn.cpu._jit import kernel
 from npsparseattn.cpu._steps import backward_kv_pair, backward_pair, backward_q_pair, forward_pair, store_rows
 from npsparseattn.cpu._tiles import (
@@ -284,18 +284,31 @@ def transposed(x: np.ndarray, reuse: int) -> np.ndarray:
     return xt
 
 
+# (forward, backward) tiles, rows x keys, for BLAS cores without small-matrix kernels, by head dimension
+# (measured on an AVX2 AMD EPYC, OpenBLAS Haswell kernels: docs/design.md)
+PACKED_TILES = {64: ((256, 256), (256, 256)), 128: ((256, 256), (128, 256)), None: ((128, 256), (64, 256))}
+
+
 def tile_shape(width: int, backward: bool = False) -> tuple[int, int]:
     """``(query rows, keys)`` of a tile pair whose products have head dimension ``width = max(D, Dv)``.
 
     Every product of a tile pair (scores, ``P @ V``, the backward's four
-    others) has ``rows * keys * width`` multiply-adds.  Kept within
-    :data:`GEMM_VOLUME`, OpenBLAS multiplies them with its small-matrix
-    kernels, unpacked, about 15 % faster than its packed path (measured:
-    113 against 90-99 GFLOP/s per core on AVX-512).  Keys come in multiples
-    of 32 (a row of scores is whole 128-byte lines; odd multiples of 16 ran
-    10-20 % slower); the forward prefers long key tiles and few rows (one
-    online-softmax update covers more keys), the backward square-ish ones.
+    others) has ``rows * keys * width`` multiply-adds.  With OpenBLAS on an
+    AVX-512 core (:func:`~npsparseattn.cpu._blas.small_matrix_kernels`) they
+    are kept within :data:`GEMM_VOLUME`: OpenBLAS multiplies them with its
+    small-matrix kernels, unpacked, about 15 % faster than its packed path
+    (measured: 113 against 90-99 GFLOP/s per core on AVX-512).  Keys come in
+    multiples of 32 (a row of scores is whole 128-byte lines; odd multiples
+    of 16 ran 10-20 % slower); the forward prefers long key tiles and few
+    rows (one online-softmax update covers more keys), the backward
+    square-ish ones.  Any other BLAS core packs every product, and large
+    tiles amortise the packing (:data:`PACKED_TILES`; on AVX2 the forward
+    ran at 53 % of the GEMM rate with the small-matrix tiles, 80 % with
+    these).
     """
+    if not small_matrix_kernels():
+        size = 64 if width <= 64 else 128 if width <= 128 else None
+        return PACKED_TILES[size][1 if backward else 0]
     if backward:
         keys = 128 if width <= 64 else 64 if width <= 128 else 32
     else:
