@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from npsparseattn import __version__
-from npsparseattn.bench import BENCHMARKS, plot
+from npsparseattn.bench import BENCHMARKS, isa, plot
 from npsparseattn.bench.common import progress
 from npsparseattn.cli import demo, layout
 from npsparseattn.cli import inspect as inspect_command
@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"every CPU kernel is in numba's cache ({time.perf_counter() - start:.1f} s)")
         return 0
     check_bench_arguments(parser, args)
+    if isa.wants_rerun(args):
+        return isa.rerun(args.isa, sys.argv[1:] if argv is None else list(argv))
     args.progress = progress
     result = BENCHMARKS[args.benchmark].run(args)
     if args.plot:

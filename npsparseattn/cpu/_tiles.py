@@ -26,6 +26,11 @@ LN2 = 0.6931471805599453
 FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 
 
+def window_bound(value: int | None) -> int:
+    """A window bound for the kernels: ``None`` (unbounded) becomes :data:`UNBOUNDED`."""
+    return UNBOUNDED if value is None else int(value)
+
+
 def like(value, arr):
     """``value`` converted to the dtype of ``arr`` (jitted code only)."""
     return arr.dtype.type(value)

@@ -54,9 +54,9 @@ from npsparseattn.cpu._tiles import (
     online_softmax_tile,
     row_address,
     row_stride,
+    window_bound,
 )
 from npsparseattn.cpu._vecmath import maxnum
-from npsparseattn.cpu.exact import window_bound
 
 __all__ = [
     "CACHE_DTYPES",
