@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.npsparseattn-installed
 EXTRAS ?= test,mpi,plot,bench,docs,cuda,interop
 
-.PHONY: demo test lint bench docs asv-smoke clean-cache test-cudasim gpu-check
+.PHONY: demo test lint bench docs asv-smoke clean-cache test-cudasim gpu-check check-wheel
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -35,12 +35,21 @@ bench: $(STAMP)
 test-cudasim: $(STAMP)
 	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest tests/cudasim
 
-# The first thing to run on a GPU machine: every gpu-marked test and the GPU benchmarks in under 6 minutes,
+# The first thing to run on a GPU machine: in the first 5 minutes the cupy backend's probes (registers and
+# occupancy, small cases of every launch path, compute-sanitizer memcheck/racecheck/synccheck where the tool is,
+# a case over 2^31 elements), then every gpu-marked test and the GPU benchmarks, within 360 s in all;
 # gpu-check.log, gpu-check.md and the benchmark JSON in $(GPU_CHECK_OUT).  Runs the machine's own python3
 # (CuPy, numba-cuda, PyTorch) on this checkout and installs nothing, so it needs no network.
+# `python3 tools/gpu_check.py OUT --dry-run` prints the plan without running it.
 GPU_CHECK_OUT ?= build/gpu-check
 gpu-check:
 	$(PYTHON) tools/gpu_check.py $(GPU_CHECK_OUT)
+
+# The built wheel, installed into a fresh virtual environment (no network: --no-deps, the dependencies are
+# this environment's), runs one emulated backend="cupy" call from outside the checkout: package data such as
+# the CUDA sources and the emulation headers must be in the wheel (an editable install would hide a gap).
+check-wheel: $(STAMP)
+	$(BIN)/python tools/check_wheel.py
 
 # The documentation site; Sphinx warnings are errors.
 docs: $(STAMP)

@@ -12,9 +12,15 @@ lsh_attention, lsh_attention_backward, lsh_buckets, lsh_sort
 layouts
     BlockLayout and its builders (dense, causal, sliding_window, strided, fixed,
     longformer, bigbird, topk, from_* / to_scipy, union, intersect, stack).
+context_parallel_attention, context_parallel_attention_backward
+    Exact attention over a sequence sharded across MPI ranks or GPUs: ring,
+    Ulysses (all-to-all over heads), hybrid and all-gather modes; packed
+    documents, block-sparse layouts; communicators in ``npsparseattn.distributed``.
+inspect
+    How much of the dense attention a sparse selection keeps: coverage per
+    query, mass maps per block, recall per head, a real q/k sample (module).
 ring_attention, ring_attention_backward, shard, unshard
-    Exact attention over a sequence sharded across MPI ranks or GPUs (K/V travel
-    a ring); communicators in ``npsparseattn.distributed``.
+    The ring mode under its own name, and how to cut a sequence into shards.
 attention_varlen, attention_varlen_backward
     Packed batches of sequences of different lengths (flash-attn's varlen).
 attention_with_kvcache
@@ -28,10 +34,11 @@ routing
     ``lightning_indexer`` (DSA), ``indexer_kl_target``, ``compressed_attention`` (NSA).
 merge_states
     The exact merge of two partial attention results by their lse.
-available_backends, register_backend, BackendError
+available_backends, register_backend, unregister_backend, BackendError
     The backend registry: which implementations exist for an operation, how
     to add one (a module per operation on the kernel contract of
-    :mod:`npsparseattn.problems`), the error that explains a refusal.
+    :mod:`npsparseattn.problems`) and remove it again, the error that
+    explains a refusal.
 reference
     Dense float64 oracle (module).
 
@@ -46,9 +53,10 @@ until a kernel runs).
 
 from __future__ import annotations
 
-from npsparseattn import layouts, reference, routing
-from npsparseattn._dispatch import BackendError, available_backends, register_backend
+from npsparseattn import inspect, layouts, reference, routing
+from npsparseattn._dispatch import BackendError, available_backends, register_backend, unregister_backend
 from npsparseattn.block_sparse import block_sparse_attention, block_sparse_attention_backward
+from npsparseattn.context_parallel import context_parallel_attention, context_parallel_attention_backward
 from npsparseattn.exact import attention, attention_backward
 from npsparseattn.kvcache import attention_with_kvcache
 from npsparseattn.lsh import lsh_attention, lsh_attention_backward, lsh_buckets, lsh_rotations, lsh_sort
@@ -75,6 +83,9 @@ __all__ = [
     "available_backends",
     "block_sparse_attention",
     "block_sparse_attention_backward",
+    "context_parallel_attention",
+    "context_parallel_attention_backward",
+    "inspect",
     "layouts",
     "lsh_attention",
     "lsh_attention_backward",
@@ -92,5 +103,6 @@ __all__ = [
     "sparse_attention_backward",
     "sparse_attention_varlen",
     "sparse_attention_varlen_backward",
+    "unregister_backend",
     "unshard",
 ]

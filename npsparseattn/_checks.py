@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from npsparseattn._dtypes import lse_dtype
+
 
 def is_int(value: Any) -> bool:
     """True for a Python or NumPy integer that is not a bool."""
@@ -43,12 +45,13 @@ def check_flag(value: Any, name: str) -> bool:
 LOG2E = 1.4426950408889634
 
 
-def check_scale(scale: Any, head_dim: int, dtype: Any = np.float64) -> float:
+def check_scale(scale: Any, head_dim: int, dtype: Any) -> float:
     """``None`` (``1/sqrt(D)``) or a finite real number whose base-2 score factor fits ``dtype``.
 
     Kernels multiply scores by ``scale * log2(e)`` in the accumulation dtype
     (float32 for every input narrower than float64), so that product must be
-    finite there.
+    finite there.  ``dtype`` is the inputs' dtype; every operation with a
+    ``scale`` passes it (it has no default, so none can skip the rule).
     """
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
@@ -110,6 +113,23 @@ def clamp_window(left: int | None, right: int | None, seq_q: int, seq_k: int, of
     """
     limit = seq_q + seq_k + abs(offset)
     return (None if left is None else min(left, limit)), (None if right is None else min(right, limit))
+
+
+def check_lse(lse: Any, shape: tuple[int, ...], dtype: Any) -> Any:
+    """``lse`` handed to a backward has the forward's shape and dtype: float32, float64 for float64 inputs.
+
+    A float32 ``lse`` for float64 inputs is refused rather than silently
+    costing seven digits of the gradients (``docs/conventions.md``).
+    """
+    if tuple(lse.shape) != tuple(shape):
+        raise ValueError(f"lse must have shape {tuple(shape)}, got {tuple(lse.shape)}")
+    expected = lse_dtype(dtype)
+    if lse.dtype.name != expected.name:
+        raise TypeError(
+            f"lse has dtype {lse.dtype.name}; expected {expected.name}, the dtype of the forward's lse for "
+            f"{np.dtype(dtype).name} inputs"
+        )
+    return lse
 
 
 def check_dtypes(arrays: dict[str, Any], allowed: tuple[str, ...]) -> np.dtype:

@@ -11,9 +11,13 @@ order, that allows automatic choice and has no reasons against the problem;
 when none fits, the error lists every row with its reasons (the xformers
 habit).  A named backend is taken or refused with its reasons.
 
+The rows are derived from the one table of implementations,
+:mod:`npsparseattn._backend_table`, which also feeds the ahead-of-time
+builds, the compile checks, the tests' backend axis and the docs.
 ``ring_attention`` runs the ``attention`` kernels block by block, so it is an
 alias of ``attention`` here.  Adding a backend is one module per operation
-plus one :func:`register_backend` call (or one row in :data:`_TABLE`).
+plus one :func:`register_backend` call (or, inside the package, one entry
+per operation in the table).
 """
 
 from __future__ import annotations
@@ -26,21 +30,11 @@ from typing import Any
 
 import numpy as np
 
+from npsparseattn import _backend_table
 from npsparseattn._arrays import KIND_NAMES
 
-OPERATIONS = (
-    "attention",
-    "block_sparse_attention",
-    "lsh_buckets",
-    "lsh_sort",
-    "lsh_attention",
-    "ring_attention",
-    "attention_varlen",
-    "attention_with_kvcache",
-    "sparse_attention",
-    "sparse_attention_varlen",
-)
-ALIASES = {"ring_attention": "attention"}  # ring attention runs the attention kernels block by block
+OPERATIONS = tuple(op.name for op in _backend_table.OPERATIONS)
+ALIASES = {op.name: op.alias_of for op in _backend_table.OPERATIONS if op.alias_of}  # ring attention: block by block
 
 
 class BackendError(ValueError):
@@ -52,8 +46,9 @@ class Row:
     """One backend's implementation of one operation: the module that holds its kernels.
 
     ``priority``: lower is tried first by ``backend="auto"`` (CPU kernels 10,
-    CuPy 20, numba-cuda 30, reference 100).  ``auto=False``: only taken when
-    named (the dense float64 reference is the test oracle, O(L^2) in memory).
+    CuPy 20, numba-cuda 30, reference 100; :data:`npsparseattn._backend_table.BACKENDS`).
+    ``auto=False``: only taken when named (the dense float64 reference is the
+    test oracle, O(L^2) in memory).
     """
 
     op: str
@@ -63,33 +58,13 @@ class Row:
     auto: bool = True
 
 
-_TABLE: list[Row] = [
-    Row("attention", "numba", "npsparseattn.cpu.exact", 10),
-    Row("attention", "cupy", "npsparseattn.cuda.raw_exact", 20),
-    Row("attention", "numba-cuda", "npsparseattn.cuda.numba_exact", 30),
-    Row("attention", "reference", "npsparseattn.reference.exact", 100, auto=False),
-    Row("block_sparse_attention", "numba", "npsparseattn.cpu.block_sparse", 10),
-    Row("block_sparse_attention", "cupy", "npsparseattn.cuda.raw_block_sparse", 20),
-    Row("block_sparse_attention", "numba-cuda", "npsparseattn.cuda.numba_block_sparse", 30),
-    Row("block_sparse_attention", "reference", "npsparseattn.reference.block_sparse", 100, auto=False),
-    Row("lsh_buckets", "numba", "npsparseattn.cpu.lsh_hash", 10),
-    Row("lsh_buckets", "numba-cuda", "npsparseattn.cuda.numba_lsh_hash", 30),
-    Row("lsh_buckets", "reference", "npsparseattn.reference.lsh_hash", 100, auto=False),
-    Row("lsh_sort", "numba", "npsparseattn.cpu.lsh_sort", 10),
-    Row("lsh_sort", "numba-cuda", "npsparseattn.cuda.numba_lsh_sort", 30),
-    Row("lsh_sort", "reference", "npsparseattn.reference.lsh_sort", 100, auto=False),
-    Row("lsh_attention", "numba", "npsparseattn.cpu.lsh", 10),
-    Row("lsh_attention", "numba-cuda", "npsparseattn.cuda.numba_lsh", 30),
-    Row("lsh_attention", "reference", "npsparseattn.reference.lsh", 100, auto=False),
-    Row("attention_varlen", "numba", "npsparseattn.cpu.varlen", 10),
-    Row("attention_varlen", "reference", "npsparseattn.reference.varlen", 100, auto=False),
-    Row("attention_with_kvcache", "numba", "npsparseattn.cpu.kvcache", 10),
-    Row("attention_with_kvcache", "reference", "npsparseattn.reference.kvcache", 100, auto=False),
-    Row("sparse_attention", "numba", "npsparseattn.cpu.sparse", 10),
-    Row("sparse_attention", "reference", "npsparseattn.reference.sparse", 100, auto=False),
-    Row("sparse_attention_varlen", "numba", "npsparseattn.cpu.sparse_varlen", 10),
-    Row("sparse_attention_varlen", "reference", "npsparseattn.reference.sparse_varlen", 100, auto=False),
-]
+def _row(entry: _backend_table.Entry) -> Row:
+    backend = _backend_table.BACKEND_BY_NAME[entry.backend]
+    return Row(entry.op, entry.backend, entry.path, backend.priority, backend.auto)
+
+
+# derived from the one table of implementations (npsparseattn/_backend_table.py); register_backend appends
+_TABLE: list[Row] = [_row(entry) for entry in _backend_table.ENTRIES]
 
 
 class Implementation:
@@ -150,9 +125,21 @@ class Implementation:
 _LOADED: dict[Row, Implementation] = {}
 
 
+ARRAY_OPERATIONS = {"merge_states": "array arithmetic that runs on NumPy and CuPy arrays as they are"}
+
+
 def check_operation(op: Any) -> str:
-    """``op`` is a known operation name; ``ValueError`` listing them otherwise."""
-    if op not in OPERATIONS:
+    """``op`` is a known operation name; ``ValueError`` listing them otherwise.
+
+    ``merge_states`` is named as what it is: a public operation with no
+    backends (array arithmetic, no ``backend=`` argument).
+    """
+    if isinstance(op, str) and op in ARRAY_OPERATIONS:
+        raise ValueError(
+            f"{op} has no backends to choose from: it is {ARRAY_OPERATIONS[op]} (it takes no backend= argument); "
+            f"the operations with backends are {', '.join(map(repr, OPERATIONS))}"
+        )
+    if not isinstance(op, str) or op not in OPERATIONS:
         raise ValueError(f"unknown operation {op!r}; the operations are {', '.join(map(repr, OPERATIONS))}")
     return op
 
@@ -176,8 +163,10 @@ def backend_names() -> list[str]:
 def available_backends(op: str = "attention") -> list[str]:
     """Names of the backends registered for ``op``, in auto-selection order.
 
-    Every operation answers (``"ring_attention"`` runs the ``"attention"``
-    kernels); an unknown name is a ``ValueError`` listing the operations.
+    Every operation that takes ``backend=`` answers (``"ring_attention"``
+    runs the ``"attention"`` kernels).  ``"merge_states"`` has no backends
+    (it is array arithmetic on NumPy or CuPy arrays) and says so; an unknown
+    name is a ``ValueError`` listing the operations.
     Whether one can run given inputs here: call with ``backend=<name>``; the
     :class:`BackendError` names every reason it cannot.
 
@@ -187,15 +176,49 @@ def available_backends(op: str = "attention") -> list[str]:
     return [impl.name for impl in implementations(op)]
 
 
+# what a backend module declares (the kernel contract of npsparseattn.problems), and its kernels per operation
+CONTRACT = ("KINDS", "DTYPES", "TOLERANCE", "STRIDED_ROWS", "compute_dtype", "unsupported")
+KERNELS = {op.name: op.kernels for op in _backend_table.OPERATIONS if not op.alias_of}
+_REGISTERED: set[Row] = set()  # rows added by register_backend (the ones unregister_backend may remove)
+
+
+def _check_module(op: str, module: Any) -> None:
+    """``module`` names an importable module that declares the contract and has ``op``'s kernels."""
+    if not isinstance(module, str) or not module:
+        raise TypeError(f"module must be an import path such as 'mypackage.attention', got {module!r}")
+    try:
+        loaded = importlib.import_module(module)
+    except Exception as err:  # an import error, or any error raised while the module runs
+        raise ValueError(f"module {module!r} cannot be imported: {type(err).__name__}: {err}") from err
+    missing = [name for name in CONTRACT + KERNELS[op] if not hasattr(loaded, name)]
+    if missing:
+        raise ValueError(
+            f"module {module!r} does not follow the kernel contract of {op}: it lacks {', '.join(missing)} "
+            f"(a backend module declares {', '.join(CONTRACT)} and the kernels {', '.join(KERNELS[op])}; "
+            f"see npsparseattn.problems)"
+        )
+    not_callable = [
+        name for name in ("compute_dtype", "unsupported", *KERNELS[op]) if not callable(getattr(loaded, name))
+    ]
+    if not_callable:
+        raise ValueError(f"module {module!r}: {', '.join(not_callable)} must be functions")
+
+
 def register_backend(op: str, backend: str, module: str, *, priority: int = 50, auto: bool = True) -> None:
     """Add the implementation of ``op`` by ``backend``, whose kernels live in ``module`` (an import path).
 
-    The module follows the kernel contract of :mod:`npsparseattn.problems`;
-    it is imported the first time the registry consults it.  For example,
+    The module follows the kernel contract of :mod:`npsparseattn.problems`:
+    it is imported now and must declare ``KINDS``, ``DTYPES``, ``TOLERANCE``,
+    ``STRIDED_ROWS``, ``compute_dtype`` and ``unsupported`` and define the
+    operation's kernels (``forward`` and ``backward``; ``buckets`` for
+    ``lsh_buckets``, ``sort`` for ``lsh_sort``, ``forward`` only for
+    ``attention_with_kvcache``), or registration fails and nothing changes.
+    ``priority`` is an int (lower is tried first by ``backend="auto"``: the
+    built-in CPU kernels have 10), ``auto`` a bool.  For example,
     ``register_backend("attention", "mine", "mypackage.attention", priority=5)``
     makes ``backend="mine"`` call ``mypackage.attention.forward`` (and
     ``backward``), and ``backend="auto"`` try it first.  Each name is taken
-    once per operation:
+    once per operation; :func:`unregister_backend` removes it again:
 
     >>> register_backend("attention", "numba", "npsparseattn.cpu.exact")
     Traceback (most recent call last):
@@ -208,7 +231,36 @@ def register_backend(op: str, backend: str, module: str, *, priority: int = 50, 
         raise ValueError(f"backend must be a non-empty name other than 'auto', got {backend!r}")
     if any(row.op == op and row.backend == backend for row in _TABLE):
         raise ValueError(f"backend {backend!r} is already registered for {op}")
-    _TABLE.append(Row(op, backend, module, priority, auto))
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise TypeError(f"priority must be an int (lower is tried first; the CPU kernels have 10), got {priority!r}")
+    if not isinstance(auto, bool):
+        raise TypeError(f"auto must be True or False, got {auto!r}")
+    _check_module(op, module)
+    row = Row(op, backend, module, int(priority), auto)
+    _TABLE.append(row)
+    _REGISTERED.add(row)
+
+
+def unregister_backend(op: str, backend: str) -> None:
+    """Remove the implementation of ``op`` by ``backend`` that :func:`register_backend` added.
+
+    Built-in backends stay (pass another ``backend=`` to avoid one); a name
+    not registered for ``op`` is a ``ValueError`` listing the names that are.
+
+    >>> unregister_backend("attention", "numba")
+    Traceback (most recent call last):
+    ValueError: backend 'numba' is built into npsparseattn and cannot be removed from attention
+    """
+    check_operation(op)
+    rows = [row for row in _TABLE if row.op == op and row.backend == backend]
+    if not rows:
+        have = ", ".join(impl.name for impl in implementations(op))
+        raise ValueError(f"backend {backend!r} is not registered for {op}; its backends: {have}")
+    if rows[0] not in _REGISTERED:
+        raise ValueError(f"backend {backend!r} is built into npsparseattn and cannot be removed from {op}")
+    _TABLE.remove(rows[0])
+    _REGISTERED.discard(rows[0])
+    _LOADED.pop(rows[0], None)
 
 
 def select(op: str, problem: Any, backend: str) -> Implementation:

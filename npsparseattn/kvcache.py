@@ -6,8 +6,8 @@ from typing import Any
 
 from npsparseattn._arrays import array_module
 from npsparseattn._checks import check_backend, check_flag
-from npsparseattn._dispatch import select
-from npsparseattn._glue import cast_outputs, kernel_inputs
+from npsparseattn._dispatch import Implementation, select
+from npsparseattn._glue import cast_outputs, kernel_array, kernel_inputs
 from npsparseattn.interop.dlpack import accepts_dlpack
 from npsparseattn.problems import KVCacheProblem, kvcache_problem
 
@@ -28,7 +28,19 @@ def append_new_tokens(problem: KVCacheProblem) -> None:
         cache[pages, :, slots] = rows
 
 
-@accepts_dlpack
+def cache_inputs(impl: Implementation, dtype: Any, *caches: Any) -> list[Any]:
+    """The caches as ``impl``'s kernels read them: as stored if its module lists ``dtype`` in ``CACHE_DTYPES``.
+
+    A backend that reads half-precision pages itself (widening them tile by
+    tile, the pages in use only) declares so; any other reads its compute
+    dtype, and a float16 cache is then converted whole (as for any input).
+    """
+    stored = dtype.name in getattr(impl.module, "CACHE_DTYPES", ())
+    read_as = dtype if stored else impl.compute_dtype(dtype)
+    return [kernel_array(cache, read_as, impl.strided_rows) for cache in caches]
+
+
+@accepts_dlpack(writes=("k_cache", "v_cache"))
 def attention_with_kvcache(
     q: Any,
     k_cache: Any,
@@ -118,9 +130,10 @@ def attention_with_kvcache(
         causal=causal, window=window, scale=scale,
     )  # fmt: skip
     impl = select("attention_with_kvcache", p, backend)
-    append_new_tokens(p)
     seqlens, table = p.kernel_index_arrays()
-    q_k, k_k, v_k = kernel_inputs(impl, p.dtype, p.q, p.k_cache, p.v_cache)
+    (q_k,) = kernel_inputs(impl, p.dtype, p.q)
+    append_new_tokens(p)  # every check and conversion that can fail is behind us
+    k_k, v_k = cache_inputs(impl, p.dtype, p.k_cache, p.v_cache)
     out, lse = impl.module.forward(q_k, k_k, v_k, seqlens, table, **p.visibility())
     out, lse = cast_outputs(p.dtype, out, lse)
     return (out, lse) if return_lse else out

@@ -18,7 +18,7 @@ gives the token-exact pattern.
 Builders, each drawn in its docstring (``#`` stored block, ``.`` absent):
 :func:`dense`, :func:`causal`, :func:`sliding_window`, :func:`strided`,
 :func:`fixed`, :func:`longformer`, :func:`bigbird`, :func:`topk` (content
-routing), :func:`from_block_mask`, :func:`from_token_mask`,
+routing), :func:`from_block_mask`, :func:`from_token_mask`, :func:`from_mask_mod`,
 :func:`from_scipy`; combine with :func:`union`, :func:`intersect`,
 :func:`stack`; export with :func:`to_scipy`.
 """
@@ -749,6 +749,118 @@ def _bool_array(mask: Any, name: str) -> np.ndarray:
     if arr.ndim not in (2, 3):
         raise ValueError(f"{name} must have 2 axes or 3 (heads first), got shape {arr.shape}")
     return arr.reshape((1,) * (3 - arr.ndim) + arr.shape)
+
+
+class MaskModLayout(BlockLayout):
+    """A :class:`BlockLayout` built by :func:`from_mask_mod` that also knows which stored blocks are full.
+
+    ``full`` (bool, one entry per stored block, in the order of
+    ``indices``) is ``True`` where every pair of the block satisfies the
+    ``mask_mod`` and ``False`` where only some do (a *partial* block):
+    FlexAttention's split, so that a kernel can skip the element mask on
+    full blocks.  Everything else, equality included, is that of
+    :class:`BlockLayout`.
+
+    >>> lay = from_mask_mod(lambda b, h, q, kv: kv <= q, 40, 16)
+    >>> lay.indices, lay.full
+    (array([0, 0, 1, 0, 1, 2]), array([False,  True, False,  True,  True, False]))
+    """
+
+    __slots__ = ("_full",)
+
+    def __init__(self, indptr: Any, indices: Any, full: Any, block: Pair, seq: Pair, heads: int = 1) -> None:
+        super().__init__(indptr, indices, block, seq, heads)
+        full = np.array(full, dtype=bool)
+        if full.shape != (self.nnz,):
+            raise ValueError(f"full must have one entry per stored block ({self.nnz}), got shape {full.shape}")
+        full.flags.writeable = False
+        self._full = full
+
+    full = property(lambda self: self._full, doc="Bool (nnz,): stored blocks whose every pair is in the mask.")
+
+    def __repr__(self) -> str:
+        return f"MaskModLayout{super().__repr__()[len('BlockLayout') : -1]}, full={int(self._full.sum())})"
+
+
+def from_mask_mod(
+    mask_mod: Callable[[Any, Any, Any, Any], Any], seq: Pair, block: Pair, heads: int = 1, *, batch: int = 0
+) -> MaskModLayout:
+    """Layout from a FlexAttention-style predicate ``mask_mod(b, h, q_idx, kv_idx) -> bool``, evaluated per block.
+
+    A block is stored iff ``mask_mod`` is true for at least one of its
+    (query, key) pairs; blocks with no true pair are skipped.  The result
+    records which stored blocks are *full* (true for every pair) and which
+    *partial* (:attr:`MaskModLayout.full`).
+
+    ``mask_mod`` is either
+
+    * a plain Python function written with NumPy operations: it is called
+      on broadcast int64 index arrays (``q_idx`` a column, ``kv_idx`` a row;
+      ``b`` and ``h`` ints) and must return booleans of that shape (use
+      ``&``, ``|``, ``~``, ``np.where``, array lookups such as
+      ``doc[q_idx] == doc[kv_idx]``; not ``if``/``and``/``or``), or
+    * a ``numba.njit`` function of four integers, called in a compiled loop
+      over the blocks (any Python that numba compiles; arrays it reads from
+      globals or closures are frozen at compilation).
+
+    Only the **block** pattern comes from here: today's kernels apply the
+    layout plus ``causal``/``window``, not the ``mask_mod`` inside partial
+    blocks.  Pass the same rule as ``causal``/``window`` where it is one of
+    those; element-level masking by ``mask_mod`` inside partial blocks
+    comes with the ``score_mod``/``mask_mod`` kernels.
+
+    Parameters
+    ----------
+    mask_mod : callable (b, h, q_idx, kv_idx) -> bool
+        Positions are token indices (query ``q_idx`` in ``[0, Lq)``, key
+        ``kv_idx`` in ``[0, Lk)``), with no offset applied.
+    seq : int or (Lq, Lk)
+    block : int or (bq, bk)
+    heads : int
+        1 (``h = 0`` is evaluated and the layout serves every head) or the
+        number of query heads (``h = 0 .. heads - 1``, one pattern each).
+    batch : int
+        The ``b`` passed to ``mask_mod`` (a layout serves every batch element).
+
+    Returns
+    -------
+    MaskModLayout
+
+    Examples
+    --------
+    Document masking (causal inside each document) of three packed documents:
+
+    >>> import numpy as np
+    >>> doc = np.repeat([0, 1, 2], [40, 50, 38])                 # document of each of 128 tokens
+    >>> def document_causal(b, h, q_idx, kv_idx):
+    ...     return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
+    >>> lay = from_mask_mod(document_causal, 128, 16)
+    >>> print(lay.to_ascii())
+    8 x 8 blocks of 16 x 16 tokens, 20 stored (31.2%)
+    #.......
+    ##......
+    ###.....
+    ..##....
+    ..###...
+    ..####..
+    .....##.
+    .....###
+    >>> int(lay.full.sum())                                      # blocks that need no element mask
+    3
+    """
+    heads = check_int(heads, "heads", 1)
+    batch = check_int(batch, "batch", 0)
+    if not callable(mask_mod):
+        raise TypeError(f"mask_mod must be a function (b, h, q_idx, kv_idx) -> bool, got {type(mask_mod).__name__}")
+    from npsparseattn._mask_blocks import block_flags
+
+    grid = _Grid(seq, block, heads)
+    stored, full = zip(*(block_flags(mask_mod, grid.seq, grid.block, batch, h) for h in range(heads)))
+    stored, full = np.stack(stored), np.stack(full)
+    rows, cols = np.nonzero(stored.reshape(heads * grid.nqb, grid.nkb))
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=heads * grid.nqb))])
+    flags = full.reshape(heads * grid.nqb, grid.nkb)[rows, cols]
+    return MaskModLayout(indptr, cols, flags, grid.block, grid.seq, heads)
 
 
 def from_scipy(matrix: Any, block: Pair, seq: Pair | None = None, *, heads: int = 1) -> BlockLayout:

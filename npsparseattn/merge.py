@@ -31,8 +31,14 @@ def _merge(out_a: Any, lse_a: Any, out_b: Any, lse_b: Any, out: Any, lse: Any, x
     """Write the merge of ``a`` and ``b`` into ``out``/``lse`` (which may be ``out_a``/``lse_a``)."""
     new = xp.logaddexp(lse_a, lse_b)
     safe = xp.where(xp.isfinite(new), new, 0)
-    weight_a = xp.exp(lse_a - safe)[..., None]
-    weight_b = xp.exp(lse_b - safe)[..., None]
+    overflow = new == xp.inf
+    weight_a = xp.exp(xp.where(overflow, -xp.inf, lse_a - safe))
+    weight_b = xp.exp(xp.where(overflow, -xp.inf, lse_b - safe))
+    # lse = +inf on a side (scores that overflowed): the limit takes that side, or the mean of two such sides
+    over_a, over_b = lse_a == xp.inf, lse_b == xp.inf
+    half = xp.where(over_a & over_b, 0.5, 1.0).astype(weight_a.dtype)
+    weight_a = xp.where(over_a, half, weight_a)[..., None]
+    weight_b = xp.where(over_b, half, weight_b)[..., None]
     zero = out.dtype.type(0)
     # a side with lse = -inf has weight exactly 0 and contributes exactly 0, whatever its output holds
     term_b = weight_b * xp.where(weight_b == 0, zero, out_b)
@@ -94,9 +100,12 @@ def merge_states(out_a: Any, lse_a: Any, out_b: Any, lse_b: Any) -> tuple[Any, A
 
     Guards: a row whose ``lse`` is ``-inf`` on one side (it saw no key) takes
     the other side exactly, whatever that side's output row holds; a row
-    empty on both sides gives ``out = 0``, ``lse = -inf``; no NaN and no
-    floating-point warning comes from the guard.  A NaN in a side that is not
-    empty (in its ``lse`` or its output row) gives NaN in that row.
+    empty on both sides gives ``out = 0``, ``lse = -inf``; a row whose
+    ``lse`` is ``+inf`` on one side (its scores overflowed) takes that side
+    exactly, the limit of the formula, and on both sides their mean, with
+    ``lse = +inf``; no NaN and no floating-point warning comes from the
+    guard.  A NaN in a side that is not empty (in its ``lse`` or its output
+    row) gives NaN in that row.
 
     Parameters
     ----------

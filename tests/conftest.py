@@ -10,6 +10,7 @@ import zlib
 import numpy as np
 import pytest
 
+from npsparseattn import _backend_table
 from npsparseattn.distributed.base import Communicator, check_reduce
 
 # Relative error bounds against the float64 reference (DESIGN.md section 8).
@@ -98,17 +99,10 @@ def fake_cupy(monkeypatch):
 # A test that takes ``attention_backend`` (or ``block_sparse_backend``, ``lsh_backend``, ...) runs once per
 # implementation the registry lists for that operation (the reference oracle excluded: it is what the
 # others are compared with).  An implementation that cannot run here is skipped with the registry's own
-# reasons, so ``pytest -ra`` shows why (no CuPy, no GPU, ...).
+# reasons, so ``pytest -ra`` shows why (no CuPy, no GPU, ...).  The fixtures come from the one table of
+# implementations: ``<short>_backend`` for every operation that has kernels of its own.
 
-BACKEND_FIXTURES = {
-    "attention_backend": "attention",
-    "block_sparse_backend": "block_sparse_attention",
-    "lsh_backend": "lsh_attention",
-    "lsh_buckets_backend": "lsh_buckets",
-    "lsh_sort_backend": "lsh_sort",
-    "varlen_backend": "attention_varlen",
-    "kvcache_backend": "attention_with_kvcache",
-}
+BACKEND_FIXTURES = {f"{op.short}_backend": op.name for op in _backend_table.OPERATIONS if op.alias_of is None}
 
 
 def with_kind(problem, kind: str):

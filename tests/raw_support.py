@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from npsparseattn.cuda.emulate import build
+from npsparseattn.cuda.cupy_raw.emulate import build
 
 try:
     import ml_dtypes
@@ -28,6 +28,18 @@ if ml_dtypes is not None:
 DTYPE_NAMES = ("float16", "bfloat16")
 
 
+def to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bfloat16 (nearest even; NaN stays NaN) as their uint16 bits, without ml_dtypes."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)
+
+
+def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    """uint16 bfloat16 bits as float32 values."""
+    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
 def require_host_compiler() -> None:
     """Skip unless the host C++ compiler that builds the emulation is installed."""
     if shutil.which(build.compiler()[0]) is None:
@@ -37,7 +49,7 @@ def require_host_compiler() -> None:
 def host_library():
     """The emulated host build of the kernels (built on first use)."""
     require_host_compiler()
-    from npsparseattn.cuda.emulate.host import library
+    from npsparseattn.cuda.cupy_raw.emulate.host import library
 
     return library()
 
@@ -137,10 +149,10 @@ class KernelRunner:
         if self.name == "emulated":
             host_library().launch(kernel, grid, block, shared_bytes, args, schedule=schedule)
             return
-        from npsparseattn.cuda import raw_loader
+        from npsparseattn.cuda.cupy_raw import loader
 
         on_device = [self.mode.put(a)[0] if isinstance(a, np.ndarray) else a for a in args]
-        raw_loader.launcher().launch(kernel, grid, block, shared_bytes, on_device)
+        loader.launcher().launch(kernel, grid, block, shared_bytes, on_device)
         for a, d in zip(args, on_device):
             if isinstance(a, np.ndarray):
                 a[...] = self.mode.get(d)

@@ -3,9 +3,15 @@
 ``python ring_worker.py MODE OUT_JSON``; rank 0 writes what the test checks to
 ``OUT_JSON``.  Modes:
 
-* ``cases``: ring forward/backward on every case of :data:`CASES`; rank 0
+* ``cases``: ring forward/backward on every case of :func:`case_list`; rank 0
   gathers the shards, unshards them and records the errors against the float64
   dense reference and against single-process :func:`npsparseattn.attention`.
+  Then :func:`npsparseattn.context_parallel_attention` on every case of
+  :func:`cp_case_list` (every mode, causal/window/GQA/packed documents/sparse
+  layouts): errors against a float64 dense oracle with the same mask and
+  against the single-process function, each rank's traffic (messages and
+  bytes sent) and the rank pairs that need anything, found by brute force on
+  the token mask.  One launch per world size runs them all.
 * ``errors``: argument mistakes on some ranks; every rank records the
   exception it got (type and message).
 * ``fault-exit-before`` / ``fault-exit-mid`` / ``fault-stall``: rank 1 exits
@@ -23,13 +29,15 @@ import os
 import sys
 import time
 import types
+import zlib
 
 import numpy as np
 from conftest import random_qkv, rel_err
 
 import npsparseattn as nsa
-from npsparseattn import reference
+from npsparseattn import layouts, reference
 from npsparseattn.distributed import MPIComm, RingError
+from npsparseattn.reference import _oracle
 
 
 def case_list(world: int) -> list[dict]:
@@ -151,8 +159,225 @@ def run_case(comm: MPIComm, case: dict) -> dict | None:
     )
 
 
+def cp_case_list(world: int) -> list[dict]:
+    """The context-parallel cases: every mode with causal/window/GQA/MQA, packed documents and sparse layouts.
+
+    Ids do not depend on ``world``; lengths (odd) and head counts do (Ulysses
+    needs heads divisible by its group).  ``hybrid`` runs groups of 2 where
+    ``world`` is even (a real hybrid on 4 ranks), else one group of ``world``.
+    """
+    p = world
+    odd = 2 * p * 5 + 3
+    blocked = 4 * 2 * p * 3 + 3  # a partial last block of 4
+    group = 2 if p % 2 == 0 else p
+    docs = "docs"  # [0, 7, 7, L // 2 + 1, L]: an empty document, odd lengths
+    cases = [
+        dict(id="ring-contiguous-causal-gqa", mode="ring", sharding="contiguous", causal=True, hq=4, hk=2, L=odd),
+        dict(id="ring-zigzag-window-mqa", mode="ring", window=(5, 2), hq=3, hk=1, L=odd),
+        dict(
+            id="ring-perdoc-causal-gqa", mode="ring", sharding="per_document", cu=docs, causal=True, hq=4, hk=2, L=odd
+        ),
+        dict(id="ring-zigzag-docs-window", mode="ring", cu=docs, window=(4, 1), hq=2, hk=2, L=odd),
+        dict(
+            id="ring-contiguous-sparse-window-causal",
+            mode="ring",
+            sharding="contiguous",
+            causal=True,
+            layout=("window", 4, (4, 0)),
+            hq=4,
+            hk=2,
+            L=blocked,
+        ),
+        dict(id="ring-zigzag-sparse-longformer", mode="ring", layout=("longformer", 4, (4, 4)), hq=2, hk=1, L=blocked),
+        dict(
+            id="ring-perdoc-sparse-docs",
+            mode="ring",
+            sharding="per_document",
+            cu="aligned",
+            layout=("window", 4, (8, 0)),
+            causal=True,
+            hq=2,
+            hk=2,
+            L=blocked,
+        ),
+        dict(id="ulysses-causal-gqa-2chunks", mode="ulysses", causal=True, hq=4 * p, hk=2 * p, L=odd),
+        dict(
+            id="ulysses-window-mqa-replicated",
+            mode="ulysses",
+            sharding="contiguous",
+            window=(4, 3),
+            hq=2 * p,
+            hk=1,
+            L=odd,
+        ),
+        dict(
+            id="ulysses-perdoc-causal",
+            mode="ulysses",
+            sharding="per_document",
+            cu=docs,
+            causal=True,
+            hq=2 * p,
+            hk=p,
+            L=odd,
+        ),
+        dict(
+            id="ulysses-sparse-bigbird-per-head", mode="ulysses", layout=("bigbird-heads", 4), hq=2 * p, hk=p, L=blocked
+        ),
+        dict(id="ulysses-float32-causal", mode="ulysses", causal=True, hq=p, hk=p, L=odd, dtype="float32"),
+        dict(id="hybrid-causal-gqa", mode="hybrid", ulysses_size=group, causal=True, hq=2 * group, hk=group, L=odd),
+        dict(
+            id="hybrid-docs-sparse-mqa",
+            mode="hybrid",
+            ulysses_size=group,
+            cu="aligned",
+            layout=("window", 4, (8, 0)),
+            hq=group,
+            hk=1,
+            L=blocked,
+        ),
+        dict(id="allgather-zigzag-gqa", mode="allgather", hq=4, hk=1, L=odd),
+        dict(id="allgather-contiguous-causal", mode="allgather", sharding="contiguous", causal=True, hq=2, hk=2, L=odd),
+        dict(
+            id="allgather-perdoc-window",
+            mode="allgather",
+            sharding="per_document",
+            cu=docs,
+            window=(3, 1),
+            hq=2,
+            hk=1,
+            L=odd,
+        ),
+        dict(
+            id="allgather-contiguous-sparse-window",
+            mode="allgather",
+            sharding="contiguous",
+            layout=("window", 4, (4, 4)),
+            hq=2,
+            hk=2,
+            L=blocked,
+        ),
+    ]
+    for case in cases:
+        case["seed"] = zlib.crc32(case["id"].encode())
+        case.setdefault("dtype", "float64")
+    return cases
+
+
+def _documents(spec, length):
+    if spec is None:
+        return None
+    if spec == "docs":
+        return np.array([0, 7, 7, length // 2 + 1, length])
+    return np.array([0, 8, 8, 4 * (length // 8), length])  # starts at multiples of the layout's block
+
+
+def _layout(spec, length, heads):
+    if spec is None:
+        return None
+    kind, block = spec[0], spec[1]
+    if kind == "window":
+        return layouts.sliding_window(length, block, spec[2])
+    if kind == "longformer":
+        return layouts.longformer(length, block, spec[2])
+    return layouts.stack([layouts.bigbird(length, block, seed=h) for h in range(heads)])
+
+
+def _mask(length, heads, causal, window, offsets, layout):
+    """The float64 oracle's mask (1, Hq, L, L): window/causal, same document, layout."""
+    left, right = window or (None, None)
+    mask = _oracle.visibility_mask(length, length, offset=0, left=left, right=0 if causal else right)
+    if offsets is not None:
+        doc = np.searchsorted(offsets, np.arange(length), side="right") - 1
+        mask &= doc[:, None] == doc[None, :]
+    mask = np.broadcast_to(mask, (1, heads, length, length)).copy()
+    if layout is not None:
+        mask &= layout.to_token_mask().reshape(layout.heads, length, length)[None]
+    return mask
+
+
+def _single_process(case, q, k, v, dout, offsets, layout, kw):
+    """The same call on the whole sequence in one process (the function a user would call there), or None."""
+    if offsets is not None and layout is not None:
+        return None
+    if offsets is not None:
+        cu = offsets.astype(np.int32)
+        out, lse = nsa.attention_varlen(q[0], k[0], v[0], cu, cu, return_lse=True, **kw)
+        grads = nsa.attention_varlen_backward(dout[0], q[0], k[0], v[0], out, lse, cu, cu, **kw)
+        return out[None], lse[None], [g[None] for g in grads]
+    if layout is not None:
+        out, lse = nsa.block_sparse_attention(q, k, v, layout, return_lse=True, **kw)
+        return out, lse, nsa.block_sparse_attention_backward(dout, q, k, v, out, lse, layout, **kw)
+    out, lse = nsa.attention(q, k, v, return_lse=True, **kw)
+    return out, lse, nsa.attention_backward(dout, q, k, v, out, lse, **kw)
+
+
+def run_cp_case(comm: MPIComm, case: dict) -> dict | None:
+    rng = np.random.default_rng(case["seed"])
+    dtype, length, world = np.dtype(case["dtype"]), case["L"], comm.size
+    q, k, v = random_qkv(rng, batch=(1,), hq=case["hq"], hk=case["hk"], lq=length, d=8, dv=6, dtype=dtype)
+    dout = rng.standard_normal(q.shape[:-1] + (6,)).astype(dtype)
+    offsets = _documents(case.get("cu"), length)
+    layout = _layout(case.get("layout"), length, case["hq"])
+    sharding = case.get("sharding", "zigzag")
+    cut = dict(cu_seqlens=offsets, block=1 if layout is None else int(np.lcm(*layout.block)))
+    mine = [nsa.shard(x, comm.rank, world, sharding, **cut) for x in (q, k, v, dout)]
+    mask_kw = dict(causal=case.get("causal", False), window=case.get("window"))
+    kw = dict(mode=case["mode"], ulysses_size=case.get("ulysses_size"), sharding=sharding, cu_seqlens=offsets)
+    kw.update(layout=layout, **mask_kw)
+    comm.traffic.reset()
+    out, lse = nsa.context_parallel_attention(*mine[:3], comm, return_lse=True, **kw)
+    forward = [comm.traffic.messages, comm.traffic.bytes]
+    again = nsa.context_parallel_attention(*mine[:3], comm, **kw)
+    comm.traffic.reset()
+    grads = nsa.context_parallel_attention_backward(mine[3], *mine[:3], out, lse, comm, **kw)
+    backward = [comm.traffic.messages, comm.traffic.bytes]
+    local = dict(rank=comm.rank, length=mine[0].shape[-2], forward=forward, backward=backward)
+    local["repeat_bitwise"] = bool(np.array_equal(again, out))
+    local["dtypes"] = [str(x.dtype) for x in (out, lse, *grads)]
+    gathered = comm.comm.gather((local, out, lse, grads), root=0)
+    if comm.rank != 0:
+        return None
+    full_out = nsa.unshard([g[1] for g in gathered], sharding, **cut)
+    full_lse = nsa.unshard([g[2] for g in gathered], sharding, axis=-1, **cut)
+    full_grads = [nsa.unshard([g[3][i] for g in gathered], sharding, **cut) for i in range(3)]
+    mask = _mask(length, case["hq"], case.get("causal", False), case.get("window"), offsets, layout)
+    scale = 1 / np.sqrt(8)
+    ref_out, ref_lse, _ = _oracle.forward(q, k, v, mask, scale, np)
+    ref_grads = _oracle.backward(dout, q, k, v, ref_out, ref_lse, mask, scale, np)
+
+    def lse_err(a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        same_empty = bool(np.array_equal(np.isneginf(a), np.isneginf(b)))
+        return float(np.abs(np.where(np.isneginf(b), 0, a - b)).max()) if same_empty else float("inf")
+
+    pieces = [nsa.context_parallel.shard_pieces(length, world, r, sharding, **cut) for r in range(world)]
+    positions = [np.concatenate([np.arange(a, b) for a, b in ps] or [np.zeros(0, int)]) for ps in pieces]
+    seen = mask.any(axis=(0, 1))
+    needs = [[bool(seen[np.ix_(positions[r], positions[s])].any()) for s in range(world)] for r in range(world)]
+    result = dict(
+        id=case["id"],
+        dtype=case["dtype"],
+        mode=case["mode"],
+        world=world,
+        heads=[case["hq"], case["hk"]],
+        ranks=[g[0] for g in gathered],
+        needs=needs,
+        out_vs_reference=rel_err(full_out, ref_out),
+        lse_vs_reference=lse_err(full_lse, ref_lse),
+        grads_vs_reference=[rel_err(g, r, floor=1.0) for g, r in zip(full_grads, ref_grads)],
+        any_nan=bool(any(np.isnan(x).any() for x in (full_out, full_lse, *full_grads))),
+    )
+    single = _single_process(case, q, k, v, dout, offsets, layout, mask_kw)
+    if single is not None:
+        result["out_vs_single"] = rel_err(full_out, single[0])
+        result["lse_vs_single"] = lse_err(full_lse, single[1])
+        result["grads_vs_single"] = [rel_err(g, r, floor=1.0) for g, r in zip(full_grads, single[2])]
+    return result
+
+
 def mode_cases(comm: MPIComm, path: str) -> None:
     results = [run_case(comm, case) for case in case_list(comm.size)]
+    results += [run_cp_case(comm, case) for case in cp_case_list(comm.size)]
     if comm.rank == 0:
         with open(path, "w") as f:
             json.dump(results, f)
@@ -178,6 +403,14 @@ def error_calls(comm: MPIComm) -> dict:
             mine[0], *mine, mine[0], mine[0][..., 0][..., :-1] if last else mine[0][..., 0], comm
         ),
         "heads": lambda: nsa.ring_attention(*[x[:1] if last else x for x in mine], comm),
+        "mode": lambda: nsa.context_parallel_attention(*mine, comm, mode="allgather" if last else "ring"),
+        "layout": lambda: nsa.context_parallel_attention(
+            *mine, comm, layout=layouts.dense(q.shape[-2], 4) if last else None
+        ),
+        "cu_seqlens": lambda: nsa.context_parallel_attention(
+            *mine, comm, cu_seqlens=np.array([0, 3, q.shape[-2]] if last else [0, q.shape[-2]])
+        ),
+        "ulysses_heads": lambda: nsa.context_parallel_attention(*mine, comm, mode="ulysses"),
     }
 
 
@@ -198,8 +431,8 @@ def mode_errors(comm: MPIComm, path: str) -> None:
 class DyingComm(MPIComm):
     """Rank 1 exits right after posting its first ring transfer (a peer dying mid-ring)."""
 
-    def shift(self, send, recv, *, tag=0):
-        transfer = super().shift(send, recv, tag=tag)
+    def exchange(self, send, dest, recv, source, *, tag=0):
+        transfer = super().exchange(send, dest, recv, source, tag=tag)
         if self.rank == 1:
             os._exit(0)
         return transfer
@@ -253,7 +486,7 @@ def mode_nccl_bootstrap(path: str) -> None:
     fake_cupy.cuda = types.SimpleNamespace(
         nccl=fake_nccl,
         runtime=types.SimpleNamespace(getDeviceCount=lambda: 8),
-        Device=lambda i: types.SimpleNamespace(use=lambda: used.append(i)),
+        Device=lambda i: types.SimpleNamespace(use=lambda: used.append(i), pci_bus_id=f"0000:{i:02x}:00.0"),
         Stream=lambda non_blocking: types.SimpleNamespace(non_blocking=non_blocking),
     )
     from mpi4py import MPI

@@ -227,7 +227,14 @@ def gpu_only_backend(monkeypatch):
     monkeypatch.setattr(_dispatch, "_TABLE", list(_dispatch._TABLE))
     module = types.ModuleType("gpu_only_attention")
     module.KINDS, module.DTYPES = ("cupy",), ("float16", "float32")
+    module.TOLERANCE, module.STRIDED_ROWS = {"float16": 2e-3, "float32": 1e-5}, False
     module.unsupported = lambda problem: ["no usable CUDA GPU (test stand-in)"]
+    module.compute_dtype = np.dtype
+
+    def never(*args, **kwargs):
+        raise AssertionError("a backend that cannot run here was called")
+
+    module.forward = module.backward = never
     monkeypatch.setitem(sys.modules, module.__name__, module)
     nsa.register_backend("attention", "gpu-only", module.__name__, priority=200, auto=False)
     return module

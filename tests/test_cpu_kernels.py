@@ -274,3 +274,69 @@ def test_a_kernel_that_reads_contiguous_arrays_refuses_others():
     q = np.zeros((1, 1, 8, 4), np.float32)[:, :, ::2]
     with pytest.raises(TypeError, match="reads C-contiguous arrays only"):
         dense_kernels._forward_kernel(q, q, q, q, q, q[..., 0], 1.0, 0, 0, 0, 4, 4, 4, 0)
+
+
+DECODE_SHAPES = [(1, 4, 2, 1), (2, 6, 2, 3), (1, 8, 1, 8)]  # (B, Hq, Hk, Lq): decoding and short chunks, GQA/MQA
+DECODE_MASKS = [dict(), dict(causal=True), dict(window=(700, 0)), dict(window=(None, 5))]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("mask", DECODE_MASKS, ids=["full", "causal", "left700", "right5"])
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "B{}-Hq{}-Hk{}-Lq{}".format(*s))
+def test_decoding_shapes_run_the_kv_cache_forward_and_match_the_reference(rng, dtype, mask, shape):
+    """``attention`` on decoding shapes takes the KV-cache kernels (keys split across threads where the rows
+    cannot fill them, chunks merged by lse): every element written, equal to the float64 reference."""
+    b, hq, hk, lq = shape
+    lk = 1100 + lq  # more than kvcache.MIN_SPLIT keys: split into chunks unless the window narrows them
+    q, k, v = random_qkv(rng, batch=(b,), hq=hq, hk=hk, lq=lq, lk=lk, d=16, dv=24, dtype=dtype)
+    assert dense_kernels.decode_shaped(q, k, lk - lq)
+    window = mask.get("window") or (None, None)
+    right = 0 if mask.get("causal") else window[1]
+    out = np.full((b, hq, lq, 24), np.nan, dtype)
+    lse = np.full((b, hq, lq), np.nan, dtype)
+    dense_kernels.forward(q, k, v, scale=0.25, offset=lk - lq, left=window[0], right=right, out=out, lse=lse)
+    ref_out, ref_lse = reference.attention(q, k, v, scale=0.25, **mask)
+    tol = 1e-10 if dtype == np.float64 else 1e-5
+    assert rel_err(out, ref_out) < tol and rel_err(lse, ref_lse) < tol
+    public = nsa.attention(q, k, v, scale=0.25, backend="numba", **mask)
+    assert np.array_equal(public, out)
+
+
+def test_only_bottom_right_aligned_decoding_takes_the_kv_cache_forward(rng):
+    q, k, _ = random_qkv(rng, hq=4, hk=2, lq=2, lk=1200, d=8)
+    q, k = q[None], k[None]
+    assert dense_kernels.decode_shaped(q, k, 1198)
+    assert not dense_kernels.decode_shaped(q, k, 0)  # a ring block's diagonal: the tiled forward
+    assert not dense_kernels.decode_shaped(q, k[:, :, :1000], 998)  # few keys
+    many = np.concatenate([q] * 40, axis=2)  # 80 rows x group 2 > one row tile
+    assert not dense_kernels.decode_shaped(many, k, 1200 - 80)
+
+
+@pytest.mark.parametrize("small_matrix", [True, False], ids=["small-matrix-blas", "packing-blas"])
+@pytest.mark.parametrize("mask", [dict(), dict(causal=True), dict(window=(90, 7))], ids=["full", "causal", "window"])
+def test_both_tile_families_match_the_reference(rng, monkeypatch, small_matrix, mask):
+    """The tiles for OpenBLAS's small-matrix cores and those for packing cores: whichever this machine's BLAS
+    picks, the other is run here too (forward, both backward schemes, odd lengths, GQA, D != Dv)."""
+    monkeypatch.setattr(dense_kernels, "small_matrix_kernels", lambda: small_matrix)
+    q, k, v = random_qkv(rng, batch=(2,), hq=4, hk=2, lq=531, lk=533, d=48, dv=40, dtype=np.float64)
+    expected = reference.attention(q, k, v, **mask)
+    out, lse = nsa.attention(q, k, v, return_lse=True, backend="numba", **mask)
+    assert rel_err(out, expected[0]) < 1e-10 and rel_err(lse, expected[1]) < 1e-10
+    dout = random_array(rng, out.shape)
+    ref_grads = reference.attention_backward(dout, q, k, v, **mask)
+    for scheme in SCHEMES:
+        grads = _kernel_backward(dout, q, k, v, out, lse, mask, scheme=scheme)
+        for g, r in zip(grads, ref_grads):
+            assert rel_err(g, r, floor=1.0) < 1e-10
+
+
+def test_tile_shapes_follow_the_blas_cores(monkeypatch):
+    monkeypatch.setattr(dense_kernels, "small_matrix_kernels", lambda: True)
+    for width in (32, 64, 128, 256):
+        for backward in (False, True):
+            rows, keys = dense_kernels.tile_shape(width, backward)
+            assert rows * keys * width <= dense_kernels.GEMM_VOLUME and keys % 32 == 0
+    monkeypatch.setattr(dense_kernels, "small_matrix_kernels", lambda: False)
+    assert dense_kernels.tile_shape(64) == dense_kernels.PACKED_TILES[64][0]
+    assert dense_kernels.tile_shape(100, backward=True) == dense_kernels.PACKED_TILES[128][1]
+    assert dense_kernels.tile_shape(512) == dense_kernels.PACKED_TILES[None][0]

@@ -9,6 +9,7 @@ Anything else (another exception, an error raised inside NumPy or numba, a wrong
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 import traceback
@@ -23,6 +24,9 @@ from hypothesis import strategies as st
 import npsparseattn as nsa
 from npsparseattn import layouts, reference
 from npsparseattn.reference import lsh_hash
+from npsparseattn.reference.kvcache import gather
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 PACKAGE = Path(nsa.__file__).parent
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
@@ -294,6 +298,217 @@ def test_ring_attention_on_one_rank(valid, data):
     if not expect(valid, kind, out):
         return
     _same(out, reference.attention(q, k, v, **kw)[0], _tolerance(q, k, v))
+
+
+# ----------------------------------------------------------------------------- inference entry points and interop
+
+SMALL_FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+HALF_TOL = {"float16": 4e-3}  # out is rounded to float16; the kernels accumulate in float32
+
+
+def offsets(lengths, dtype):
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(dtype)
+
+
+@VALIDITY
+@SMALL_FUZZ
+@given(data=st.data())
+def test_varlen_and_backward(valid, data):
+    pick = data.draw
+    n_seqs = pick(st.integers(0, 4), label="n_seqs")
+    len_q = pick(st.lists(st.integers(0, 12), min_size=n_seqs, max_size=n_seqs), label="len_q")
+    len_k = pick(st.lists(st.integers(0, 12), min_size=n_seqs, max_size=n_seqs), label="len_k")
+    hk = pick(st.integers(1, 2), label="hk")
+    hq = hk * pick(st.integers(1, 2), label="group")
+    d, dv = pick(st.integers(1, 8), label="d"), pick(st.integers(1, 5), label="dv")
+    dtype = pick(dtypes(valid), label="dtype")
+    index = pick(st.sampled_from(["int32", "int64", "uint64"]), label="index dtype")
+    cu_q, cu_k = offsets(len_q, index), offsets(len_k, index)
+    if not valid:
+        breakage = pick(st.sampled_from(["none", "float", "decreasing", "end", "count"]), label="breakage")
+        if breakage == "float":
+            cu_q = cu_q.astype(np.float64)
+        elif breakage == "decreasing" and n_seqs:
+            cu_k = cu_k[::-1].copy()
+        elif breakage == "end":
+            cu_q = np.append(cu_q, cu_q[-1] + 1)
+        elif breakage == "count":
+            cu_k = cu_k[:-1]
+    q = pick(arrays((hq, sum(len_q), d), dtype), label="q")
+    k = pick(arrays((hk, sum(len_k), d), dtype), label="k")
+    v = pick(arrays((hk, sum(len_k), dv), dtype), label="v")
+    kw = dict(causal=pick(flags(valid)), window=pick(windows(valid)), scale=pick(scales(valid)))
+    call = lambda: nsa.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True, **kw)  # noqa: E731
+    kind, result = fuzzed(call, "attention_varlen")
+    if not expect(valid, kind, result):
+        return
+    out, lse = result
+    tol = _tolerance(q, k, v)
+    dout = np.ones_like(out)
+    grads = nsa.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, **kw)
+    for s in range(n_seqs):
+        rows, keys = slice(int(cu_q[s]), int(cu_q[s + 1])), slice(int(cu_k[s]), int(cu_k[s + 1]))
+        ref_out, ref_lse = reference.attention(q[:, rows], k[:, keys], v[:, keys], **kw)
+        _same(out[:, rows], ref_out, tol)
+        _same(lse[:, rows], ref_lse, 50 * tol, floor=1.0)
+        want = reference.attention_backward(dout[:, rows], q[:, rows], k[:, keys], v[:, keys], **kw)
+        for g, w, part in zip(grads, want, (rows, keys, keys)):
+            _same(g[:, part], w, 20 * tol, floor=1.0)
+
+
+def kv_rules_hold(table, lengths, n_new, page_size, n_pages):
+    """The paged-cache rules, written out independently: pages in use exist and are distinct per sequence, and
+    no sequence appends into a page another one uses."""
+    used = []
+    for b, start in enumerate(lengths):
+        pages = list(table[b][: -(-(start + n_new) // page_size)])
+        if any(not 0 <= p < n_pages for p in pages) or len(set(pages)) != len(pages):
+            return False
+        used.append(pages)
+    for b, start in enumerate(lengths):
+        written = set(used[b][start // page_size :]) if n_new else set()
+        if any(written & set(other) for c, other in enumerate(used) if c != b):
+            return False
+    return True
+
+
+@settings(SMALL_FUZZ, max_examples=60)
+@given(data=st.data())
+def test_kvcache_with_random_block_tables(data):
+    """Contiguous or paged caches; block tables of distinct pages, then changed in a few places (a page another
+    sequence uses, a page twice, a page out of range): computed exactly when the rules hold, refused otherwise,
+    and the cache is unchanged by a refusal."""
+    pick = data.draw
+    batch, hk = pick(st.integers(1, 3), label="batch"), pick(st.integers(1, 2), label="hk")
+    hq, lq = hk * pick(st.integers(1, 3), label="group"), pick(st.integers(0, 3), label="lq")
+    d, dv, n_new = pick(st.integers(1, 6), label="d"), pick(st.integers(1, 4), label="dv"), pick(st.integers(0, 3))
+    dtype = pick(st.sampled_from(["float64", "float32", "float16"]), label="dtype")
+    page_size = pick(st.sampled_from([None, 1, 3, 4]), label="page_size")
+    if page_size is None:
+        capacity, table = pick(st.integers(0, 10), label="Lmax"), None
+        shape = (batch, hk, capacity)
+    else:
+        max_pages = pick(st.integers(0, 4), label="max_pages")
+        n_pages = batch * max_pages + pick(st.integers(0, 2), label="spare pages")
+        capacity, shape = page_size * max_pages, (max(n_pages, 1), hk, page_size)
+        table = np.random.default_rng(pick(st.integers(0, 99))).permutation(shape[0])[: batch * max_pages]
+        table = table.reshape(batch, max_pages).astype(np.int32)
+        if max_pages:
+            for _ in range(pick(st.integers(0, 2), label="changes")):
+                b, p = pick(st.integers(0, batch - 1)), pick(st.integers(0, max_pages - 1))
+                other = pick(st.integers(0, batch - 1)), pick(st.integers(0, max_pages - 1))
+                change = pick(st.sampled_from(["share", "share", "share", "outside"]), label="change")
+                table[b, p] = table[other] if change == "share" else pick(st.sampled_from([-1, shape[0]]))
+    most = max(capacity - n_new, 0)  # most lengths fit, and most use several pages
+    length = st.one_of(st.integers(most // 2, most), st.integers(0, most), st.integers(0, 12))
+    lengths = np.array(pick(st.lists(length, min_size=batch, max_size=batch), label="lengths"), np.int32)
+    k_cache, v_cache = pick(arrays((*shape, d), dtype), label="k_cache"), pick(arrays((*shape, dv), dtype), label="v")
+    q = pick(arrays((batch, hq, lq, d), dtype), label="q")
+    k_new = pick(arrays((batch, hk, n_new, d), dtype), label="k_new") if n_new else None
+    v_new = pick(arrays((batch, hk, n_new, dv), dtype), label="v_new") if n_new else None
+    kw = dict(causal=pick(st.booleans()), window=pick(windows(True)), scale=pick(scales(True)))
+    before_k, before_v = k_cache.copy(), v_cache.copy()
+    keys = values = None
+    fits = bool((lengths + n_new <= capacity).all())
+    if fits and (table is None or kv_rules_hold(table, lengths, n_new, page_size, shape[0])):
+        rows = [(b, int(n)) for b, n in enumerate(lengths)]
+        if table is None:
+            keys, values = [k_cache[b, :, :n].copy() for b, n in rows], [v_cache[b, :, :n].copy() for b, n in rows]
+        else:
+            keys = [gather(k_cache, table[b], n, np) for b, n in rows]
+            values = [gather(v_cache, table[b], n, np) for b, n in rows]
+    paged = {} if table is None else {"block_table": table}
+    call = lambda: nsa.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, k_new=k_new,  # noqa: E731
+                                              v_new=v_new, return_lse=True, **paged, **kw)  # fmt: skip
+    kind, result = fuzzed(call, "attention_with_kvcache")
+    if keys is None:
+        assert kind == "refused", "arguments that break a rule were accepted"
+        assert k_cache.tobytes() == before_k.tobytes() and v_cache.tobytes() == before_v.tobytes()
+        return
+    assert kind == "ok", f"valid arguments were refused: {result}"
+    out, _ = result
+    tol = HALF_TOL.get(dtype, _tolerance(q))
+    for b in range(batch):
+        k, v = keys[b], values[b]
+        if n_new:
+            k, v = np.concatenate([k, k_new[b]], axis=1), np.concatenate([v, v_new[b]], axis=1)
+        _same(out[b], reference.attention(q[b], k, v, **kw)[0], tol)
+
+
+def merged_row(out_a, a, out_b, b):
+    """float64 merge of one row, with its limits: a side with lse -inf adds nothing, one with +inf takes over."""
+    if a == np.inf or b == np.inf:
+        return ((out_a if a == np.inf else 0) + (out_b if b == np.inf else 0)) / (
+            int(a == np.inf) + int(b == np.inf)
+        ), np.inf
+    if a == b == -np.inf:
+        return np.zeros_like(out_a), -np.inf
+    lse = np.logaddexp(a, b)
+    return (out_a * np.exp(a - lse) if a > -np.inf else 0) + (out_b * np.exp(b - lse) if b > -np.inf else 0), lse
+
+
+MERGE_TOL = {"float64": 1e-12, "float32": 2e-5, "float16": 4e-3}
+
+
+@SMALL_FUZZ
+@given(data=st.data(), lead=st.sampled_from([(), (3,), (2, 4)]), dv=st.integers(1, 5))
+def test_merge_states(data, lead, dv):
+    """Guarded merges of every mix of finite, empty (-inf) and overflowed (+inf) sides, or a clear refusal."""
+    pick = data.draw
+    row_lse = st.one_of(st.floats(-50, 50), st.sampled_from([-np.inf, np.inf, 0.0]))
+    lse_dtype = pick(st.sampled_from(["float64", "float32", "float16"]), label="lse dtype")
+    lse_a, lse_b = (
+        np.array(pick(st.lists(row_lse, min_size=math.prod(lead), max_size=math.prod(lead))), lse_dtype).reshape(lead)
+        for _ in range(2)
+    )
+    dtype = pick(st.sampled_from(["float64", "float32", "float16", "int32"]), label="dtype")
+    out_a, out_b = (pick(arrays((*lead, dv), dtype), label=name) for name in ("out_a", "out_b"))
+    kind, result = fuzzed(lambda: nsa.merge_states(out_a, lse_a, out_b, lse_b), "merge_states")
+    if not expect(dtype != "int32" and lse_dtype != "float16", kind, result):
+        return
+    out, lse = result
+    rows = [
+        merged_row(
+            *(np.asarray(x, np.float64).reshape(-1, *x.shape[len(lead) :])[r] for x in (out_a, lse_a, out_b, lse_b))
+        )
+        for r in range(math.prod(lead))
+    ]
+    want_out = np.array([o for o, _ in rows]).reshape(out.shape)
+    want_lse = np.array([x for _, x in rows]).reshape(lse.shape)
+    _same(lse, want_lse, MERGE_TOL["float64" if dtype == "float64" else "float32"], floor=50.0)
+    _same(out, want_out, MERGE_TOL[dtype], floor=1.0)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed (pip install npsparseattn[interop])")
+@SMALL_FUZZ
+@given(data=st.data())
+def test_torch_tensor_views(data):
+    """PyTorch views (permuted, sliced with steps, expanded, lazily negated) read with their exact values."""
+    import torch
+
+    q, k, v = data.draw(qkv(valid=True), label="q, k, v")
+    dtype = np.float32 if q.dtype.name == "float32" else np.float64  # PyTorch takes native byte order only
+    q, k, v = (np.ascontiguousarray(x, dtype) for x in (q, k, v))
+    views = []
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        how = data.draw(st.sampled_from(["plain", "permuted", "stepped", "expanded", "negated"]), label=name)
+        base = torch.from_numpy(np.ascontiguousarray(x))
+        if how == "permuted":
+            view = base.movedim(-1, 0).contiguous().movedim(0, -1)  # last axis not unit-stride
+        elif how == "stepped":
+            view = torch.from_numpy(np.repeat(np.ascontiguousarray(x), 2, axis=-2))[..., ::2, :]
+        elif how == "expanded" and x.ndim >= 3 and x.shape[-3] >= 1:
+            view = base[..., :1, :, :].expand(base.shape) if x.shape[-3] == 1 else base
+        elif how == "negated":
+            view = torch.complex(torch.zeros_like(base), -base).conj().imag  # values of x, negation pending
+        else:
+            view = base
+        assert np.array_equal(view.resolve_neg().numpy(), x)
+        views.append(view)
+    kw = dict(causal=data.draw(st.booleans()), window=data.draw(windows(True)))
+    out = nsa.attention(*views, **kw)
+    assert isinstance(out, torch.Tensor)
+    _same(out.numpy(), reference.attention(q, k, v, **kw)[0], _tolerance(q, k, v))
 
 
 def test_outcome_helper_rejects_errors_from_outside_the_package():

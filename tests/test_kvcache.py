@@ -237,7 +237,7 @@ def test_read_only_and_shared_slots_are_refused_before_writing(rng):
     k_new, v_new = random_array(rng, (2, 2, 1, 1, 4))
     shared = np.array([[0, 1], [0, 2]], np.int32)  # both sequences append into page 0
     before = k_pages.copy()
-    with pytest.raises(ValueError, match=r"sequences 0 and 1 write new tokens into the same cache slot \(page 0, "):
+    with pytest.raises(ValueError, match=r"sequence 0 appends into page 0 \(block_table\[0, 0\]\), which sequence 1 "):
         nsa.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=np.array([2, 2]), k_new=k_new, v_new=v_new,
                                    block_table=shared)  # fmt: skip
     assert np.array_equal(k_pages, before)

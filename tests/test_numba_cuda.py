@@ -21,14 +21,17 @@ from conftest import FakeCupyArray, random_qkv
 
 import npsparseattn as nsa
 from npsparseattn import _dispatch, layouts
-from npsparseattn.cuda import _env, numba_compile, numba_runtime, numba_tiles
+from npsparseattn.cuda import _env
+from npsparseattn.cuda.numba_cuda import compile as numba_compile
+from npsparseattn.cuda.numba_cuda import runtime as numba_runtime
+from npsparseattn.cuda.numba_cuda import tiles as numba_tiles
 
 MODULES = {
-    "attention": "npsparseattn.cuda.numba_exact",
-    "block_sparse_attention": "npsparseattn.cuda.numba_block_sparse",
-    "lsh_buckets": "npsparseattn.cuda.numba_lsh_hash",
-    "lsh_sort": "npsparseattn.cuda.numba_lsh_sort",
-    "lsh_attention": "npsparseattn.cuda.numba_lsh",
+    "attention": "npsparseattn.cuda.numba_cuda.exact",
+    "block_sparse_attention": "npsparseattn.cuda.numba_cuda.block_sparse",
+    "lsh_buckets": "npsparseattn.cuda.numba_cuda.lsh_hash",
+    "lsh_sort": "npsparseattn.cuda.numba_cuda.lsh_sort",
+    "lsh_attention": "npsparseattn.cuda.numba_cuda.lsh",
 }
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,7 +57,7 @@ def test_modules_import_neither_cupy_nor_numba_cuda():
         "import sys, importlib\n"
         f"for name in {sorted(MODULES.values())!r}:\n"
         "    assert importlib.import_module(name).KINDS == ('cupy',), name\n"
-        "importlib.import_module('npsparseattn.cuda.numba_compile')\n"
+        "importlib.import_module('npsparseattn.cuda.numba_cuda.compile')\n"
         "bad = [m for m in ('cupy', 'numba.cuda') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

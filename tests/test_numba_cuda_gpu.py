@@ -141,7 +141,8 @@ def test_lsh_attention_matches_reference(rng, dtype):
 
 def test_every_output_element_is_written(rng):
     """Buffers poisoned with NaN come back fully written, for every kernel family."""
-    from npsparseattn.cuda import numba_exact, numba_lsh
+    from npsparseattn.cuda.numba_cuda import exact as numba_exact
+    from npsparseattn.cuda.numba_cuda import lsh as numba_lsh
 
     q, k, v = on_gpu(*random_qkv(rng, batch=(2,), hq=4, hk=2, lq=300, lk=517, d=64, dv=40, dtype=np.float32))
     mask = dict(scale=0.125, offset=217, left=150, right=0)

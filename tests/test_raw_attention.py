@@ -19,8 +19,9 @@ from raw_support import DTYPE_NAMES, DTYPES, MODES, RawMode, assert_within_twice
 
 import npsparseattn as nsa
 from npsparseattn import reference
-from npsparseattn.cuda import raw_exact
-from npsparseattn.cuda.emulate import host
+from npsparseattn.cuda.cupy_raw import driver, sources
+from npsparseattn.cuda.cupy_raw import exact as raw_exact
+from npsparseattn.cuda.cupy_raw.emulate import host
 
 SHAPES = [
     pytest.param(dict(hq=2, hk=1, lq=77, lk=131, d=32), id="gqa-lq<lk-d32"),
@@ -184,6 +185,40 @@ def test_refusals_name_the_reason(rng, monkeypatch):
         nsa.attention(q, k, v, backend="cupy")
 
 
+def test_the_race_detector_finds_a_missing_barrier_in_one_run(rng, monkeypatch):
+    """The forward with the barrier that frees a K/V buffer before its refill removed: the strict emulator stops
+    it in the default schedule, where without the race detector it runs to the end with the right result
+    (the threads happen to run in lockstep) and only another schedule would show the bug."""
+    RawMode("emulated", monkeypatch)
+    original = sources.read
+    barrier = "    __syncthreads();  // this buffer is free for the tile after next\n"
+
+    def planted(name):
+        text = original(name)
+        if name == "npsa_attn.cuh":
+            assert barrier in text
+            text = text.replace(barrier, "\n")
+        return text
+
+    name = "npsa_attn_fwd<npsa::f16, 32, false>"
+    q, k, v = (random_array(rng, (1, 1, 64 if i == 0 else 256, 32)).astype(np.float16) for i in range(3))
+    ints = [np.int32(x) for x in (64, 256, 1, 1, 192, 0, 0)]
+
+    def run(library, schedule=None):
+        out, lse = np.full((1, 1, 64, 32), np.nan, np.float16), np.full((1, 1, 64), np.nan, np.float32)
+        library.launch(name, (1, 1, 1), (128,), driver.fwd_shared_bytes(32), [q, k, v, out, lse, *ints,
+                       np.float32(0.25)], schedule=schedule)  # fmt: skip
+        return out, lse
+
+    expected = run(host.library())
+    monkeypatch.setattr(sources, "read", planted)
+    broken = host.library_of((name,))
+    with pytest.raises(host.EmulationError, match=r"shared-memory race \((read/write|cp.async write/read)\)"):
+        run(broken)
+    for a, b in zip(run(broken, host.RELAXED), expected):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
 @pytest.mark.parametrize("mask", [dict(), dict(causal=True), dict(window=(300, 0))], ids=["full", "causal", "window"])
@@ -249,3 +284,73 @@ def test_tile_boundaries(lq, lk, group, window, d):
         mode = RawMode("emulated", monkeypatch)
         q, k, v, dout = _inputs(np.random.default_rng(lq * 1000 + lk), "float16", hq=group, hk=1, lq=lq, lk=lk, d=d)
         check(mode, q, k, v, dout, dict(window=window))
+
+
+# --------------------------------------------------------------------------- the deterministic backward
+
+DETERMINISTIC_CASES = [
+    pytest.param(False, dict(hq=4, hk=2, lq=200, lk=260, d=64), dict(window=(150, 20)), id="dense-gqa-window-d64"),
+    pytest.param(False, dict(hq=2, hk=1, lq=90, lk=70, d=128), dict(causal=True), id="dense-causal-lq>lk-d128"),
+    pytest.param(False, dict(hq=3, hk=3, lq=65, lk=129, d=96), dict(), id="dense-full-d96"),
+    pytest.param(True, dict(hq=2, hk=1, lq=150, lk=190, d=32), dict(causal=True), id="sparse-causal-d32"),
+    pytest.param(True, dict(hq=4, hk=2, lq=130, lk=130, d=128), dict(window=(40, 10)), id="sparse-window-d128"),
+]
+
+
+def _deterministic_run(mode, q, k, v, dout, sparse, kw, deterministic):
+    """Forward, then backward with or without the deterministic dQ pass, through the backend modules."""
+    from npsparseattn import layouts
+    from npsparseattn.cuda.cupy_raw import block_sparse as raw_block_sparse
+
+    lq, lk = q.shape[-2], k.shape[-2]
+    left, right = kw.get("window") or (None, None)
+    mask = dict(scale=q.shape[-1] ** -0.5, offset=lk - lq, left=left, right=0 if kw.get("causal") else right)
+    layout = layouts.bigbird((lq, lk), (64, 32), random_blocks=2, seed=3, heads=q.shape[1])
+    module, args = (raw_block_sparse, (layout,)) if sparse else (raw_exact, ())
+    q, k, v, dout = mode.put(q, k, v, dout)
+    out, lse = module.forward(q, k, v, *args, **mask)
+    grads = module.backward(dout, q, k, v, out, lse, *args, **mask, deterministic=deterministic)
+    return layout, [mode.get(x) for x in (out, *grads)]
+
+
+@pytest.mark.parametrize(("sparse", "shape", "kw"), DETERMINISTIC_CASES)
+def test_deterministic_backward_matches_reference_within_twice_naive(rng, mode, sparse, shape, kw):
+    q, k, v, dout = _inputs(rng, "float16", **shape)
+    layout, (_, dq, dk, dv) = _deterministic_run(mode, q, k, v, dout, sparse, kw, True)
+    q64, k64, v64, do64 = (x.astype(np.float64) for x in (q, k, v, dout))
+    lq, lk = q.shape[-2], k.shape[-2]
+    visible = _mask(lq, lk, kw.get("causal", False), kw.get("window"))
+    if sparse:
+        ref = reference.block_sparse_attention_backward(do64, q64, k64, v64, layout, **kw)
+        visible = layout.to_token_mask() & visible
+    else:
+        ref = reference.attention_backward(do64, q64, k64, v64, **kw)
+    naive = naive_attention(q, k, v, dout, visible, q.shape[-1] ** -0.5, q.dtype)
+    assert_within_twice_naive([dq, dk, dv], naive[1:], ref, labels=("dq", "dk", "dv"))
+
+
+@pytest.mark.parametrize(
+    ("sparse", "shape", "kw"),
+    [
+        pytest.param(False, dict(hq=2, hk=1, lq=100, lk=200, d=32), dict(window=(120, 20)), id="dense"),
+        pytest.param(True, dict(hq=2, hk=1, lq=150, lk=190, d=32), dict(causal=True), id="sparse"),
+    ],
+)
+def test_deterministic_backward_gives_the_same_bits_in_any_order(rng, monkeypatch, sparse, shape, kw):
+    """Threads and blocks in other orders (the emulator's schedules, blocks last-first): the deterministic dQ
+    keeps its bits; the atomic dQ adds the key blocks' parts in another order and changes in the last bits;
+    dK and dV are the same bits in both paths."""
+    mode = RawMode("emulated", monkeypatch)
+    q, k, v, dout = _inputs(rng, "float16", **shape)
+    runs = {}
+    for schedule in (0, host.REVERSE | host.REVERSE_BLOCKS, host.GREEDY | host.EAGER_COPIES | host.REVERSE_BLOCKS):
+        monkeypatch.setattr(host, "SCHEDULE", schedule)
+        for deterministic in (True, False):
+            runs[schedule, deterministic] = _deterministic_run(mode, q, k, v, dout, sparse, kw, deterministic)[1]
+    first = runs[0, True]
+    for (_, deterministic), results in runs.items():
+        compared = results if deterministic else results[:1] + results[2:]  # out, (dq), dk, dv
+        expected = first if deterministic else first[:1] + first[2:]
+        for a, b in zip(compared, expected):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(runs[0, False][1], runs[host.REVERSE | host.REVERSE_BLOCKS, False][1])

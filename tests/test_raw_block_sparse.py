@@ -15,8 +15,9 @@ from raw_support import DTYPE_NAMES, DTYPES, MODES, RawMode, assert_within_twice
 
 import npsparseattn as nsa
 from npsparseattn import layouts, reference
-from npsparseattn.cuda import raw_block_sparse
-from npsparseattn.cuda.emulate import host
+from npsparseattn.cuda import layout_runs
+from npsparseattn.cuda.cupy_raw import block_sparse as raw_block_sparse
+from npsparseattn.cuda.cupy_raw.emulate import host
 
 BUILDERS = {
     "random-40%": lambda lq, lk, block, hq: layouts.from_block_mask(
@@ -138,11 +139,18 @@ def test_other_thread_schedules_give_the_same_bits(rng, monkeypatch, schedule):
         np.testing.assert_array_equal(a, b)
 
 
-def test_layout_runs_are_cached_per_layout_object(monkeypatch):
-    RawMode("emulated", monkeypatch)
+def test_layout_runs_are_cached_per_layout_object_and_device(monkeypatch):
+    """One cache for both GPU backends: runs made once per (layout, transposition, device), evicted oldest first."""
+    monkeypatch.setattr(layout_runs, "_CACHE", type(layout_runs._CACHE)())
+    like = np.zeros(1, np.float32)
     layout = layouts.causal(128, 32)
-    first = raw_block_sparse._runs(layout, False, np.zeros(1))
-    assert raw_block_sparse._runs(layout, False, np.zeros(1)) is first
-    transposed = raw_block_sparse._runs(layout, True, np.zeros(1))
+    first = layout_runs.device_runs(layout, like)
+    assert layout_runs.device_runs(layout, like) is first
+    transposed = layout_runs.device_runs(layout, like, transposed=True)
+    assert transposed is not first
     assert [a.dtype for a in first + transposed] == [np.int32] * 6
+    np.testing.assert_array_equal(first[0], layout.runs()[0])
     np.testing.assert_array_equal(transposed[0], layout.transpose().runs()[0])
+    for _ in range(layout_runs.CACHED):
+        layout_runs.device_runs(layouts.causal(128, 32), like)
+    assert layout_runs.device_runs(layout, like) is not first  # evicted by newer layouts

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from raw_support import DTYPES, MODES, KernelRunner, bits, host_library
 
-from npsparseattn.cuda import raw_sources
-from npsparseattn.cuda.emulate import host
-from npsparseattn.cuda.emulate.host import EmulationError
+from npsparseattn.cuda.cupy_raw import limits, sources
+from npsparseattn.cuda.cupy_raw.emulate import host
+from npsparseattn.cuda.cupy_raw.emulate.host import EmulationError
 
 TAGS = {"float16": "npsa::f16", "bfloat16": "npsa::bf16"}
 
@@ -103,7 +103,7 @@ def test_cp_async_groups_complete_in_order_and_zero_fill(rng, kernels, schedule)
     np.testing.assert_array_equal(dst[64:], landed[::-1])
 
 
-@pytest.mark.parametrize("d", raw_sources.HEAD_DIMS)
+@pytest.mark.parametrize("d", sources.HEAD_DIMS)
 @pytest.mark.parametrize("dtype", list(TAGS))
 def test_tile_helpers_compose_into_matrix_products(rng, kernels, dtype, d):
     dt = DTYPES[dtype]
@@ -124,29 +124,64 @@ def test_tile_helpers_compose_into_matrix_products(rng, kernels, dtype, d):
     np.testing.assert_allclose(c3, bt64[:, :16].T @ v64, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize(
-    ("mode", "threads", "message"),
-    [
-        (0, 32, "global load: global address .* outside every buffer"),
-        (1, 32, "ldmatrix: misaligned shared address"),
-        (2, 64, "deadlock: 32 threads wait at __syncthreads, 0 at a warp collective, 32 have exited"),
-        (3, 32, "warp divergence: lanes execute"),
-    ],
-)
-def test_emulator_stops_a_kernel_that_breaks_a_rule(mode, threads, message):
-    lib = host_library()
-    src = np.arange(threads, dtype=np.uint16)
-    out = np.zeros(threads, np.uint16)
+FAULTS = [  # (program, threads, what the emulator says); the programs are npsa_test_fault<MODE> in selftest.cu
+    pytest.param(0, 32, "global load: global address .* outside every buffer", id="out-of-bounds-load"),
+    pytest.param(1, 32, "ldmatrix: misaligned shared address", id="misaligned-ldmatrix"),
+    pytest.param(2, 64, "deadlock: 32 threads wait at __syncthreads, 0 at a warp collective, 32 have exited",
+                 id="deadlock"),
+    pytest.param(3, 32, "warp divergence: lanes execute", id="warp-divergence"),
+    pytest.param(4, 32, r"shared load: reads shared memory its own cp.async has not landed yet \(no cp.async.wait",
+                 id="read-before-wait"),
+    pytest.param(5, 64, r"shared-memory race \((read/write|write/read)\) at byte \d+: threads \d+ and \d+ in one "
+                 r"barrier interval", id="race"),
+    pytest.param(6, 32, "shared load: reads uninitialised shared memory at byte \\d+ \\(nothing wrote it",
+                 id="uninitialised-read"),
+    pytest.param(7, 32, "cp.async source: misaligned global address", id="misaligned-cp-async"),
+    pytest.param(8, 64, r"barrier divergence: threads wait at the __syncthreads of .*selftest.cu:\d+ and of "
+                 r".*selftest.cu:\d+", id="barrier-divergence"),
+    pytest.param(9, 32, "shared load: misaligned shared address", id="misaligned-vector-shared-load"),
+]  # fmt: skip
+
+
+def _fault_buffers(threads):
+    src = np.arange(8 * threads + 8, dtype=np.uint16)
+    return src, np.zeros(threads, np.uint16)
+
+
+SCHEDULES = {"in-order": 0, "reverse": host.REVERSE, "greedy-eager": host.GREEDY | host.EAGER_COPIES}
+FAULT_RUNS = [  # every planted bug under every schedule (copies that land at issue make mode 4's early read legal)
+    pytest.param(*fault.values, schedule, id=f"{fault.id}-{name}")
+    for fault in FAULTS
+    for name, schedule in SCHEDULES.items()
+    if not (fault.values[0] == 4 and schedule & host.EAGER_COPIES)
+]
+
+
+@pytest.mark.parametrize(("mode", "threads", "message", "schedule"), FAULT_RUNS)
+def test_emulator_stops_a_kernel_that_breaks_a_rule(mode, threads, message, schedule):
+    """Each planted bug is caught under every schedule: the checks do not depend on the order threads ran in."""
     with pytest.raises(EmulationError, match=message):
-        lib.launch(f"npsa_test_fault<{mode}>", (1,), (threads,), 512, [src, out])
+        host_library().launch(f"npsa_test_fault<{mode}>", (1,), (threads,), 512, [*_fault_buffers(threads)],
+                              schedule=schedule)  # fmt: skip
 
 
-def test_emulator_shows_shared_memory_read_before_its_cp_async_wait():
+@pytest.mark.parametrize(("mode", "threads"), [(4, 32), (5, 64), (6, 32), (8, 64)],
+                         ids=["read-before-wait", "race", "uninitialised-read", "barrier-divergence"])  # fmt: skip
+def test_without_the_strict_checks_the_planted_bugs_run_silently(mode, threads):
+    """The same programs pass the relaxed emulator (the checks of racecheck/initcheck/synccheck are what
+    catches them); the reads before a wait and of uninitialised memory see the NaN fill."""
+    src, out = _fault_buffers(threads)
+    host_library().launch(f"npsa_test_fault<{mode}>", (1,), (threads,), 512, [src, out], schedule=host.RELAXED)
+    if mode in (4, 6):
+        np.testing.assert_array_equal(out, 0xFFFF)
+
+
+def test_shared_memory_over_the_device_limit_is_refused():
     lib = host_library()
-    src = np.arange(32 * 8, dtype=np.uint16)
-    out = np.zeros(32, np.uint16)
-    lib.launch("npsa_test_fault<4>", (1,), (32,), 512, [src, out])
-    np.testing.assert_array_equal(out, 0xFFFF)
+    with pytest.raises(ValueError, match=r"npsa_test_shfl: 170000 bytes of dynamic shared memory \(at most 166912"):
+        lib.launch("npsa_test_shfl", (1,), (32,), 170000, [np.zeros(32, np.float32), np.zeros(160, np.float32)])
+    lib.launch("npsa_test_shfl", (1,), (32,), 170000, [np.zeros(32, np.float32), np.zeros(160, np.float32)],
+               limits=limits.SM90)  # fmt: skip
 
 
 def test_launch_checks_parameter_types():

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import TOL, FakeCupyArray, SoloComm, random_qkv
-from ring_worker import case_list
+from ring_worker import case_list, cp_case_list
 
 import npsparseattn as nsa
 from npsparseattn import ring
@@ -112,6 +112,112 @@ def test_ring_matches_single_process(ring_results, case_id):
         assert r["length"] % (2 * world) != 0  # the 2P zigzag chunks are unequal
 
 
+CP_CASE_IDS = [case["id"] for case in cp_case_list(2)]
+D, DV = 8, 6  # head and value dimensions of the context-parallel cases
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("case_id", CP_CASE_IDS)
+def test_every_mode_equals_single_process_attention(ring_results, case_id):
+    """Forward and backward of every mode against the float64 oracle and the single-process function."""
+    _, results = ring_results
+    r = results[case_id]
+    tol = 1e-12 if r["dtype"] == "float64" else TOL[np.dtype(r["dtype"])]
+    assert not r["any_nan"], r
+    assert r["out_vs_reference"] < tol and r["lse_vs_reference"] < 10 * tol, r
+    assert max(r["grads_vs_reference"]) < tol, r
+    if "out_vs_single" in r:  # documents and a layout together have no single-process function
+        assert r["out_vs_single"] < tol and r["lse_vs_single"] < 10 * tol, r
+        assert max(r["grads_vs_single"]) < tol, r
+    lse_dtype = "float64" if r["dtype"] == "float64" else "float32"
+    for rank in r["ranks"]:
+        assert rank["dtypes"] == [r["dtype"], lse_dtype, r["dtype"], r["dtype"], r["dtype"]], rank
+        assert rank["repeat_bitwise"], rank  # a second call gives the same bits: a fixed merge order
+    assert sum(rank["length"] for rank in r["ranks"]) > 0
+
+
+def _kv_bytes(r: dict, rank: int) -> int:
+    """K and V of one rank's shard, in bytes (batch 1)."""
+    item = np.dtype(r["dtype"]).itemsize
+    return r["heads"][1] * r["ranks"][rank]["length"] * (D + DV) * item
+
+
+def expected_traffic(r: dict) -> list[tuple[list[int], list[int]]]:
+    """Per rank, ``([messages, bytes] forward, [messages, bytes] backward)`` of the ring and all-gather modes.
+
+    From the brute-force ``needs`` matrix: when every rank pair needs something
+    the ring relays K/V (2 arrays per step; each rank forwards every shard but
+    its successor's) and the backward's dk/dv accumulators travel ``P`` steps;
+    otherwise each rank sends its own K/V to exactly the ranks that need it and
+    gets back a partial dk/dv from each; the all-gather moves the same, in one
+    collective each way.
+    """
+    p, needs = r["world"], np.array(r["needs"])
+    kv = [_kv_bytes(r, i) for i in range(p)]
+    found = []
+    for i in range(p):
+        readers = [j for j in range(p) if j != i and needs[j, i]]  # ranks that need shard i
+        sources = [j for j in range(p) if j != i and needs[i, j]]  # shards rank i needs
+        if r["mode"] == "allgather":
+            fwd = [len(readers), len(readers) * kv[i]] if not needs.all() else [p - 1, (p - 1) * kv[i]]
+            back = [len(sources), sum(kv[j] for j in sources)]
+        elif needs.all():
+            fwd = [2 * (p - 1), sum(kv) - kv[(i + 1) % p]]
+            back = [2 * p, sum(kv)]
+        else:
+            fwd = [2 * len(readers), len(readers) * kv[i]]
+            back = [2 * len(sources), sum(kv[j] for j in sources)]
+        found.append((fwd, [fwd[0] + back[0], fwd[1] + back[1]]))
+    return found
+
+
+RING_AND_GATHER = [i for i in CP_CASE_IDS if i.startswith(("ring-", "allgather-"))]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("case_id", RING_AND_GATHER)
+def test_messages_and_bytes_follow_the_needed_rank_pairs(ring_results, case_id):
+    _, results = ring_results
+    r = results[case_id]
+    for rank, (fwd, bwd) in zip(r["ranks"], expected_traffic(r)):
+        assert (rank["forward"], rank["backward"]) == (fwd, bwd), (rank, fwd, bwd, r["needs"])
+
+
+@pytest.mark.mpi
+def test_the_sparse_ring_sends_nothing_for_skipped_steps(ring_results):
+    """A sliding-window layout on contiguous shards: only neighbours need each other; nothing else moves."""
+    world, results = ring_results
+    r = results["ring-contiguous-sparse-window-causal"]
+    needs = np.array(r["needs"])
+    assert np.array_equal(needs, np.eye(world, dtype=bool) | np.eye(world, k=-1, dtype=bool))  # shard r-1 only
+    for i, rank in enumerate(r["ranks"]):
+        sends = 2 if i + 1 < world else 0  # own K and V to rank i + 1, nothing for the P - 2 skipped steps
+        assert rank["forward"] == [sends, sends // 2 * _kv_bytes(r, i)]
+        returns = 2 if i > 0 else 0  # the partial dk/dv of shard i - 1 go back to rank i - 1
+        assert rank["backward"] == [sends + returns, sends // 2 * _kv_bytes(r, i) + returns // 2 * _kv_bytes(r, i - 1)]
+    relayed = 2 * (world - 1) * world
+    assert sum(rank["forward"][0] for rank in r["ranks"]) == 2 * (world - 1) < relayed or world == 2
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("case_id", ["ulysses-causal-gqa-2chunks", "ulysses-window-mqa-replicated"])
+def test_ulysses_moves_what_the_volume_formula_says(ring_results, case_id):
+    """Per rank: (P-1)/P of its q, k, v shard out (K/V replicated to each rank when Hk < P), out and lse back."""
+    world, results = ring_results
+    r = results[case_id]
+    hq, hk = r["heads"]
+    chunks = kv_per_rank = max(hk // world, 1)  # one key/value head per chunk (a replicated one when Hk < P)
+    lengths = [rank["length"] for rank in r["ranks"]]
+    for i, rank in enumerate(r["ranks"]):
+        others = [j for j in range(world) if j != i]
+        to_others = len(others) * lengths[i] * (hq // world * D + kv_per_rank * (D + DV)) * 8
+        back = sum(lengths[j] for j in others) * hq // world * (DV + 1) * 8
+        assert rank["forward"] == [2 * chunks * len(others), to_others + back], (rank, to_others, back)
+        grads_in = len(others) * lengths[i] * (hq // world * (2 * DV + D + 1) + kv_per_rank * (D + DV)) * 8
+        grads_back = sum(lengths[j] for j in others) * (hq // world * D + kv_per_rank * (D + DV)) * 8
+        assert rank["backward"] == [2 * chunks * len(others), grads_in + grads_back], rank
+
+
 @pytest.fixture(scope="module")
 def error_reports(warm_kernels, tmp_path_factory):
     path = tmp_path_factory.mktemp("ring-errors") / "errors.json"
@@ -128,6 +234,9 @@ SAME_ON_EVERY_RANK = {
     "heads": r"q.shape\[-3\] differs across ranks \(from 1 to 2\); number of key/value heads Hk differs",
     "lengths": r"local sequence lengths \[5, 4, 3\] \(ranks 0..2\) do not match sharding 'zigzag' for the total "
     r"length 12 \(expected \[4, 4, 4\]\); cut the sequence with npsparseattn.shard",
+    "mode": r"mode differs across ranks \(from 'ring' to 'allgather'\)",
+    "layout": r"layout differs across ranks \(from none to fingerprint [0-9a-f]{8}\)",
+    "cu_seqlens": r"cu_seqlens differs across ranks \(from fingerprint [0-9a-f]{8} to fingerprint [0-9a-f]{8}\)",
 }
 
 
@@ -159,6 +268,15 @@ def test_invalid_arguments_on_one_rank_fail_every_rank(error_reports, name, own_
             message
             == f"{op}: the arguments on rank(s) 2 of 3 are invalid (see the error raised there); no data was exchanged"
         )
+
+
+@pytest.mark.mpi
+def test_a_rule_every_rank_breaks_raises_the_same_specific_error_everywhere(error_reports):
+    messages = {tuple(report["ulysses_heads"]) for report in error_reports}
+    assert len(messages) == 1, messages  # every rank fails the same rule and says so itself
+    kind, message = messages.pop()
+    assert kind == "ValueError"
+    assert "the 2 query heads over 3 ranks, so the heads must be a multiple of the group size" in message
 
 
 def _fault_results(path) -> dict[int, tuple[str, float, str]]:
@@ -212,17 +330,23 @@ def test_bench_ring_under_mpiexec(warm_kernels, tmp_path):
     args = ("--seq", "256", "--heads", "2", "--dim", "16", "--causal", "yes", "--json", str(path))
     rc, output, _ = mpirun(2, *args, program=program, limit=120, env={"NUMBA_NUM_THREADS": "2"})
     assert rc == 0, output[-3000:]
-    assert "ring fwd s" in output and "rank max/min" in output and "2 ranks x 1 numba thread(s)" in output
+    assert "fwd s" in output and "rank max/min" in output and "2 ranks x 1 numba thread(s)" in output
+    assert "not measured: hybrid: needs a Ulysses group size that splits the 2 ranks" in output
     assert output.count("results written to") == 1  # rank 0 writes, the others do not
     result = json.loads(path.read_text())
     assert result["benchmark"] == "ring" and result["ranks"] == 2
-    rows = {row["sharding"]: row for row in result["rows"]}
-    assert set(rows) == {"zigzag", "contiguous"}
+    rows = {row["label"]: row for row in result["rows"]}
+    assert set(rows) == {"ring/zigzag", "ring/contiguous", "ulysses", "allgather"}
     for row in rows.values():
         assert row["shards"] == [128, 128] and row["max_rel_error"] < 1e-5
         assert len(row["forward_compute_s"]) == len(row["forward_wait_s"]) == 2
-        assert np.array(row["forward_step_compute_s"]).shape == (2, 2)
-        assert row["ring_backward_s"] > 0 and row["transfer_only_s"] > 0
+        assert row["backward_s"] > 0 and 0 <= row["forward_exposed_wait"] < 1
+        assert sum(row["forward_sent_bytes"]) > 0 and sum(row["backward_sent_bytes"]) > 0
+    kv_shard = 128 * 2 * 16 * 4 * 2  # L/2 rows x 2 heads x D x float32 x (K and V)
+    assert rows["ring/zigzag"]["forward_sent_bytes"] == [kv_shard, kv_shard]  # one step: the own shard, relayed
+    assert rows["ring/contiguous"]["forward_sent_bytes"] == [kv_shard, 0]  # causal: rank 0 needs nothing of rank 1
+    assert np.array(rows["ring/zigzag"]["forward_step_compute_s"]).shape == (2, 2)
+    assert rows["ring/zigzag"]["transfer_only_s"] > 0 and rows["ulysses"]["transfer_only_s"] is None
 
 
 def test_bench_ring_with_one_rank_says_how_to_launch_it():
@@ -286,7 +410,11 @@ def test_comm_must_be_a_communicator(rng):
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        (dict(sharding="striped"), ValueError, r"sharding must be 'zigzag' or 'contiguous', got 'striped'"),
+        (
+            dict(sharding="striped"),
+            ValueError,
+            r"sharding must be 'zigzag', 'contiguous' or 'per_document', got 'striped'",
+        ),
         (dict(return_lse=1), TypeError, r"return_lse must be True or False, got 1"),
         (dict(backend="triton"), nsa.BackendError, r"backend must be 'auto' or one of 'numba', .*got 'triton'"),
         (dict(backend=3), TypeError, r"backend must be a string such as 'auto' or 'numba', got 3"),
@@ -505,16 +633,48 @@ class _NodeMpi:
     [
         (_NodeMpi(5, 1, 4), 4, None, 1),
         (_NodeMpi(5, 1, 4), 4, 3, 3),
+        (_NodeMpi(5, 1, 4), 1, None, 0),  # CUDA_VISIBLE_DEVICES gives each rank its own GPU: device 0 everywhere
+        (_NodeMpi(6, 3, 4), 2, None, 1),  # local rank modulo the visible GPUs (sharing is refused below)
     ],
 )
 def test_device_from_local_rank(mpi, n_devices, device, expected):
     assert nccl.select_device(mpi, n_devices, device) == expected
 
 
+class _GatherMpi:
+    """Rank ``rank`` of ``size``; ``allreduce(max)`` merges in what the other ranks contribute."""
+
+    def __init__(self, rank, others):
+        self.rank, self.size, self.others = rank, len(others) + 1, others
+
+    def allreduce(self, values, op):
+        assert op == "max"
+        merged = values.copy()
+        for r, code in self.others.items():
+            merged[r] = code
+        return merged
+
+
+def _code(node, bus):
+    import zlib
+
+    return zlib.crc32(f"{node}|{bus}".encode()) + 1
+
+
+def test_ranks_on_distinct_gpus_pass_the_check():
+    others = {1: _code("n0", "0000:1b:00.0"), 2: _code("n1", "0000:1a:00.0")}  # rank 2: same bus id, other node
+    nccl.check_distinct_devices(_GatherMpi(0, others), "n0", "0000:1a:00.0")
+
+
+def test_two_ranks_on_one_gpu_are_refused_by_name():
+    others = {1: _code("n0", "0000:1b:00.0"), 2: _code("n0", "0000:1a:00.0")}
+    with pytest.raises(RuntimeError, match=r"ranks 0, 2 on node 'n0' would share GPU 0000:1a:00.0; NCCLComm needs"):
+        nccl.check_distinct_devices(_GatherMpi(0, others), "n0", "0000:1a:00.0")
+
+
 @pytest.mark.parametrize(
     ("mpi", "n_devices", "device", "error", "message"),
     [
-        (_NodeMpi(5, 1, 4), 2, None, RuntimeError, r"rank 5: 4 ranks share this node but it has 2 GPU\(s\)"),
         (_NodeMpi(0, 0, 1), 0, None, RuntimeError, r"rank 0: no CUDA GPU visible; NCCLComm needs one GPU per rank"),
         (_NodeMpi(0, 0, 1), 2, 2, ValueError, r"device must be in \[0, 2\) \(GPUs visible to rank 0\), got 2"),
         (_NodeMpi(0, 0, 1), 2, "0", TypeError, r"device must be an int or None, got '0'"),

@@ -48,7 +48,7 @@ def test_shard_returns_a_copy(rng):
         ((0, 0), {}, ValueError, r"world must be >= 1, got 0"),
         ((2, 2), {}, ValueError, r"rank must be in \[0, 2\), got 2"),
         ((0.0, 2), {}, TypeError, r"rank must be an int, got 0.0"),
-        ((0, 2, "ring"), {}, ValueError, r"sharding must be 'zigzag' or 'contiguous', got 'ring'"),
+        ((0, 2, "ring"), {}, ValueError, r"sharding must be 'zigzag', 'contiguous' or 'per_document', got 'ring'"),
         ((0, 2), {"axis": 2}, ValueError, r"axis 2 is out of range for an array with 2 axes"),
         ((0, 2), {"axis": "L"}, TypeError, r"axis must be an int, got 'L'"),
     ],

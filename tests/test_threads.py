@@ -46,6 +46,26 @@ def test_concurrent_calls_agree_and_leave_blas_as_it_was(rng):
     assert _blas_threads() == before
 
 
+def test_blas_limit_holds_in_a_thread_after_the_main_thread_used_it():
+    """threadpoolctl 3.8 ignores limits set from a second Python thread; ours must not (a call from a worker
+    thread would run BLAS multi-threaded inside numba's threads)."""
+    with _threads.single_threaded_blas():
+        pass
+    seen = []
+
+    def work():
+        with _threads.single_threaded_blas():
+            seen.append(_blas_threads())
+        seen.append(_blas_threads())
+
+    before = _blas_threads()
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(timeout=60)
+    assert len(seen) == 2 and seen[0] and all(n == 1 for n in seen[0].values()), seen
+    assert seen[1] == before
+
+
 def test_blas_limit_is_counted_across_overlapping_calls():
     before = _blas_threads()
     outer = _threads.single_threaded_blas()

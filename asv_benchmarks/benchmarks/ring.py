@@ -1,4 +1,4 @@
-"""Ring attention (``npsparseattn.ring_attention``) in one process, and its merge/shard path.
+"""Ring attention (``npsparseattn.ring_attention``) in one process, its merge/shard path, and the block plan.
 
 asv runs every benchmark in a single process, so the ring here has one rank
 (``MPIComm()`` on ``MPI.COMM_WORLD`` outside ``mpiexec``): that times the
@@ -7,7 +7,10 @@ the exact ``lse`` merge) around the tiled kernels, and
 ``track_*_overhead`` divides it by plain :func:`npsparseattn.attention` on the
 same inputs.  Multi-rank scaling needs ``mpiexec`` and is measured by
 ``mpiexec -n P npsparseattn bench ring``.  Without mpi4py the ring benchmarks
-are skipped with the reason.
+are skipped with the reason.  :class:`ContextParallelPlan` times the
+planning every rank does before it moves data (the calls of every rank pair
+and which pairs need anything), which grows with the ranks, the documents
+and the layout's blocks, not with the head dimension.
 """
 
 # ruff: noqa: RUF012  (asv reads params and param_names from class attributes)
@@ -17,7 +20,10 @@ import numpy as np
 from asv_runner.benchmarks.mark import SkipNotImplemented
 
 import npsparseattn as nsa
+from npsparseattn import layouts
 from npsparseattn.bench.common import best_time
+from npsparseattn.context_parallel.plan import Plan
+from npsparseattn.context_parallel.selection import LayoutSelection
 
 from .common import Backend, backends, sizes
 
@@ -121,3 +127,29 @@ class Shard:
 
     def time_unshard(self, seq, world, sharding):
         nsa.unshard(self.shards, sharding)
+
+
+class ContextParallelPlan:
+    """Planning one context-parallel call on ``world`` ranks: per-document shards, optionally a sparse layout."""
+
+    params = [[8, 32], [1, 256], ["dense", "sliding-window"]]
+    param_names = ["world", "documents", "layout"]
+
+    def setup(self, world, documents, layout):
+        length = 1 << 16
+        bounds = np.random.default_rng(0).choice(np.arange(64, length, 64), documents - 1, replace=False)
+        self.offsets = np.concatenate([[0], np.sort(bounds), [length]])
+        self.pieces = [
+            nsa.context_parallel.shard_pieces(length, world, r, "per_document", cu_seqlens=self.offsets, block=64)
+            for r in range(world)
+        ]
+        window = layouts.sliding_window(length, 64, (1024, 0))
+        self.selection = LayoutSelection(window) if layout == "sliding-window" else None
+
+    def time_needs(self, world, documents, layout):
+        assert Plan(self.pieces, None, 0, self.offsets, self.selection, range(1)).needs.any()
+
+    def time_calls_of_one_rank(self, world, documents, layout):
+        plan = Plan(self.pieces, None, 0, self.offsets, self.selection, range(1))
+        for source in range(world):
+            plan.calls(0, source)

@@ -10,7 +10,9 @@ and the error against the float64 reference on a slice.  ``--backend`` picks
 the implementation (inputs are created on its device); ``--compare torch``
 times PyTorch's ``scaled_dot_product_attention`` forward and autograd
 backward on the same data, interleaved with ours, and adds the speed ratios
-(ours / PyTorch's: above 1 means ours is faster).  ``--plot out.png`` adds the
+(ours / PyTorch's: above 1 means ours is faster); ``--isa avx2`` runs both
+sides as on an AVX2-only CPU, ``--isa native`` as the machine is
+(:mod:`npsparseattn.bench.isa`).  ``--plot out.png`` adds the
 scaling chart (time against length for dense NumPy, tiled, block-sparse and
 LSH attention).
 """
@@ -25,6 +27,7 @@ import numpy as np
 
 from npsparseattn import reference
 from npsparseattn.bench import device as devices
+from npsparseattn.bench import isa
 from npsparseattn.bench.common import (
     BACKWARD_FLOP_RATIO,
     SETTLE_SECONDS,
@@ -67,6 +70,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=65536,
         help="length of the single-head peak-memory check (0 skips it)",
     )
+    isa.add_argument(parser)
+
+
+def check_arguments(args: argparse.Namespace) -> str | None:
+    """What is wrong with a combination of options (the command line checks each count on its own), or ``None``."""
+    if args.kv_heads is not None and args.heads % args.kv_heads:
+        return f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads} (grouped-query attention)"
+    return None
 
 
 def total_memory() -> int:

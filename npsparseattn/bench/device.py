@@ -26,6 +26,7 @@ import numpy as np
 from npsparseattn import BackendError, available_backends
 from npsparseattn._dispatch import implementations, select
 from npsparseattn.bench.common import matmul_rate
+from npsparseattn.bench.isa import describe_cpu
 from npsparseattn.bench.memory import measure_peak
 
 OPERATIONS = {"attention": "attention", "block-sparse": "block_sparse_attention", "lsh": "lsh_attention"}
@@ -171,8 +172,15 @@ class Device:
         return result, max(pool.total_bytes() - before, 0), "cupy pool"
 
     def describe(self) -> str:
-        """``'numba on NumPy arrays'``, ``'cupy on CuPy arrays (GPU 0: NVIDIA H100)'``."""
+        """``'numba on NumPy arrays (CPU: <model> [<flags>], ...)'``, ``'cupy on CuPy arrays (GPU 0: NVIDIA H100)'``.
+
+        On the CPU it names the model, its vector flags, the vector width of
+        numba's loops and the BLAS (:func:`npsparseattn.bench.isa.describe_cpu`):
+        every CPU table says which machine it came from.
+        """
         where = "NumPy arrays" if self.kind == "numpy" else "CuPy arrays"
+        if self.kind == "numpy":
+            where += f" ({describe_cpu()})"
         if self.kind == "cupy":
             props = self.xp.cuda.runtime.getDeviceProperties(self.xp.cuda.Device().id)
             name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]

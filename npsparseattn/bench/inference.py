@@ -52,6 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-torch", action="store_true", help="leave PyTorch SDPA out")
 
 
+def check_arguments(args: argparse.Namespace) -> str | None:
+    """What is wrong with a combination of options (the command line checks each count on its own), or ``None``."""
+    if args.q_heads % args.kv_heads:
+        return f"--q-heads {args.q_heads} must be a multiple of --kv-heads {args.kv_heads} (grouped-query attention)"
+    return None
+
+
 def interleaved(contenders: dict[str, Callable[[], Any]], rounds: int, repeat: int) -> dict[str, dict[str, float]]:
     """Best and median seconds of each contender over ``rounds`` rounds, one timing of each per round."""
     for fn in contenders.values():

@@ -1,18 +1,20 @@
-"""``npsparseattn bench ring``: ring attention over MPI against single-process attention.
+"""``npsparseattn bench ring``: context-parallel attention over MPI, every mode, against one process.
 
 Launch it under MPI, one rank per core share, e.g. on a 2-core machine::
 
-    mpiexec -n 2 npsparseattn bench ring                 # L = 16384, H = 4, D = 64, float32
+    mpiexec -n 2 npsparseattn bench ring                 # L = 16384, H = 4, D = 64, float32, every mode
 
-For each causal setting and sharding (zigzag, contiguous) it reports, measured
-side by side in one run: the ring's forward (and backward) time, the time of
-single-process tiled attention on the whole sequence with all the cores the
-ranks share (the same total work), their ratio, each rank's compute time and
-the time it spent blocked waiting for K/V (communication not hidden behind
-compute), the time the K/V transfers alone take, the compute imbalance
-between ranks (max/min over ranks, in total and at the worst step) and the
-error of the gathered output against the single-process one.  numba threads
-per rank default to the cores of the node divided by the ranks on it.
+For each mode (ring with zigzag and contiguous shards, Ulysses, hybrid where
+the ranks split into groups, all-gather) and causal setting it reports,
+measured side by side in one run: the forward (and backward) time, the time
+of single-process tiled attention on the whole sequence with all the cores
+the ranks share (the same total work), their ratio, each rank's compute time
+and the time it spent blocked waiting for data (communication not hidden
+behind compute: the overlap), the bytes each rank sent, the time the ring's
+K/V transfers alone take, the compute imbalance between ranks (max/min over
+ranks; for the ring also at the worst step) and the error of the gathered
+output against the single-process one.  numba threads per rank default to
+the cores of the node divided by the ranks on it.
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ from typing import Any
 import numpy as np
 
 from npsparseattn.bench.common import attention_flops, format_table
+from npsparseattn.context_parallel import context_parallel_attention, context_parallel_attention_backward
 from npsparseattn.distributed.base import Communicator, Transfer
 from npsparseattn.exact import attention, attention_backward
-from npsparseattn.ring import ring_attention, ring_attention_backward, shard, unshard
+from npsparseattn.ring import shard, unshard
+
+MODES = ("ring", "ulysses", "hybrid", "allgather")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,10 +40,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq", type=int, default=16384, help="total sequence length L (all ranks together)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, help="key/value heads (grouped-query attention; default: --heads)")
+    parser.add_argument(
+        "--mode", nargs="+", choices=[*MODES, "all"], default=["all"], help="context-parallel modes to measure"
+    )
+    parser.add_argument(
+        "--ulysses-size", type=int, default=0, help="ranks per Ulysses group in hybrid mode (0: 2 when that splits)"
+    )
     parser.add_argument("--dim", type=int, default=64, help="head dimension D")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--causal", choices=["no", "yes", "both"], default="both")
-    parser.add_argument("--sharding", choices=["zigzag", "contiguous", "both"], default="both")
+    parser.add_argument(
+        "--sharding", choices=["zigzag", "contiguous", "both"], default="both", help="of the ring mode (others: zigzag)"
+    )
     parser.add_argument(
         "--repeat", type=int, default=1, help="rounds of interleaved measurements (the best of each series is kept)"
     )
@@ -47,19 +61,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class TimedComm(Communicator):
-    """Wraps a communicator and records when each step's transfer was posted and waited for."""
+    """Wraps a communicator and records when each transfer was waited for (sub-communicators too)."""
 
-    def __init__(self, inner: Communicator):
+    def __init__(self, inner: Communicator, waits: list[tuple[float, float]] | None = None):
         self.inner = inner
         self.rank, self.size, self.timeout, self.kinds = inner.rank, inner.size, inner.timeout, inner.kinds
         self.synced = 0.0
-        self.waits: list[tuple[float, float]] = []
+        self.waits: list[tuple[float, float]] = [] if waits is None else waits
+        self.share_traffic(inner)
 
     def reset(self) -> None:
-        self.synced, self.waits = 0.0, []
+        self.synced = 0.0
+        self.waits.clear()
+        self.traffic.reset()
 
-    def shift(self, send, recv, *, tag=0) -> Transfer:
-        return self.inner.shift(send, recv, tag=tag)
+    def exchange(self, send, dest, recv, source, *, tag=0) -> Transfer:
+        return self.inner.exchange(send, dest, recv, source, tag=tag)
+
+    def alltoallv(self, send, send_counts, send_displs, recv, recv_counts, recv_displs) -> Transfer:
+        return self.inner.alltoallv(send, send_counts, send_displs, recv, recv_counts, recv_displs)
+
+    def allgatherv(self, send, recv, counts) -> Transfer:
+        return self.inner.allgatherv(send, recv, counts)
+
+    def split(self, color: int, key: int) -> TimedComm:
+        return TimedComm(self.inner.split(color, key), self.waits)
 
     def wait(self, transfer: Transfer) -> None:
         start = time.perf_counter()
@@ -85,7 +111,7 @@ class TimedComm(Communicator):
 
 
 def _timed(comm: TimedComm, fn) -> dict:
-    """One call of ``fn()`` after a barrier: wall time and this rank's compute/wait split."""
+    """One call of ``fn()`` after a barrier: wall time, this rank's compute/wait split, what it sent."""
     comm.barrier()
     comm.reset()
     start = time.perf_counter()
@@ -93,7 +119,8 @@ def _timed(comm: TimedComm, fn) -> dict:
     end = time.perf_counter()
     steps = comm.step_compute(end)
     wait = sum(b - a for a, b in comm.waits)
-    return dict(wall=end - start, wait=wait, compute=sum(steps), steps=steps, result=result)
+    sent = [comm.traffic.messages, comm.traffic.bytes]
+    return dict(wall=end - start, wait=wait, compute=sum(steps), steps=steps, sent=sent, result=result)
 
 
 def _transfer_only(comm: Communicator, arrays: list[np.ndarray]) -> float:
@@ -124,6 +151,42 @@ def _threads_per_rank(comm, requested: int) -> int:
     return max(1, (os.cpu_count() or 1) // local_size)
 
 
+def variants(args: argparse.Namespace, size: int) -> tuple[list[dict], list[str]]:
+    """The (mode, sharding, ulysses_size) rows to measure, and why requested modes were left out."""
+    from npsparseattn.context_parallel.heads import head_rule_error
+
+    modes = list(MODES) if "all" in args.mode else list(dict.fromkeys(args.mode))
+    shardings = ["zigzag", "contiguous"] if args.sharding == "both" else [args.sharding]
+    kv_heads = args.kv_heads or args.heads
+    found, skipped = [], []
+    for mode in modes:
+        if mode == "ring":
+            found += [dict(mode="ring", sharding=sharding, ulysses_size=None) for sharding in shardings]
+            continue
+        if mode == "allgather":
+            found.append(dict(mode="allgather", sharding="zigzag", ulysses_size=None))
+            continue
+        group = size if mode == "ulysses" else args.ulysses_size or (2 if size > 2 and size % 2 == 0 else 0)
+        if mode == "hybrid" and (group in (0, 1, size) or size % group):
+            skipped.append(f"hybrid: needs a Ulysses group size that splits the {size} ranks (--ulysses-size)")
+            continue
+        reason = head_rule_error(args.heads, kv_heads, group)
+        if reason:
+            skipped.append(f"{mode}: {reason}")
+            continue
+        found.append(dict(mode=mode, sharding="zigzag", ulysses_size=group if mode == "hybrid" else None))
+    return found, skipped
+
+
+def label(variant: dict) -> str:
+    """``ring/zigzag``, ``ulysses``, ``hybrid U=2``, ``allgather``."""
+    if variant["mode"] == "ring":
+        return f"ring/{variant['sharding']}"
+    if variant["mode"] == "hybrid":
+        return f"hybrid U={variant['ulysses_size']}"
+    return variant["mode"]
+
+
 def run(args: argparse.Namespace) -> dict:
     """Run the sweep under MPI; rank 0 prints the table and returns the records (other ranks return them too)."""
     import numba
@@ -131,7 +194,7 @@ def run(args: argparse.Namespace) -> dict:
     comm = _import_comm()
     if comm.size < 2:
         raise SystemExit(
-            "bench ring measures ring attention across MPI ranks and needs at least 2: run it as\n"
+            "bench ring measures context-parallel attention across MPI ranks and needs at least 2: run it as\n"
             "    mpiexec -n 2 npsparseattn bench ring\n"
             "(mpiexec comes with `pip install 'npsparseattn[mpi]'`, next to this Python)"
         )
@@ -143,13 +206,14 @@ def run(args: argparse.Namespace) -> dict:
     threads = _threads_per_rank(comm, args.threads)
     timed = TimedComm(comm)
     rng = np.random.default_rng(args.seq)
-    shape = (args.batch, args.heads, args.seq, args.dim)
-    q, k, v = (rng.standard_normal(shape, dtype=np.float64).astype(args.dtype) for _ in range(3))
-    dout = rng.standard_normal(shape, dtype=np.float64).astype(args.dtype)
+    kv_heads = args.kv_heads or args.heads
+    q = rng.standard_normal((args.batch, args.heads, args.seq, args.dim), dtype=np.float64).astype(args.dtype)
+    k, v = (rng.standard_normal((args.batch, kv_heads, args.seq, args.dim)).astype(args.dtype) for _ in range(2))
+    dout = rng.standard_normal(q.shape, dtype=np.float64).astype(args.dtype)
     causal_values = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
-    shardings = ["zigzag", "contiguous"] if args.sharding == "both" else [args.sharding]
-    _warm_up(comm, args.dtype, args.dim)
-    # repeats are interleaved (single process, then each sharding, then again) so that every
+    rows_to_run, skipped = variants(args, comm.size)
+    _warm_up(timed, args, kv_heads, rows_to_run)
+    # repeats are interleaved (single process, then each mode, then again) so that every
     # series sees the same neighbours on a shared machine; the best of each is kept
     configs = [(c, rep) for c in causal_values for rep in range(args.repeat)]
     progress = args.progress if comm.rank == 0 else (lambda items, desc: items)
@@ -160,35 +224,42 @@ def run(args: argparse.Namespace) -> dict:
             singles.get(causal), _single_process(comm, q, k, v, dout, causal, args, all_threads)
         )
         numba.set_num_threads(min(threads, all_threads))
-        for sharding in shardings:
-            row = _measure_ring(timed, q, k, v, dout, causal, sharding, args, singles[causal])
-            rows[causal, sharding] = _best_row(rows.get((causal, sharding)), row)
-    records = [_with_baseline(rows[c, sharding], singles[c]) for c in causal_values for sharding in shardings]
+        for variant in rows_to_run:
+            row = _measure(timed, q, k, v, dout, causal, variant, args, singles[causal])
+            rows[causal, label(variant)] = _best_row(rows.get((causal, label(variant))), row)
+    records = [_with_baseline(rows[c, label(x)], singles[c]) for c in causal_values for x in rows_to_run]
     numba.set_num_threads(all_threads)
     result: dict[str, Any] = {
         "benchmark": "ring",
         "ranks": comm.size,
         "threads_per_rank": threads,
         "single_process_threads": all_threads,
+        "skipped": skipped,
         "rows": records,
     }
     if comm.rank == 0:
-        print(render(records, comm.size, threads, all_threads))
+        print(render(records, comm.size, threads, all_threads, skipped))
     return result
 
 
-def _warm_up(comm, dtype: str, dim: int) -> None:
-    """Compile (or load) the kernels before timing; rank 0 first, so the others load its disk cache."""
-    small = np.random.default_rng(0).standard_normal((1, 2, 64 * comm.size, dim)).astype(dtype)
+def _warm_up(timed: TimedComm, args: argparse.Namespace, kv_heads: int, rows: list[dict]) -> None:
+    """Compile (or load) the kernels and make the sub-communicators before timing; rank 0 compiles first."""
+    comm = timed.inner
+    size = 64 * comm.size
+    small_q = np.random.default_rng(0).standard_normal((1, args.heads, size, args.dim)).astype(args.dtype)
+    small_kv = small_q[:, :kv_heads]
     if comm.rank != 0:
         comm.barrier()
-    out, lse = attention(small, small, small, causal=True, return_lse=True)
-    attention_backward(out, small, small, small, out, lse, causal=True)
+    out, lse = attention(small_q, small_kv, small_kv, causal=True, return_lse=True)
+    attention_backward(out, small_q, small_kv, small_kv, out, lse, causal=True)
     if comm.rank == 0:
         comm.barrier()
-    mine = shard(small, comm.rank, comm.size)
-    out, lse = ring_attention(mine, mine, mine, comm, causal=True, return_lse=True)
-    ring_attention_backward(out, mine, mine, mine, out, lse, comm, causal=True)
+    for variant in rows:
+        cut = variant["sharding"]
+        mine = [shard(x, comm.rank, comm.size, cut) for x in (small_q, small_kv)]
+        options = dict(causal=True, **variant)
+        out, lse = context_parallel_attention(mine[0], mine[1], mine[1], timed, return_lse=True, **options)
+        context_parallel_attention_backward(out, mine[0], mine[1], mine[1], out, lse, timed, **options)
 
 
 def _single_process(comm, q, k, v, dout, causal, args, threads) -> dict:
@@ -221,39 +292,43 @@ def _best_single(old: dict | None, new: dict) -> dict:
     return best
 
 
+BACKWARD_FIELDS = ("backward_s", "backward_compute_s", "backward_wait_s", "backward_sent_bytes")
+
+
 def _best_row(old: dict | None, new: dict) -> dict:
     """Forward fields of the faster forward, backward fields of the faster backward."""
     if not old:
         return new
-    best = dict(old if old["ring_forward_s"] <= new["ring_forward_s"] else new)
-    if "ring_backward_s" in new and new["ring_backward_s"] < old["ring_backward_s"]:
-        best.update({key: new[key] for key in ("ring_backward_s", "backward_compute_s", "backward_wait_s")})
+    best = dict(old if old["forward_s"] <= new["forward_s"] else new)
+    if "backward_s" in new and new["backward_s"] < old["backward_s"]:
+        best.update({key: new[key] for key in BACKWARD_FIELDS})
     return best
 
 
 def _with_baseline(row: dict, single: dict) -> dict:
-    """Add the single-process times and the ring/single ratios (rank 0; other ranks hold no rows)."""
+    """Add the single-process times and the parallel/single ratios (rank 0; other ranks hold no rows)."""
     if not row:
         return row
-    row = dict(row, single_forward_s=single["forward_s"], forward_ratio=row["ring_forward_s"] / single["forward_s"])
-    if "ring_backward_s" in row:
-        row.update(single_backward_s=single["backward_s"], backward_ratio=row["ring_backward_s"] / single["backward_s"])
+    row = dict(row, single_forward_s=single["forward_s"], forward_ratio=row["forward_s"] / single["forward_s"])
+    if "backward_s" in row:
+        row.update(single_backward_s=single["backward_s"], backward_ratio=row["backward_s"] / single["backward_s"])
     return row
 
 
-def _measure_ring(timed, q, k, v, dout, causal, sharding, args, single) -> dict:
-    """One timed ring forward (and backward) call; on rank 0 the row of the table, elsewhere ``{}``."""
+def _measure(timed, q, k, v, dout, causal, variant, args, single) -> dict:
+    """One timed forward (and backward) call of one mode; on rank 0 the row of the table, elsewhere ``{}``."""
     comm = timed.inner
+    sharding = variant["sharding"]
     mine = [shard(x, comm.rank, comm.size, sharding) for x in (q, k, v, dout)]
-    fwd = _timed(timed, lambda: ring_attention(*mine[:3], timed, causal=causal, sharding=sharding, return_lse=True))
+    options = dict(causal=causal, **variant)
+    fwd = _timed(timed, lambda: context_parallel_attention(*mine[:3], timed, return_lse=True, **options))
     out, lse = fwd.pop("result")
-    transfer = _transfer_only(comm, [np.ascontiguousarray(mine[1]), np.ascontiguousarray(mine[2])])
+    transfer = None
+    if variant["mode"] == "ring":
+        transfer = _transfer_only(comm, [np.ascontiguousarray(mine[1]), np.ascontiguousarray(mine[2])])
     bwd = None
     if not args.no_backward:
-        bwd = _timed(
-            timed,
-            lambda: ring_attention_backward(mine[3], *mine[:3], out, lse, timed, causal=causal, sharding=sharding),
-        )
+        bwd = _timed(timed, lambda: context_parallel_attention_backward(mine[3], *mine[:3], out, lse, timed, **options))
         bwd.pop("result")
     per_rank = comm.comm.gather(dict(rank=comm.rank, shard=mine[0].shape[2], forward=fwd, backward=bwd), root=0)
     outs = comm.comm.gather(out, root=0)
@@ -261,64 +336,80 @@ def _measure_ring(timed, q, k, v, dout, causal, sharding, args, single) -> dict:
         return {}
     full = unshard(outs, sharding)
     ref = single["out"]
-    steps = np.array([r["forward"]["steps"] for r in per_rank])  # (ranks, steps)
+    steps = np.array([r["forward"]["steps"] for r in per_rank])  # (ranks, steps): the ring's steps
     compute = np.array([r["forward"]["compute"] for r in per_rank])
+    wall = max(r["forward"]["wall"] for r in per_rank)
     flops = attention_flops(args.batch, args.heads, args.seq, args.seq, args.dim, causal=causal)
     row: dict[str, Any] = {
         "seq": args.seq,
         "heads": args.heads,
+        "kv_heads": k.shape[1],
         "dim": args.dim,
         "dtype": args.dtype,
         "causal": causal,
+        "mode": variant["mode"],
+        "label": label(variant),
         "sharding": sharding,
+        "ulysses_size": variant["ulysses_size"],
         "ranks": comm.size,
         "shards": [r["shard"] for r in per_rank],
-        "ring_forward_s": max(r["forward"]["wall"] for r in per_rank),
+        "forward_s": wall,
         "forward_compute_s": [r["forward"]["compute"] for r in per_rank],
         "forward_wait_s": [r["forward"]["wait"] for r in per_rank],
-        "forward_step_compute_s": steps.tolist(),
+        "forward_exposed_wait": max(r["forward"]["wait"] / r["forward"]["wall"] for r in per_rank),
+        "forward_sent_bytes": [r["forward"]["sent"][1] for r in per_rank],
+        "forward_messages": [r["forward"]["sent"][0] for r in per_rank],
         "transfer_only_s": transfer,
         "rank_imbalance": float(compute.max() / compute.min()),
-        "worst_step_imbalance": float((steps.max(axis=0) / steps.min(axis=0)).max()),
-        "ring_forward_gflops": flops / max(r["forward"]["wall"] for r in per_rank) / 1e9,
+        "forward_gflops": flops / wall / 1e9,
         "max_rel_error": float(np.abs(full - ref).max() / np.abs(ref).max()),
     }
+    if variant["mode"] == "ring":
+        row["forward_step_compute_s"] = steps.tolist()
+        row["worst_step_imbalance"] = float((steps.max(axis=0) / steps.min(axis=0)).max())
     if bwd is not None:
-        row["ring_backward_s"] = max(r["backward"]["wall"] for r in per_rank)
+        row["backward_s"] = max(r["backward"]["wall"] for r in per_rank)
         row["backward_compute_s"] = [r["backward"]["compute"] for r in per_rank]
         row["backward_wait_s"] = [r["backward"]["wait"] for r in per_rank]
+        row["backward_sent_bytes"] = [r["backward"]["sent"][1] for r in per_rank]
     return row
 
 
-def render(records: list[dict], ranks: int, threads: int, single_threads: int) -> str:
+def render(records: list[dict], ranks: int, threads: int, single_threads: int, skipped: list[str] = ()) -> str:
     """The table printed by ``bench ring``."""
-    headers = ["L", "causal", "sharding", "ring fwd s", "1-proc fwd s", "ratio", "compute s", "wait s",
-               "transfer s", "rank max/min", "step max/min", "ring bwd s", "1-proc bwd s", "bwd ratio",
-               "rel err"]  # fmt: skip
+    headers = ["L", "causal", "mode", "fwd s", "1-proc fwd s", "ratio", "compute s", "wait s", "exposed",
+               "sent MB", "transfer s", "rank max/min", "step max/min", "bwd s", "1-proc bwd s", "bwd ratio",
+               "bwd wait s", "rel err"]  # fmt: skip
     rows = []
     for r in records:
-        has_bwd = "ring_backward_s" in r
+        has_bwd = "backward_s" in r
         rows.append(
             [
                 str(r["seq"]),
                 "yes" if r["causal"] else "no",
-                r["sharding"],
-                f"{r['ring_forward_s']:.2f}",
+                r["label"],
+                f"{r['forward_s']:.2f}",
                 f"{r['single_forward_s']:.2f}",
                 f"{r['forward_ratio']:.2f}",
                 "/".join(f"{x:.2f}" for x in r["forward_compute_s"]),
                 "/".join(f"{x:.3f}" for x in r["forward_wait_s"]),
-                f"{r['transfer_only_s']:.3f}",
+                f"{100 * r['forward_exposed_wait']:.0f}%",
+                "/".join(f"{x / 2**20:.1f}" for x in r["forward_sent_bytes"]),
+                f"{r['transfer_only_s']:.3f}" if r["transfer_only_s"] is not None else "-",
                 f"{r['rank_imbalance']:.2f}",
-                f"{r['worst_step_imbalance']:.2f}",
-                f"{r['ring_backward_s']:.2f}" if has_bwd else "-",
+                f"{r['worst_step_imbalance']:.2f}" if "worst_step_imbalance" in r else "-",
+                f"{r['backward_s']:.2f}" if has_bwd else "-",
                 f"{r['single_backward_s']:.2f}" if has_bwd else "-",
                 f"{r['backward_ratio']:.2f}" if has_bwd else "-",
+                "/".join(f"{x:.3f}" for x in r["backward_wait_s"]) if has_bwd else "-",
                 f"{r['max_rel_error']:.1e}",
             ]
         )
     note = (
         f"{ranks} ranks x {threads} numba thread(s) against one process x {single_threads} thread(s); "
-        f"compute/wait: forward, per rank (rank 0/1/...); transfer: K/V around the ring alone, no compute"
+        f"compute/wait/sent: forward, per rank (rank 0/1/...); exposed: the largest share of a rank's forward "
+        f"spent waiting for data; transfer: the ring's K/V around the ring alone, no compute"
     )
-    return format_table(headers, rows) + "\n" + note
+    lines = [format_table(headers, rows), note]
+    lines += [f"not measured: {reason}" for reason in skipped]
+    return "\n".join(lines)

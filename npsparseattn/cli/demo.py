@@ -11,16 +11,22 @@
    speed-up, and its error against its own float64 reference.
 5. Ring attention over two MPI ranks (``mpiexec``, from the ``mpich``
    wheel): the one-line launch and what it prints.
-6. A sequence length at which textbook dense NumPy attention would need more
+6. Inference: a packed batch of sequences of different lengths
+   (``attention_varlen``) against padding, a paged KV cache filled by a
+   prompt and then decoded token by token (``attention_with_kvcache``), and
+   a shared prefix merged with each sequence's own keys (``merge_states``),
+   each checked against the float64 reference.
+7. A sequence length at which textbook dense NumPy attention would need more
    memory than this machine has, run with tiled attention in O(L) memory.
 
 Everything but the first run's compilation takes about a minute on a 2-core
-machine; ``--skip-long`` leaves out part 6.
+machine; ``--skip-long`` leaves out part 7.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import shutil
 import subprocess
 import sys
@@ -43,7 +49,23 @@ from npsparseattn.bench.memory import measure_peak
 from npsparseattn.block_sparse import block_sparse_attention
 from npsparseattn.cli._text import positive_int
 from npsparseattn.exact import attention, attention_backward
+from npsparseattn.kvcache import attention_with_kvcache
 from npsparseattn.lsh import lsh_attention
+from npsparseattn.merge import merge_states
+from npsparseattn.varlen import attention_varlen
+
+SPARSE_UNIT = 64  # the LSH chunk and the block-sparse block of parts 3 and 4
+SPARSE_MIN = 256  # their warm-up runs at this length
+
+
+def sparse_length(text: str) -> int:
+    """An argparse type: a length for parts 3 and 4, a multiple of 64 of at least 256."""
+    value = positive_int(text)
+    if value < SPARSE_MIN or value % SPARSE_UNIT:
+        raise argparse.ArgumentTypeError(
+            f"must be a multiple of {SPARSE_UNIT} (the LSH chunk) of at least {SPARSE_MIN}, got {value}"
+        )
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,9 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq", type=positive_int, default=2048, help="length for the dense-vs-tiled comparison")
     parser.add_argument(
         "--sparse-seq",
-        type=positive_int,
+        type=sparse_length,
         default=16384,
-        help="length of the block-sparse and LSH comparisons with dense tiled attention (default 16384)",
+        help="length of the block-sparse and LSH comparisons with dense tiled attention, a multiple of 64 of at "
+        "least 256 (default 16384)",
     )
     parser.add_argument(
         "--long-seq",
@@ -191,15 +214,83 @@ def ring_over_mpi(seq: int = 4096) -> None:
     print("\n".join("  " + line for line in lines[-6:]))
 
 
+def inference(heads: int = 8, kv_heads: int = 2, dim: int = 64) -> None:
+    """Part 6: packed varlen batches, a paged KV cache filled and decoded, a shared prefix merged."""
+    _section("6. inference: packed sequences, a paged KV cache, merging a shared prefix")
+    rng = np.random.default_rng(6)
+
+    def draw(*shape):
+        return rng.standard_normal(shape, dtype=np.float32)
+
+    lengths = np.array([1024, 37, 512, 1, 300, 0, 777, 64])
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    q, k, v = draw(heads, int(cu[-1]), dim), draw(kv_heads, int(cu[-1]), dim), draw(kv_heads, int(cu[-1]), dim)
+    out = attention_varlen(q, k, v, cu, cu, causal=True)
+    pad_q, pad_k, pad_v = (np.zeros((len(lengths), x.shape[0], int(lengths.max()), dim), np.float32) for x in (q, k, v))
+    for s, (a, b) in enumerate(itertools.pairwise(cu)):  # left-aligned; rows past a sequence's end are padding
+        pad_q[s, :, : b - a], pad_k[s, :, : b - a], pad_v[s, :, : b - a] = q[:, a:b], k[:, a:b], v[:, a:b]
+    varlen_s = best_time(lambda: attention_varlen(q, k, v, cu, cu, causal=True), repeat=2, warmup=0)
+    padded_s = best_time(lambda: attention(pad_q, pad_k, pad_v, causal=True), repeat=2, warmup=0)
+    s = 6  # the longest sequence but one, against its own float64 reference
+    ref, _ = reference.attention(q[:, cu[s] : cu[s + 1]], k[:, cu[s] : cu[s + 1]], v[:, cu[s] : cu[s + 1]], causal=True)
+    print(
+        f"varlen: {len(lengths)} causal sequences of {lengths.min()} to {lengths.max()} tokens ({cu[-1]} in all), "
+        f"Hq={heads} Hk={kv_heads} D={dim} float32: packed {varlen_s * 1e3:.1f} ms, padded to the longest "
+        f"{padded_s * 1e3:.1f} ms ({padded_s / varlen_s:.1f}x); rel err of sequence {s} vs float64 "
+        f"{_rel(out[:, cu[s] : cu[s + 1]], ref):.1e}"
+    )
+
+    batch, page_size, n_pages, prompt, steps = 4, 64, 64, 300, 32
+    k_pages, v_pages = np.zeros((2, n_pages, kv_heads, page_size, dim), np.float32)
+    table = rng.permutation(n_pages)[: batch * 8].reshape(batch, 8).astype(np.int32)  # 8 pages = 512 tokens each
+    lengths = np.zeros(batch, np.int32)
+    keys, values = [], []
+    kw = dict(block_table=table)
+    new_k, new_v = draw(batch, kv_heads, prompt, dim), draw(batch, kv_heads, prompt, dim)
+    start = time.perf_counter()
+    attention_with_kvcache(draw(batch, heads, prompt, dim), k_pages, v_pages, cache_seqlens=lengths, k_new=new_k,
+                           v_new=new_v, **kw)  # fmt: skip
+    prefill_s = time.perf_counter() - start
+    keys.append(new_k)
+    values.append(new_v)
+    lengths += prompt
+    start = time.perf_counter()
+    for _ in range(steps):
+        q_step, new_k, new_v = draw(batch, heads, 1, dim), draw(batch, kv_heads, 1, dim), draw(batch, kv_heads, 1, dim)
+        out = attention_with_kvcache(q_step, k_pages, v_pages, cache_seqlens=lengths, k_new=new_k, v_new=new_v, **kw)
+        keys.append(new_k)
+        values.append(new_v)
+        lengths += 1
+    decode_s = (time.perf_counter() - start) / steps
+    ref, _ = reference.attention(q_step, np.concatenate(keys, axis=2), np.concatenate(values, axis=2), causal=True)
+    print(
+        f"KV cache: {batch} sequences in {page_size}-token pages scattered over a pool of {n_pages}; a {prompt}-token "
+        f"prompt written and attended in {prefill_s * 1e3:.1f} ms, then {steps} decoding steps of "
+        f"{decode_s * 1e3:.2f} ms each; rel err of the last step vs float64 {_rel(out, ref):.1e}"
+    )
+
+    prefix_k, prefix_v = draw(kv_heads, 4096, dim), draw(kv_heads, 4096, dim)
+    own_k, own_v = draw(kv_heads, 100, dim), draw(kv_heads, 100, dim)
+    q_one = draw(heads, 1, dim)
+    merged, _ = merge_states(
+        *attention(q_one, prefix_k, prefix_v, return_lse=True), *attention(q_one, own_k, own_v, return_lse=True)
+    )
+    ref, _ = reference.attention(q_one, np.concatenate([prefix_k, own_k], 1), np.concatenate([prefix_v, own_v], 1))
+    print(
+        f"merge_states: attention over a shared 4096-token prefix merged with a sequence's own 100 keys; "
+        f"rel err vs float64 attention over all 4196 keys {_rel(merged, ref):.1e}"
+    )
+
+
 def beyond_memory(seq: int | None) -> None:
-    """Part 3: a length where dense NumPy cannot run here, done tiled."""
+    """Part 7: a length where dense NumPy cannot run here, done tiled."""
     memory = total_memory()
     if seq is None:
         seq = 4096
         while dense_numpy_bytes(1, seq, seq) <= memory:
             seq *= 2
     need = dense_numpy_bytes(1, seq, seq)
-    _section(f"6. beyond dense memory: H=1 L={seq} D=64 float32, causal")
+    _section(f"7. beyond dense memory: H=1 L={seq} D=64 float32, causal")
     print(f"machine memory {format_bytes(memory)}; dense NumPy attention would hold {format_bytes(need)}")
     rng = np.random.default_rng(2)
     q, k, v = (rng.standard_normal((1, 1, seq, 64), dtype=np.float32) for _ in range(3))
@@ -218,8 +309,8 @@ def beyond_memory(seq: int | None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    """The demo, in six parts."""
-    print("npsparseattn demo: exact, block-sparse, LSH and ring attention on NumPy arrays")
+    """The demo, in seven parts."""
+    print("npsparseattn demo: exact, block-sparse, LSH, ring and inference attention on NumPy arrays")
     warm = np.random.default_rng(3).standard_normal((1, 300, 64)).astype(np.float32)
     start = time.perf_counter()
     attention(warm, warm, warm)
@@ -232,5 +323,6 @@ def run(args: argparse.Namespace) -> None:
     dense_s = block_sparse_speedup(args.sparse_seq)
     lsh_speedup(args.sparse_seq, dense_s)
     ring_over_mpi()
+    inference()
     if not args.skip_long:
         beyond_memory(args.long_seq)

@@ -15,6 +15,8 @@ contiguous, so no copy is needed for transposed (B, L, H, D) inputs.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -23,7 +25,11 @@ from numba.extending import get_cython_function_address, intrinsic
 
 from npsparseattn.cpu._threads import single_threaded_blas
 
-__all__ = ["gemm_address", "gemm_nn", "gemm_nt", "gemm_tn", "single_threaded_blas"]
+__all__ = ["gemm_address", "gemm_nn", "gemm_nt", "gemm_tn", "single_threaded_blas", "small_matrix_kernels"]
+
+# OpenBLAS cores with small-matrix kernels (products of m*n*k <= 10**6 without packing; OpenBLAS's
+# GEMM_SMALL_MATRIX_PERMIT): its AVX-512 cores.  Its Haswell/Zen (AVX2) cores always pack.
+SMALL_MATRIX_CORES = frozenset({"skylakex", "cooperlake", "sapphirerapids"})
 
 _N = 78  # ord("N"): no transpose
 _T = 84  # ord("T"): transpose
@@ -89,6 +95,26 @@ def gemm_nn(fn, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
 def gemm_tn(fn, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
     """Row-major ``C[m, n] = alpha * A[k, m].T @ B[k, n] + beta * C``."""
     _fortran_gemm(fn, _N, _T, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc)
+
+
+@functools.cache
+def small_matrix_kernels() -> bool:
+    """True if the BLAS the kernels call is an OpenBLAS on one of :data:`SMALL_MATRIX_CORES`.
+
+    It decides the tile shapes (:func:`npsparseattn.cpu.exact.tile_shape`):
+    products kept under 10^6 multiply-adds run unpacked there, faster than
+    any larger product; other BLAS builds and cores prefer larger tiles.
+    The core is OpenBLAS's own choice (``OPENBLAS_CORETYPE`` overrides it),
+    read through threadpoolctl from SciPy's BLAS, the one the kernels call.
+    """
+    import scipy.linalg.cython_blas  # noqa: F401  (load SciPy's BLAS, the one gemm_address points into)
+    from threadpoolctl import threadpool_info
+
+    blas = [info for info in threadpool_info() if info.get("user_api") == "blas"]
+    scipy_first = sorted(blas, key=lambda info: "scipy.libs" not in str(info.get("filepath", "")))
+    if not scipy_first or scipy_first[0].get("internal_api") != "openblas":
+        return False
+    return str(scipy_first[0].get("architecture") or "").lower() in SMALL_MATRIX_CORES
 
 
 def gemm_address(dtype: np.dtype) -> int:

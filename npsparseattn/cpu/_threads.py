@@ -21,6 +21,14 @@ so it is counted: the first of several concurrent calls sets it, the last
 one restores the caller's setting (two threads that each set and restored it
 would leave BLAS single-threaded for the rest of the process).  A ``fork``ed
 child starts with the count at zero and the caller's setting restored.
+
+threadpoolctl finds the libraries and reads their settings, but OpenBLAS's
+count (process-wide, unless OpenBLAS runs on OpenMP) is set here through
+OpenBLAS's own ``openblas_set_num_threads``: threadpoolctl 3.8 lets only one
+"controlling" Python thread change it and silently ignores the others, and
+without its context manager the first thread that ever set a limit keeps
+control for good, so a call from any other thread ran BLAS multi-threaded
+inside numba's threads (slower, and rounded differently).
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import ctypes
 import importlib.metadata
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -72,38 +80,66 @@ def configure() -> str:
     return "tbb"
 
 
+_OPENBLAS_AFFIXES = [(prefix, suffix) for prefix in ("", "scipy_") for suffix in ("", "64_", "_64")]
+
+
+def thread_setter(lib: Any) -> Callable[[int], Any]:
+    """A function that sets the thread count of the BLAS library behind threadpoolctl's controller ``lib``.
+
+    For OpenBLAS on its own threads: its process-wide ``openblas_set_num_threads``
+    (under the symbol prefix and suffix of its build), whichever Python
+    thread calls; for any other library threadpoolctl's setter.
+    """
+    if lib.internal_api == "openblas" and getattr(lib, "threading_layer", None) != "openmp":
+        for prefix, suffix in _OPENBLAS_AFFIXES:
+            setter = getattr(lib.dynlib, f"{prefix}openblas_set_num_threads{suffix}", None)
+            if setter is not None:
+                return setter
+    return lib.set_num_threads
+
+
 class _BlasLimit:
     """A counted, process-wide limit of BLAS to one thread (see the module docstring)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.depth = 0
-        self.limiter: Any = None
-        self.controller: Any = None
+        self.libraries: list[tuple[Callable[[], Any], Callable[[int], Any]]] | None = None  # (get, set) per BLAS
+        self.saved: list[Any] = []  # the caller's counts, while limited
+
+    def _find(self) -> list[tuple[Callable[[], Any], Callable[[int], Any]]]:
+        import scipy.linalg.cython_blas  # noqa: F401  (load SciPy's BLAS so that it is limited too)
+        from threadpoolctl import ThreadpoolController
+
+        libs = ThreadpoolController().select(user_api="blas").lib_controllers
+        return [(lib.get_num_threads, thread_setter(lib)) for lib in libs]
 
     def enter(self) -> None:
         with self.lock:
-            if self.controller is None:
-                import scipy.linalg.cython_blas  # noqa: F401  (load SciPy's BLAS so that it is limited too)
-                from threadpoolctl import ThreadpoolController
-
-                self.controller = ThreadpoolController()
+            if self.libraries is None:
+                self.libraries = self._find()
             if self.depth == 0:
-                self.limiter = self.controller.limit(limits=1, user_api="blas")
+                self.saved = [get() for get, _ in self.libraries]
+                for _, setter in self.libraries:
+                    setter(1)
             self.depth += 1
+
+    def _restore(self) -> None:
+        for (_, setter), count in zip(self.libraries or (), self.saved):
+            if count is not None:
+                setter(count)
+        self.saved = []
 
     def exit(self) -> None:
         with self.lock:
             self.depth -= 1
             if self.depth == 0:
-                self.limiter.restore_original_limits()
-                self.limiter = None
+                self._restore()
 
     def after_fork_in_child(self) -> None:
         self.lock = threading.Lock()
         if self.depth:
-            self.limiter.restore_original_limits()
-            self.limiter = None
+            self._restore()
         self.depth = 0
 
 

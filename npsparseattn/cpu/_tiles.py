@@ -37,6 +37,11 @@ FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 NO_POSITIONS = np.zeros(0, np.int64)  # keys at their own positions (numba freezes it as a constant)
 
 
+def window_bound(value: int | None) -> int:
+    """A window bound for the kernels: ``None`` (unbounded) becomes :data:`UNBOUNDED`."""
+    return UNBOUNDED if value is None else int(value)
+
+
 def like(value, arr):
     """``value`` converted to the dtype of ``arr`` (jitted code only)."""
     return arr.dtype.type(value)

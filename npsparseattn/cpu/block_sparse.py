@@ -30,8 +30,9 @@ import numpy as np
 
 from npsparseattn._dtypes import compute_dtype
 from npsparseattn.cpu import DTYPES, KINDS, _walk
+from npsparseattn.cpu._tiles import window_bound
 from npsparseattn.cpu._walk import ColumnWalk, RowWalk, balanced_order
-from npsparseattn.cpu.exact import GEMM_VOLUME, window_bound
+from npsparseattn.cpu.exact import GEMM_VOLUME
 from npsparseattn.layouts import BlockLayout
 
 __all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]

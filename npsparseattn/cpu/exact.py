@@ -22,6 +22,14 @@ Tile shapes (:func:`tile_shape`) keep every product within OpenBLAS's
 small-matrix kernels, and the score products read ``K^T``/``V^T``
 (:func:`transposed`); tile pairs that the mask cuts run as strips of rows.
 ``docs/design.md`` has the measurements behind these choices.
+
+Decoding shapes (:func:`decode_shaped`: the query rows of a whole GQA group
+fit one tile, and the keys are many) take the forward of the KV-cache
+kernels (:mod:`npsparseattn.cpu.kvcache`) instead, ``K``/``V`` read as one
+page per sequence: it reads each key tile once for the group's query heads
+and splits the keys across threads when the rows cannot fill them
+(flash-decoding, as flash-attn's ``num_splits``), where the tiled forward
+would run ``B * Hq`` tasks that each read every key.
 """
 
 from __future__ import annotations
@@ -30,17 +38,17 @@ import numpy as np
 from numba import get_num_threads, prange
 
 from npsparseattn._dtypes import compute_dtype
-from npsparseattn.cpu import DTYPES, KINDS
-from npsparseattn.cpu._blas import gemm_address, single_threaded_blas
+from npsparseattn.cpu import DTYPES, KINDS, kvcache
+from npsparseattn.cpu._blas import gemm_address, single_threaded_blas, small_matrix_kernels
 from npsparseattn.cpu._jit import kernel
 from npsparseattn.cpu._steps import backward_kv_pair, backward_pair, backward_q_pair, forward_pair, store_rows
 from npsparseattn.cpu._tiles import (
     LOG2E,
-    UNBOUNDED,
     finish_rows,
     like,
     visible_keys,
     visible_queries,
+    window_bound,
     zigzag,
 )
 
@@ -276,29 +284,58 @@ def transposed(x: np.ndarray, reuse: int) -> np.ndarray:
     return xt
 
 
-def window_bound(value: int | None) -> int:
-    """A window bound for the kernels: ``None`` (unbounded) becomes :data:`UNBOUNDED`."""
-    return UNBOUNDED if value is None else int(value)
+# (forward, backward) tiles, rows x keys, for BLAS cores without small-matrix kernels, by head dimension
+# (measured on an AVX2 AMD EPYC, OpenBLAS Haswell kernels: docs/design.md)
+PACKED_TILES = {64: ((256, 256), (256, 256)), 128: ((256, 256), (128, 256)), None: ((128, 256), (64, 256))}
 
 
 def tile_shape(width: int, backward: bool = False) -> tuple[int, int]:
     """``(query rows, keys)`` of a tile pair whose products have head dimension ``width = max(D, Dv)``.
 
     Every product of a tile pair (scores, ``P @ V``, the backward's four
-    others) has ``rows * keys * width`` multiply-adds.  Kept within
-    :data:`GEMM_VOLUME`, OpenBLAS multiplies them with its small-matrix
-    kernels, unpacked, about 15 % faster than its packed path (measured:
-    113 against 90-99 GFLOP/s per core on AVX-512).  Keys come in multiples
-    of 32 (a row of scores is whole 128-byte lines; odd multiples of 16 ran
-    10-20 % slower); the forward prefers long key tiles and few rows (one
-    online-softmax update covers more keys), the backward square-ish ones.
+    others) has ``rows * keys * width`` multiply-adds.  With OpenBLAS on an
+    AVX-512 core (:func:`~npsparseattn.cpu._blas.small_matrix_kernels`) they
+    are kept within :data:`GEMM_VOLUME`: OpenBLAS multiplies them with its
+    small-matrix kernels, unpacked, about 15 % faster than its packed path
+    (measured: 113 against 90-99 GFLOP/s per core on AVX-512).  Keys come in
+    multiples of 32 (a row of scores is whole 128-byte lines; odd multiples
+    of 16 ran 10-20 % slower); the forward prefers long key tiles and few
+    rows (one online-softmax update covers more keys), the backward
+    square-ish ones.  Any other BLAS core packs every product, and large
+    tiles amortise the packing (:data:`PACKED_TILES`; on AVX2 the forward
+    ran at 53 % of the GEMM rate with the small-matrix tiles, 80 % with
+    these).
     """
+    if not small_matrix_kernels():
+        size = 64 if width <= 64 else 128 if width <= 128 else None
+        return PACKED_TILES[size][1 if backward else 0]
     if backward:
         keys = 128 if width <= 64 else 64 if width <= 128 else 32
     else:
         keys = 384 if width <= 64 else 192 if width <= 128 else 128
     rows = GEMM_VOLUME // (keys * max(width, 1)) // 16 * 16
     return max(16, min(256, rows)), keys
+
+
+def decode_shaped(q: np.ndarray, k: np.ndarray, offset: int) -> bool:
+    """True for problems the KV-cache forward runs faster: decoding, or a short chunk against many keys.
+
+    The query rows of a GQA group fit one of its row tiles
+    (``Lq * Hq / Hk <= kvcache.FOLD_ROWS``), there are at least
+    ``kvcache.MIN_SPLIT`` keys, and the diagonal is bottom-right aligned
+    (``offset == Lk - Lq``, the KV-cache kernels' rule).
+    """
+    lq, lk = q.shape[2], k.shape[2]
+    group = q.shape[1] // max(k.shape[1], 1)
+    return offset == lk - lq and lq * group <= kvcache.FOLD_ROWS and lk >= kvcache.MIN_SPLIT
+
+
+def _decode_forward(q, k, v, scale, left, right, out, lse):
+    """:func:`forward` through the KV-cache kernels: ``k``/``v`` (B, Hk, Lk, X) are B pages of Lk rows."""
+    n_batch, lk = q.shape[0], k.shape[2]
+    seqlens = np.full(n_batch, lk, dtype=np.int32)
+    table = np.arange(n_batch, dtype=np.int32).reshape(n_batch, 1)
+    return kvcache.forward(q, k, v, seqlens, table, scale=scale, left=left, right=right, out=out, lse=lse)
 
 
 def _tile(length: int, preferred: int, parallel_units: int) -> int:
@@ -348,6 +385,8 @@ def forward(
     lse = np.empty((n_batch, hq, lq), q.dtype) if lse is None else lse
     if lq == 0:
         return out, lse
+    if decode_shaped(q, k, offset):
+        return _decode_forward(q, k, v, scale, left, right, out, lse)
     rows, keys = tile_shape(max(q.shape[3], v.shape[3]))
     bq = _tile(lq, rows, n_batch * hq)
     bk = max(1, min(keys, lk))

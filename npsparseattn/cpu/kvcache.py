@@ -19,6 +19,12 @@ C-ordered pages: loops that read each key and value row once for all rows
 (vectorised over D); otherwise BLAS GEMMs on the tile, which read any row
 stride.
 
+**Half-precision caches.**  A float16 or bfloat16 cache is read as stored
+(``CACHE_DTYPES``): the kernels take its bits as ``uint16`` and widen each
+page segment of a key tile to float32 into a scratch tile as they reach it
+(one table lookup per element, exact), so only the keys in use are read and
+no float32 copy of the pool is made.
+
 **Flash-decoding.**  A row tile's visible keys are split into chunks when
 there are too few row tiles to keep every thread busy (``Lq = 1``, a single
 sequence); each chunk is a task that writes a partial ``(out, lse)``, and a
@@ -29,8 +35,11 @@ second kernel merges the chunks of each row tile exactly (the merge of
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import get_num_threads, njit, prange
+from numba.extending import overload
 
 from npsparseattn._dtypes import compute_dtype
 from npsparseattn.cpu import DTYPES, KINDS
@@ -45,13 +54,24 @@ from npsparseattn.cpu._tiles import (
     online_softmax_tile,
     row_address,
     row_stride,
+    window_bound,
 )
 from npsparseattn.cpu._vecmath import maxnum
-from npsparseattn.cpu.exact import window_bound
 
-__all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "compute_dtype", "forward", "plan", "unsupported"]
+__all__ = [
+    "CACHE_DTYPES",
+    "DTYPES",
+    "KINDS",
+    "STRIDED_ROWS",
+    "TOLERANCE",
+    "compute_dtype",
+    "forward",
+    "plan",
+    "unsupported",
+]
 
 STRIDED_ROWS = True  # pages are read in place through their row stride; q is made contiguous here (it is small)
+CACHE_DTYPES = DTYPES  # caches are read as stored: float16/bfloat16 pages are widened tile by tile, never copied
 TOLERANCE = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-5, "float64": 1e-10}
 
 KEY_TILE = 256  # keys per step (fewer at a page's end)
@@ -93,6 +113,41 @@ def _accumulate_by_rows(p, values, n, rows, acc):
                 acc_row[d] += weight * value[d]
 
 
+def widening_table(dtype: np.dtype) -> np.ndarray:
+    """float32 value of each of the 65536 bit patterns of a 16-bit float ``dtype`` (float16 or bfloat16)."""
+    return _widening_table(np.dtype(dtype).name)
+
+
+@functools.cache
+def _widening_table(name: str) -> np.ndarray:
+    bits = np.arange(1 << 16, dtype=np.uint32)
+    if name == "bfloat16":  # the upper half of a float32
+        return (bits << 16).view(np.float32)
+    return bits.astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+def page_rows(cache, page, hk, slot, seg, table, scratch):
+    """Rows ``[slot, slot + seg)`` of head ``hk`` of ``page`` as a (seg, X) array in the compute dtype (jitted
+    code only): a view of a float32/float64 cache; for the ``uint16`` bits of a float16/bfloat16 cache, those
+    rows widened through ``table`` into ``scratch``."""
+    raise NotImplementedError("jitted code only")
+
+
+@overload(page_rows, inline="always")
+def _page_rows_overload(cache, page, hk, slot, seg, table, scratch):
+    if cache.dtype.bitwidth != 16:
+        return lambda cache, page, hk, slot, seg, table, scratch: cache[page, hk, slot : slot + seg]
+
+    def widen(cache, page, hk, slot, seg, table, scratch):
+        for r in range(seg):
+            src, dst = cache[page, hk, slot + r], scratch[r]
+            for d in range(src.shape[0]):
+                dst[d] = table[src[d]]
+        return scratch[:seg]
+
+    return widen
+
+
 @njit(inline="always")
 def _head_rows(h0, nh, m, group, hk):
     """Query heads ``[hs, he)`` of a tile of heads ``[h0, h0 + nh)`` that read KV head ``hk``, and their first row."""
@@ -102,12 +157,14 @@ def _head_rows(h0, nh, m, group, hk):
 
 
 @njit(inline="always")
-def _tile_scores(gemm, q, q_rows, kc, table, b, h0, nh, i0, m, j0, n, c, s, small):
+def _tile_scores(gemm, q, q_rows, kc, table, b, h0, nh, i0, m, j0, n, c, s, small, widen, scratch):
     """``s[:rows, :n] = c * Q K^T`` for logical keys ``[j0, j0 + n)``: page segment by segment, and within a
     segment every KV head of the tile in turn (a page's heads are adjacent in memory, so small pages stream).
 
     ``small``: few rows per KV head (decoding), so the product runs as loops that
-    read each key row once for all its rows; otherwise as BLAS GEMMs.
+    read each key row once for all its rows; otherwise as BLAS GEMMs.  A
+    16-bit cache's rows are widened through ``widen`` into ``scratch`` first
+    (:func:`page_rows`).
     """
     page_size = kc.shape[2]
     group = q.shape[1] // kc.shape[1]
@@ -120,17 +177,18 @@ def _tile_scores(gemm, q, q_rows, kc, table, b, h0, nh, i0, m, j0, n, c, s, smal
         for hk in range(h0 // group, (h0 + nh - 1) // group + 1):
             hs, he, r0 = _head_rows(h0, nh, m, group, hk)
             rows = (he - hs) * m
+            keys = page_rows(kc, page, hk, slot, seg, widen, scratch)
             if small:
-                _scores_by_rows(q_rows[r0 : r0 + rows], kc[page, hk, slot : slot + seg], seg, c, s[r0:, col:])
+                _scores_by_rows(q_rows[r0 : r0 + rows], keys, seg, c, s[r0:, col:])
             else:
                 gemm_nt(gemm, rows, seg, q.shape[3], c, row_address(q, b, hs, i0), row_stride(q),
-                        row_address(kc, page, hk, slot), row_stride(kc), like(0.0, q),
+                        keys.ctypes.data, keys.strides[0] // keys.itemsize, like(0.0, q),
                         s.ctypes.data + (r0 * s.shape[1] + col) * s.itemsize, s.shape[1])  # fmt: skip
         col += seg
 
 
 @njit(inline="always")
-def _tile_values(gemm, vc, table, b, h0, nh, m, group, j0, n, s, acc, tile_acc, small):
+def _tile_values(gemm, vc, table, b, h0, nh, m, group, j0, n, s, acc, tile_acc, small, widen, scratch):
     """``acc[:rows] += P V`` for the probabilities ``s[:rows, :n]`` of keys ``[j0, j0 + n)``, in the order of
     :func:`_tile_scores`.
 
@@ -151,11 +209,12 @@ def _tile_values(gemm, vc, table, b, h0, nh, m, group, j0, n, s, acc, tile_acc, 
         for hk in range(h0 // group, (h0 + nh - 1) // group + 1):
             hs, he, r0 = _head_rows(h0, nh, m, group, hk)
             rows = (he - hs) * m
+            values = page_rows(vc, page, hk, slot, seg, widen, scratch)
             if small:
-                _accumulate_by_rows(s[r0:, col:], vc[page, hk, slot : slot + seg], seg, rows, tile_acc[r0:])
+                _accumulate_by_rows(s[r0:, col:], values, seg, rows, tile_acc[r0:])
             else:
                 gemm_nn(gemm, rows, vc.shape[3], seg, one, s.ctypes.data + (r0 * s.shape[1] + col) * s.itemsize,
-                        s.shape[1], row_address(vc, page, hk, slot), row_stride(vc), one,
+                        s.shape[1], values.ctypes.data, values.strides[0] // values.itemsize, one,
                         acc.ctypes.data + r0 * acc.shape[1] * acc.itemsize, acc.shape[1])  # fmt: skip
         col += seg
     if small:
@@ -166,15 +225,18 @@ def _tile_values(gemm, vc, table, b, h0, nh, m, group, j0, n, s, acc, tile_acc, 
 
 
 @kernel(writes=("out", "lse", "part_out", "part_lse"), strided=True)
-def _decode_kernel(q, q_flat, kc, vc, seqlens, table, tiles, tasks, order, starts, out, lse, part_out, part_lse,
-                   direct, scale, left, right, rows_max, bk, small_rows, gemm):  # fmt: skip
+def _decode_kernel(q, q_flat, kc, vc, widen, seqlens, table, tiles, tasks, order, starts, out, lse, part_out,
+                   part_lse, direct, scale, left, right, rows_max, bk, small_rows, gemm):  # fmt: skip
     lq = q.shape[2]
     group = q.shape[1] // kc.shape[1]
     c = like(scale * LOG2E, q)
+    scratch_rows = bk if widen.shape[0] else 0
     for w in prange(starts.shape[0] - 1):
         s = np.empty((rows_max, bk), q.dtype)
         acc = np.empty((rows_max, vc.shape[3]), q.dtype)
         tile_acc = np.empty((rows_max, vc.shape[3]), q.dtype)
+        k_scratch = np.empty((scratch_rows, kc.shape[3]), q.dtype)
+        v_scratch = np.empty((scratch_rows, vc.shape[3]), q.dtype)
         row_max = np.empty(rows_max, q.dtype)
         row_sum = np.empty(rows_max, q.dtype)
         for t in range(starts[w], starts[w + 1]):
@@ -191,12 +253,12 @@ def _decode_kernel(q, q_flat, kc, vc, seqlens, table, tiles, tasks, order, start
             row_sum[:rows] = 0
             for j0 in range(k_start, k_stop, bk):
                 n = min(bk, k_stop - j0)
-                _tile_scores(gemm, q, q_rows, kc, table, b, h0, nh, i0, m, j0, n, c, s, small)
+                _tile_scores(gemm, q, q_rows, kc, table, b, h0, nh, i0, m, j0, n, c, s, small, widen, k_scratch)
                 for g in range(nh):
                     r0 = g * m
                     online_softmax_tile(s[r0 : r0 + m], m, n, i0, j0, off, left, right, n_keys, row_max[r0 : r0 + m],
                                         row_sum[r0 : r0 + m], acc[r0 : r0 + m])  # fmt: skip
-                _tile_values(gemm, vc, table, b, h0, nh, m, group, j0, n, s, acc, tile_acc, small)
+                _tile_values(gemm, vc, table, b, h0, nh, m, group, j0, n, s, acc, tile_acc, small, widen, v_scratch)
             if direct:
                 for g in range(nh):
                     r0 = g * m
@@ -307,7 +369,8 @@ def forward(
     q : (B, Hq, Lq, D)
         float32 or float64 (copied to C order if it is not: it is small).
     k_cache, v_cache : (P, Hk, page_size, D) and (P, Hk, page_size, Dv)
-        Pages, unit stride on the last axis; same dtype as ``q``.
+        Pages, unit stride on the last axis; the dtype of ``q``, or float16 or
+        bfloat16 with a float32 ``q`` (read as stored, widened tile by tile).
     seqlens : int32 (B,)
         Keys of each sequence (new tokens already written).
     block_table : int32 (B, max_pages)
@@ -330,6 +393,13 @@ def forward(
     if lq == 0 or batch == 0:
         return out, lse
     q = np.ascontiguousarray(q)
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        if q.dtype != np.float32 or k_cache.dtype != v_cache.dtype or k_cache.itemsize != 2:
+            raise TypeError(f"caches of {k_cache.dtype}/{v_cache.dtype} with {q.dtype} queries")
+        widen = widening_table(k_cache.dtype)
+        k_cache, v_cache = k_cache.view(np.uint16), v_cache.view(np.uint16)
+    else:
+        widen = np.empty(0, q.dtype)
     left_b, right_b = window_bound(left), window_bound(right)
     # small pages: a tile takes every head of a sequence, so it reads each page's heads in one sweep
     small_pages = k_cache.shape[2] * k_cache.shape[3] * k_cache.itemsize < SWEEP_BYTES and hq * lq <= FOLD_ROWS
@@ -342,13 +412,15 @@ def forward(
     part_out = np.empty((n_parts, 1, rows_max, dv), q.dtype)
     part_lse = np.empty((n_parts, 1, rows_max), q.dtype)
     order, starts = deal(costs)
-    # the loops over key rows vectorise on C-ordered pages only; other layouts go through BLAS's leading dimension
-    small_rows = SMALL_ROWS if k_cache.flags.c_contiguous and v_cache.flags.c_contiguous else 0
+    # the loops over key rows vectorise on C-ordered rows only (pages, or the scratch tiles of a 16-bit cache);
+    # other layouts go through BLAS's leading dimension
+    contiguous = widen.shape[0] > 0 or (k_cache.flags.c_contiguous and v_cache.flags.c_contiguous)
+    small_rows = SMALL_ROWS if contiguous else 0
     with single_threaded_blas():
         _decode_kernel(
-            q, q.reshape(batch, hq * lq, q.shape[3]), k_cache, v_cache, seqlens, block_table, tiles, tasks, order,
-            starts, out, lse, part_out, part_lse, direct, scale, left_b, right_b, rows_max, KEY_TILE, small_rows,
-            gemm_address(q.dtype),
+            q, q.reshape(batch, hq * lq, q.shape[3]), k_cache, v_cache, widen, seqlens, block_table, tiles, tasks,
+            order, starts, out, lse, part_out, part_lse, direct, scale, left_b, right_b, rows_max, KEY_TILE,
+            small_rows, gemm_address(q.dtype),
         )  # fmt: skip
         if not direct:
             _merge_kernel(tiles, first, part_out, part_lse, out, lse)

@@ -3,7 +3,8 @@
 A kernel compiles on its first call (10-30 s each, single-threaded) and is
 then loaded from numba's cache next to its source (or ``NUMBA_CACHE_DIR``) in
 a fraction of a second.  :func:`precompile` makes every version a program can
-need, for float32 and float64 inputs (float16 and bfloat16 read as float32),
+need, for float32 and float64 inputs (float16 and bfloat16 read as float32;
+a float16 or bfloat16 KV cache as its 16-bit patterns),
 C-contiguous and, for the kernels that read strided rows in place (varlen,
 the KV cache), strided (:mod:`npsparseattn.cpu._jit`), by calling each
 operation on small random inputs: for a container image, a cluster job's
@@ -18,6 +19,9 @@ KV-cache ones; in phase 2 the sparse walk (block-sparse and index-driven
 sparse attention share its kernels) and the varlen kernels compile while
 the ``attention`` kernels they share are only loaded (varlen adds the
 strided version of the row-dot kernel, and is the only process writing it).
+The groups and their phases are those of the table of implementations
+(:mod:`npsparseattn._backend_table`, the ``numba`` entries); :data:`GROUPS`
+holds each group's warm-up call.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 import numpy as np
+
+from npsparseattn import _backend_table
 
 __all__ = ["GROUPS", "PHASES", "precompile", "run_group"]
 
@@ -93,6 +99,9 @@ def _kvcache(dtype, rng: np.random.Generator) -> None:
         k_cache, v_cache = (_array(rng, (2, 2, capacity, 16), dtype, strided) for _ in range(2))
         seqlens = np.full(2, capacity - 8, np.int32)
         nsa.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, backend="numba")
+        if dtype == np.float32 and lq == 9:  # float16/bfloat16 caches are read as stored: their bits, as uint16
+            half = (x.astype(np.float16) for x in (q, k_cache, v_cache))
+            nsa.attention_with_kvcache(*half, cache_seqlens=seqlens, backend="numba")
 
 
 def _lsh(dtype, rng: np.random.Generator) -> None:
@@ -111,11 +120,19 @@ GROUPS: dict[str, Callable[..., None]] = {
     "sparse_walk": _sparse_walk,
     "varlen": _varlen,
 }
+"""The warm-up of each group that the table's ``numba`` entries name (:func:`npsparseattn._backend_table.groups`)."""
+
+
+def _phases() -> tuple[tuple[tuple[str, ...], ...], ...]:
+    """The groups of the table's ``numba`` entries by phase, one process group each, phases in order."""
+    by_phase: dict[int, list[tuple[str, ...]]] = {}
+    for group, phase in _backend_table.groups("numba").items():
+        by_phase.setdefault(phase, []).append((group,))
+    return tuple(tuple(by_phase[phase]) for phase in sorted(by_phase))
+
+
 # groups of one phase own disjoint kernels and run side by side; a later phase only loads what an earlier one made
-PHASES: tuple[tuple[tuple[str, ...], ...], ...] = (
-    (("attention",), ("lsh", "kvcache")),
-    (("sparse_walk",), ("varlen",)),
-)
+PHASES: tuple[tuple[tuple[str, ...], ...], ...] = _phases()
 
 
 def run_group(names: tuple[str, ...]) -> dict[str, float]:

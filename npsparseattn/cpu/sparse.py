@@ -34,9 +34,9 @@ from numba import njit
 
 from npsparseattn._dtypes import compute_dtype
 from npsparseattn.cpu import DTYPES, KINDS, _walk
+from npsparseattn.cpu._tiles import window_bound
 from npsparseattn.cpu._walk import GATHER_BELOW, ColumnWalk, RowWalk, balanced_order
 from npsparseattn.cpu.block_sparse import chunk_width
-from npsparseattn.cpu.exact import window_bound
 
 __all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]
 

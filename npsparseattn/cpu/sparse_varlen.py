@@ -17,9 +17,9 @@ import numpy as np
 
 from npsparseattn._dtypes import compute_dtype
 from npsparseattn.cpu import DTYPES, KINDS, _walk
+from npsparseattn.cpu._tiles import window_bound
 from npsparseattn.cpu._walk import ColumnWalk, RowWalk, balanced_order
 from npsparseattn.cpu.block_sparse import chunk_width
-from npsparseattn.cpu.exact import window_bound
 from npsparseattn.cpu.sparse import (
     list_entries,
     list_runs,

@@ -1,4 +1,4 @@
-"""Communicators for ring attention: one small interface, two engines.
+"""Communicators for context-parallel attention: one small interface, two engines.
 
 * :class:`MPIComm` over mpi4py, for NumPy arrays on CPU ranks
   (``pip install 'npsparseattn[mpi]'``);
@@ -21,6 +21,7 @@ from npsparseattn.distributed.base import (
     RingError,
     RingPeerError,
     RingTimeoutError,
+    Traffic,
     Transfer,
 )
 from npsparseattn.distributed.mpi import MPIComm
@@ -35,5 +36,6 @@ __all__ = [
     "RingError",
     "RingPeerError",
     "RingTimeoutError",
+    "Traffic",
     "Transfer",
 ]

@@ -1,9 +1,14 @@
 """MPI engine of the communicator interface (mpi4py), for NumPy arrays on CPU ranks (and CuPy arrays staged
 through host memory, or with a CUDA-aware MPI).
 
-Transfers are ``Isend``/``Irecv`` of contiguous buffers; every wait polls
-``Testall`` against a deadline, so a dead or stalled peer raises
+Transfers are ``Isend``/``Irecv`` of contiguous buffers (exchange, shift),
+``Ialltoallv`` and ``Iallgatherv`` of byte views (so any dtype travels,
+bfloat16 included); every wait polls ``Test``/``Testall`` against a
+deadline, so a dead or stalled peer raises
 :class:`~npsparseattn.distributed.RingTimeoutError` instead of hanging.
+:meth:`MPIComm.split` first agrees on the groups with an ``allreduce`` that
+has the same deadline, then calls ``MPI_Comm_split`` (a blocking call, made
+only once every rank is known to be present).
 
 After a timeout the MPI world is broken: ``MPI_Finalize`` at interpreter exit
 would wait forever for the lost peer.  So the first timeout arms an exit hook
@@ -25,10 +30,13 @@ from npsparseattn.distributed.base import (
     Communicator,
     RingPeerError,
     Transfer,
+    check_allgatherv,
+    check_alltoallv,
+    check_exchange,
     check_reduce,
-    check_shift_arrays,
-    check_tag,
+    check_split,
     check_timeout,
+    completed,
     default_timeout,
 )
 
@@ -97,23 +105,31 @@ class MPIComm(Communicator):
         self.size = comm.Get_size()
         self.timeout = default_timeout() if timeout is None else check_timeout(timeout)
         self.kinds = ("numpy", "cupy") if cuda_aware or host_staging else ("numpy",)
+        self.cuda_aware = bool(cuda_aware)
         self.host_staging = bool(host_staging) and not cuda_aware
         self.abort_at_exit = bool(abort_at_exit)
         self._abort_armed = False
 
-    def shift(self, send: Sequence[Any], recv: Sequence[Any], *, tag: int = 0) -> Transfer:
-        """Post ``Irecv`` from the previous rank and ``Isend`` to the next (see :meth:`Communicator.shift`)."""
-        tag = check_tag(tag)
-        check_shift_arrays(send, recv)
+    def exchange(
+        self, send: Sequence[Any], dest: int | None, recv: Sequence[Any], source: int | None, *, tag: int = 0
+    ) -> Transfer:
+        """Post ``Irecv`` from ``source`` and ``Isend`` to ``dest`` (see :meth:`Communicator.exchange`)."""
+        check_exchange(self, send, dest, recv, source, tag)
+        if not send and not recv:
+            return completed("empty exchange")
         on_gpu = any(not isinstance(x, np.ndarray) for x in (*send, *recv))
         if on_gpu and self.host_staging:
-            return self._staged_shift(send, recv, tag)
+            return self._staged(send, recv, lambda hs, hr: self.exchange(hs, dest, hr, source, tag=tag), raw=True)
         if on_gpu:
             _synchronize_cupy()
         base = _TAG_BASE + 16 * tag
-        requests = [self.comm.Irecv(buf, source=self.prev_rank, tag=base + i) for i, buf in enumerate(recv)]
-        requests += [self.comm.Isend(x, dest=self.next_rank, tag=base + i) for i, x in enumerate(send)]
-        what = f"ring shift (tag {tag}, {len(send)} array(s) to rank {self.next_rank}, from rank {self.prev_rank})"
+        requests = [self.comm.Irecv(buf, source=source, tag=base + i) for i, buf in enumerate(recv)]
+        requests += [self.comm.Isend(x, dest=dest, tag=base + i) for i, x in enumerate(send)]
+        if dest != self.rank:
+            self.traffic.add(len(send), sum(x.nbytes for x in send))
+        what = f"ring shift (tag {tag}, {len(send)} array(s) to rank {dest}, from rank {source})"
+        if dest != self.next_rank or source != self.prev_rank:
+            what = f"exchange (tag {tag}, {len(send)} array(s) to rank {dest}, {len(recv)} from rank {source})"
         statuses = [self._mpi.Status() for _ in requests]
         return Transfer(
             what,
@@ -122,14 +138,90 @@ class MPIComm(Communicator):
             buffers=(send, recv),
         )
 
-    def _staged_shift(self, send: Sequence[Any], recv: Sequence[Any], tag: int) -> Transfer:
-        """:meth:`shift` of CuPy arrays through host buffers (``host_staging``)."""
+    def alltoallv(
+        self,
+        send: Any,
+        send_counts: Sequence[int],
+        send_displs: Sequence[int],
+        recv: Any,
+        recv_counts: Sequence[int],
+        recv_displs: Sequence[int],
+    ) -> Transfer:
+        """``Ialltoallv`` of byte views (see :meth:`Communicator.alltoallv`)."""
+        check_alltoallv(self, send, send_counts, send_displs, recv, recv_counts, recv_displs)
+        if not isinstance(send, np.ndarray) and self.host_staging:
+            return self._staged(
+                [send],
+                [recv],
+                lambda hs, hr: self.alltoallv(hs[0], send_counts, send_displs, hr[0], recv_counts, recv_displs),
+            )
+        if not isinstance(send, np.ndarray):
+            _synchronize_cupy()
+        item = send.dtype.itemsize
+        byte = self._mpi.BYTE
+        spec = [_bytes(send), ([c * item for c in send_counts], [d * item for d in send_displs]), byte]
+        rspec = [_bytes(recv), ([c * item for c in recv_counts], [d * item for d in recv_displs]), byte]
+        request = self.comm.Ialltoallv(spec, rspec)
+        peers = [j for j in range(self.size) if j != self.rank and send_counts[j] > 0]
+        self.traffic.add(len(peers), sum(send_counts[j] for j in peers) * item)
+        what = f"all-to-all ({sum(send_counts) * item} bytes out, {sum(recv_counts) * item} in)"
+        return Transfer(what, self._checked(request.Test, what), on_timeout=self.mark_failed, buffers=(send, recv))
+
+    def allgatherv(self, send: Any, recv: Any, counts: Sequence[int]) -> Transfer:
+        """``Iallgatherv`` of byte views (see :meth:`Communicator.allgatherv`)."""
+        check_allgatherv(self, send, recv, counts)
+        if not isinstance(send, np.ndarray) and self.host_staging:
+            return self._staged([send], [recv], lambda hs, hr: self.allgatherv(hs[0], hr[0], counts))
+        if not isinstance(send, np.ndarray):
+            _synchronize_cupy()
+        item = send.dtype.itemsize
+        sizes = [c * item for c in counts]
+        displs = [sum(sizes[:i]) for i in range(self.size)]
+        request = self.comm.Iallgatherv(_bytes(send), [_bytes(recv), (sizes, displs), self._mpi.BYTE])
+        if send.size:
+            self.traffic.add(self.size - 1, (self.size - 1) * send.nbytes)
+        what = f"all-gather ({send.nbytes} bytes out, {recv.nbytes} in)"
+        return Transfer(what, self._checked(request.Test, what), on_timeout=self.mark_failed, buffers=(send, recv))
+
+    def split(self, color: int, key: int) -> MPIComm:
+        """``MPI_Comm_split`` after an ``allreduce`` with a deadline; the sub-communicator keeps these options.
+
+        What the sub-communicator sends counts into this one's :attr:`traffic` too.
+        """
+        check_split(color, key)
+        self.split_groups(color, key)
+        sub = MPIComm(
+            self.comm.Split(int(color), int(key)),
+            timeout=self.timeout,
+            cuda_aware=self.cuda_aware,
+            host_staging=self.host_staging,
+            abort_at_exit=self.abort_at_exit,
+        )
+        sub.share_traffic(self)
+        return sub
+
+    def _staged(
+        self,
+        send: Sequence[Any],
+        recv: Sequence[Any],
+        post: Callable[[list[np.ndarray], list[np.ndarray]], Transfer],
+        *,
+        raw: bool = False,
+    ) -> Transfer:
+        """A transfer of CuPy arrays through host buffers (``host_staging``): ``post`` moves the host copies.
+
+        ``raw``: the host copies are flat bytes (point-to-point messages: any
+        dtype travels, bfloat16 has no MPI datatype); otherwise they keep
+        shape and dtype (the collectives move byte views themselves).
+        """
         import cupy
 
-        # raw bytes, so any dtype travels (bfloat16 has no MPI datatype)
-        host_send = [cupy.asnumpy(x).reshape(-1).view(np.uint8) for x in send]
-        host_recv = [np.empty(int(np.prod(x.shape)) * x.dtype.itemsize, np.uint8) for x in recv]
-        transfer = self.shift(host_send, host_recv, tag=tag)
+        host_send = [cupy.asnumpy(x) for x in send]
+        host_recv = [np.empty(tuple(x.shape), np.dtype(x.dtype)) for x in recv]
+        if raw:
+            host_send = [h.reshape(-1).view(np.uint8) for h in host_send]
+            host_recv = [h.reshape(-1).view(np.uint8) for h in host_recv]
+        transfer = post(host_send, host_recv)
 
         def deliver() -> None:
             for device, host in zip(recv, host_recv):
@@ -151,6 +243,10 @@ class MPIComm(Communicator):
     def barrier(self) -> None:
         """``Ibarrier`` with a deadline."""
         self._wait_collective(self.comm.Ibarrier(), "barrier")
+
+    def processor_name(self) -> str:
+        """``MPI_Get_processor_name``: the node this rank runs on."""
+        return self._mpi.Get_processor_name()
 
     def local_rank(self) -> tuple[int, int]:
         """``(rank, size)`` among the ranks on this node (same ``MPI_Get_processor_name``).
@@ -202,6 +298,11 @@ class MPIComm(Communicator):
         if self.abort_at_exit and not self._abort_armed:
             self._abort_armed = True
             atexit.register(self.comm.Abort, 1)
+
+
+def _bytes(x: Any) -> Any:
+    """A C-contiguous 1-D array as its bytes (NumPy or CuPy), for the byte-counted collectives."""
+    return x.view(np.uint8) if isinstance(x, np.ndarray) else x.view("uint8")
 
 
 def _synchronize_cupy() -> None:

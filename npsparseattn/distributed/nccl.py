@@ -1,34 +1,56 @@
 """NCCL engine of the communicator interface (``cupy.cuda.nccl``), for CuPy arrays, one GPU per rank.
 
 Bootstrap (:meth:`NCCLComm.from_mpi`): rank 0 creates the NCCL unique id,
-mpi4py broadcasts it, each rank picks its GPU from its rank on the node
-(ranks with the same processor name) and joins the NCCL communicator.  MPI stays
-the control plane (argument checks, barriers); NCCL moves the arrays.
+mpi4py broadcasts it, each rank picks its GPU (:func:`select_device`: its rank
+on the node modulo the GPUs it sees, so one visible GPU per rank through
+``CUDA_VISIBLE_DEVICES`` works, and two ranks that would share a GPU are
+refused by name) and joins the NCCL communicator.  MPI stays the control
+plane (argument checks, barriers); NCCL moves the arrays.
 
-Each :meth:`NCCLComm.shift` issues its sends and receives inside
-``groupStart``/``groupEnd`` on a dedicated non-blocking stream, after an event
-that orders them behind the work already queued on the caller's stream; the
+Every transfer is issued on a dedicated non-blocking stream, after an event
+that orders it behind the work already queued on the caller's stream; the
 caller keeps computing while the transfer runs.  :meth:`~Communicator.wait`
 polls an event recorded after the transfer against the deadline (on timeout
 the NCCL communicator is aborted, which also frees the GPU from the stuck
 kernels) and then makes the caller's stream wait on it.
 
+* :meth:`NCCLComm.exchange` (and ``shift``): sends and receives inside
+  ``groupStart``/``groupEnd``;
+* :meth:`NCCLComm.alltoallv`: one grouped send and receive per peer with a
+  non-zero count (NCCL has no all-to-all call; this is how PyTorch and
+  cupyx issue one), this rank's own slice included;
+* :meth:`NCCLComm.allgatherv`: ``ncclAllGather`` when every rank sends the
+  same count, grouped sends and receives otherwise;
+* :meth:`NCCLComm.split`: the MPI communicator is split, rank 0 of each
+  group creates a new unique id and broadcasts it over the group's MPI
+  communicator, and the group's ranks create a new NCCL communicator.
+
 NCCL matches point-to-point messages by order, not by tag: every rank must
-issue its shifts in the same order (ring attention does).  Arrays travel as
-raw bytes, so any dtype CuPy holds (bfloat16 included) can be moved.
+issue its transfers in the same order (context-parallel attention does).
+Arrays travel as raw bytes, so any dtype CuPy holds (bfloat16 included) can
+be moved.
 
 CuPy is imported only when an NCCLComm is created.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from npsparseattn._checks import is_int
-from npsparseattn.distributed.base import Communicator, Transfer, check_shift_arrays, check_tag
+from npsparseattn.distributed.base import (
+    Communicator,
+    Transfer,
+    check_allgatherv,
+    check_alltoallv,
+    check_exchange,
+    check_split,
+    completed,
+)
 from npsparseattn.distributed.mpi import MPIComm
 
 UNIQUE_ID_BYTES = 128  # NCCL_UNIQUE_ID_BYTES
@@ -91,55 +113,142 @@ class NCCLComm(Communicator):
             As for :class:`MPIComm` (ignored when ``comm`` is already an MPIComm).
         device : int, optional
             CUDA device of this rank; default: its rank among the ranks on
-            this node, which must not exceed the node's GPU count.
+            this node modulo the GPUs it sees (:func:`select_device`); two
+            ranks of a node on one GPU are refused.
 
         Examples
         --------
         Under ``mpiexec -n 4 python script.py`` on a node with 4 GPUs::
 
             from npsparseattn.distributed import NCCLComm
-            comm = NCCLComm.from_mpi()           # rank r uses GPU r
+            comm = NCCLComm.from_mpi()           # rank r uses GPU r (or its only visible GPU)
         """
         cupy, nccl = import_nccl()
         mpi = comm if isinstance(comm, MPIComm) else MPIComm(comm, timeout=timeout)
         device = select_device(mpi, cupy.cuda.runtime.getDeviceCount(), device)
         cupy.cuda.Device(device).use()
+        check_distinct_devices(mpi, mpi.processor_name(), cupy.cuda.Device(device).pci_bus_id)
         nccl_comm = nccl.NcclCommunicator(mpi.size, share_unique_id(mpi, nccl), mpi.rank)
         stream = cupy.cuda.Stream(non_blocking=True)
         return cls(nccl_comm, mpi, device, stream, cupy, nccl)
 
-    def shift(self, send: Sequence[Any], recv: Sequence[Any], *, tag: int = 0) -> Transfer:
-        """Grouped NCCL send to the next rank / receive from the previous one on :attr:`stream`.
+    def exchange(
+        self, send: Sequence[Any], dest: int | None, recv: Sequence[Any], source: int | None, *, tag: int = 0
+    ) -> Transfer:
+        """Grouped NCCL sends to ``dest`` and receives from ``source`` on :attr:`stream`.
 
         ``tag`` is checked but NCCL matches by issue order (see the module notes).
         """
-        check_tag(tag)
-        check_shift_arrays(send, recv)
-        cupy, nccl = self._cupy, self._nccl
-        for name, arrays in (("send", send), ("recv", recv)):
+        check_exchange(self, send, dest, recv, source, tag)
+        self._check_arrays(send=send, recv=recv)
+        if not send and not recv:
+            return completed("empty exchange")
+        uint8 = self._nccl.NCCL_UINT8
+
+        def issue() -> None:
+            for x in send:
+                self.nccl_comm.send(x.data.ptr, x.nbytes, uint8, dest, self.stream.ptr)
+            for x in recv:
+                self.nccl_comm.recv(x.data.ptr, x.nbytes, uint8, source, self.stream.ptr)
+
+        if dest != self.rank:
+            self.traffic.add(len(send), sum(x.nbytes for x in send))
+        what = f"NCCL ring shift ({len(send)} array(s) to rank {dest}, from rank {source})"
+        if dest != self.next_rank or source != self.prev_rank:
+            what = f"NCCL exchange ({len(send)} array(s) to rank {dest}, {len(recv)} from rank {source})"
+        return self._grouped(issue, what, (send, recv))
+
+    def alltoallv(
+        self,
+        send: Any,
+        send_counts: Sequence[int],
+        send_displs: Sequence[int],
+        recv: Any,
+        recv_counts: Sequence[int],
+        recv_displs: Sequence[int],
+    ) -> Transfer:
+        """Grouped ``ncclSend``/``ncclRecv``, one per peer with a non-zero count (:meth:`Communicator.alltoallv`)."""
+        check_alltoallv(self, send, send_counts, send_displs, recv, recv_counts, recv_displs)
+        self._check_arrays(send=[send], recv=[recv])
+        item, uint8 = send.dtype.itemsize, self._nccl.NCCL_UINT8
+
+        def issue() -> None:
+            for j in range(self.size):
+                if send_counts[j]:
+                    ptr = send.data.ptr + send_displs[j] * item
+                    self.nccl_comm.send(ptr, send_counts[j] * item, uint8, j, self.stream.ptr)
+            for j in range(self.size):
+                if recv_counts[j]:
+                    ptr = recv.data.ptr + recv_displs[j] * item
+                    self.nccl_comm.recv(ptr, recv_counts[j] * item, uint8, j, self.stream.ptr)
+
+        peers = [j for j in range(self.size) if j != self.rank and send_counts[j] > 0]
+        self.traffic.add(len(peers), sum(send_counts[j] for j in peers) * item)
+        return self._grouped(issue, f"NCCL all-to-all ({sum(send_counts) * item} bytes out)", (send, recv))
+
+    def allgatherv(self, send: Any, recv: Any, counts: Sequence[int]) -> Transfer:
+        """``ncclAllGather`` for equal counts, grouped sends/receives otherwise (:meth:`Communicator.allgatherv`)."""
+        check_allgatherv(self, send, recv, counts)
+        self._check_arrays(send=[send], recv=[recv])
+        item, uint8 = send.dtype.itemsize, self._nccl.NCCL_UINT8
+        displs = [sum(counts[:i]) for i in range(self.size)]
+
+        def issue() -> None:
+            if len(set(counts)) == 1:
+                self.nccl_comm.allGather(send.data.ptr, recv.data.ptr, send.nbytes, uint8, self.stream.ptr)
+                return
+            for j in range(self.size):
+                if send.size:
+                    self.nccl_comm.send(send.data.ptr, send.nbytes, uint8, j, self.stream.ptr)
+            for j in range(self.size):
+                if counts[j]:
+                    ptr = recv.data.ptr + displs[j] * item
+                    self.nccl_comm.recv(ptr, counts[j] * item, uint8, j, self.stream.ptr)
+
+        if send.size:
+            self.traffic.add(self.size - 1, (self.size - 1) * send.nbytes)
+        return self._grouped(issue, f"NCCL all-gather ({send.nbytes} bytes out)", (send, recv))
+
+    def split(self, color: int, key: int) -> NCCLComm:
+        """A new NCCL communicator over the ranks with this ``color`` (new unique id per group, over MPI).
+
+        What the sub-communicator sends counts into this one's :attr:`traffic` too.
+        """
+        check_split(color, key)
+        mpi = self.mpi.split(color, key)
+        unique_id = share_unique_id(mpi, self._nccl)
+        self._cupy.cuda.Device(self.device).use()
+        nccl_comm = self._nccl.NcclCommunicator(mpi.size, unique_id, mpi.rank)
+        sub = NCCLComm(nccl_comm, mpi, self.device, self._cupy.cuda.Stream(non_blocking=True), self._cupy, self._nccl)
+        sub.share_traffic(self)
+        return sub
+
+    def _check_arrays(self, **sides: Sequence[Any]) -> None:
+        for name, arrays in sides.items():
             for i, x in enumerate(arrays):
-                if not isinstance(x, cupy.ndarray):
+                if not isinstance(x, self._cupy.ndarray):
                     raise TypeError(f"{name}[{i}] must be a CuPy array for NCCL, got {type(x).__name__}")
+
+    def _grouped(self, issue: Any, what: str, buffers: tuple[Any, ...]) -> Transfer:
+        """Run ``issue()`` (NCCL calls) in one group on :attr:`stream`, ordered after the caller's queued work."""
+        cupy, nccl = self._cupy, self._nccl
         caller = cupy.cuda.get_current_stream()
         ready = cupy.cuda.Event(disable_timing=True)
         ready.record(caller)
         self.stream.wait_event(ready)
         nccl.groupStart()
         try:
-            for x in send:
-                self.nccl_comm.send(x.data.ptr, x.nbytes, nccl.NCCL_UINT8, self.next_rank, self.stream.ptr)
-            for x in recv:
-                self.nccl_comm.recv(x.data.ptr, x.nbytes, nccl.NCCL_UINT8, self.prev_rank, self.stream.ptr)
+            issue()
         finally:
             nccl.groupEnd()
         arrived = cupy.cuda.Event(disable_timing=True)
         arrived.record(self.stream)
         return Transfer(
-            f"NCCL ring shift ({len(send)} array(s) to rank {self.next_rank}, from rank {self.prev_rank})",
+            what,
             lambda: arrived.done,
             on_done=lambda: caller.wait_event(arrived),
             on_timeout=self._abort,
-            buffers=(send, recv),
+            buffers=buffers,
         )
 
     def allreduce(self, values: np.ndarray, op: str = "sum") -> np.ndarray:
@@ -168,7 +277,19 @@ def share_unique_id(mpi: MPIComm, nccl: Any) -> tuple[int, ...]:
 
 
 def select_device(mpi: MPIComm, n_devices: int, device: int | None) -> int:
-    """This rank's GPU: ``device`` if given, else its rank on the node; clear errors when there are too few."""
+    """This rank's GPU: ``device`` if given, else its rank on the node modulo the GPUs it sees.
+
+    With one GPU visible per rank (``CUDA_VISIBLE_DEVICES`` set per rank, the
+    usual cluster setup) every rank takes device 0, its own GPU; with every
+    GPU of the node visible, rank ``i`` on the node takes GPU ``i``.  Whether
+    two ranks ended on one GPU is checked by :func:`check_distinct_devices`.
+
+    >>> class Node:                       # rank 5, the second of 4 ranks on its node
+    ...     rank = 5
+    ...     def local_rank(self): return (1, 4)
+    >>> select_device(Node(), 1, None), select_device(Node(), 4, None), select_device(Node(), 4, 3)
+    (0, 1, 3)
+    """
     if device is not None:
         if not is_int(device):
             raise TypeError(f"device must be an int or None, got {device!r}")
@@ -177,10 +298,23 @@ def select_device(mpi: MPIComm, n_devices: int, device: int | None) -> int:
         return int(device)
     if n_devices < 1:
         raise RuntimeError(f"rank {mpi.rank}: no CUDA GPU visible; NCCLComm needs one GPU per rank")
-    local, local_size = mpi.local_rank()
-    if local_size > n_devices:
+    local, _ = mpi.local_rank()
+    return local % n_devices
+
+
+def check_distinct_devices(mpi: MPIComm, node: str, bus_id: str) -> None:
+    """Refuse, on every rank, two ranks of one node on one GPU (``node``: processor name, ``bus_id``: PCI id).
+
+    NCCL refuses such a communicator too, later and with less to say.  One
+    :meth:`~MPIComm.allreduce` with the usual deadline.
+    """
+    codes = np.zeros(mpi.size, dtype=np.int64)
+    codes[mpi.rank] = zlib.crc32(f"{node}|{bus_id}".encode()) + 1
+    codes = mpi.allreduce(codes, "max")
+    shared = [int(r) for r in np.flatnonzero(codes == codes[mpi.rank])]
+    if len(shared) > 1:
         raise RuntimeError(
-            f"rank {mpi.rank}: {local_size} ranks share this node but it has {n_devices} GPU(s); "
-            f"NCCLComm needs one GPU per rank (start at most {n_devices} ranks per node or pass device=)"
+            f"ranks {', '.join(map(str, shared))} on node {node!r} would share GPU {bus_id}; NCCLComm needs one "
+            f"GPU per rank (start at most as many ranks per node as it has GPUs, give each rank its own GPU with "
+            f"CUDA_VISIBLE_DEVICES, or pass device=)"
         )
-    return local

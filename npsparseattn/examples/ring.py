@@ -1,17 +1,19 @@
-"""Ring attention across MPI ranks, checked against single-process attention.
+"""Context-parallel (ring, Ulysses, hybrid, all-gather) attention across MPI ranks, checked against one process.
 
 Run it with the ``mpiexec`` that ``pip install 'npsparseattn[mpi]'`` puts next
 to your Python::
 
     mpiexec -n 4 python -m npsparseattn.examples.ring
     mpiexec -n 2 python -m npsparseattn.examples.ring --seq 16384 --sharding contiguous
+    mpiexec -n 4 python -m npsparseattn.examples.ring --mode hybrid --ulysses-size 2
 
 Every rank builds the same random q, k, v (same seed), keeps its shard
-(:func:`npsparseattn.shard`), and runs :func:`npsparseattn.ring_attention`
-and its backward; rank 0 gathers the shards and prints, per rank, the rows it
-held and its times, then the largest error of the gathered output, lse and
-gradients against :func:`npsparseattn.attention` on the whole sequence in one
-process.  Started without mpiexec it runs a ring of one.
+(:func:`npsparseattn.shard`), and runs
+:func:`npsparseattn.context_parallel_attention` in the chosen mode and its
+backward; rank 0 gathers the shards and prints, per rank, the rows it held,
+its times and the bytes it sent, then the largest error of the gathered
+output, lse and gradients against :func:`npsparseattn.attention` on the
+whole sequence in one process.  Started without mpiexec it runs on one rank.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--causal", choices=["yes", "no"], default="yes")
     parser.add_argument("--sharding", choices=["zigzag", "contiguous"], default="zigzag")
+    parser.add_argument("--mode", choices=list(nsa.context_parallel.MODES), default="ring")
+    parser.add_argument("--ulysses-size", type=int, default=None, help="ranks per Ulysses group (--mode hybrid)")
     return parser.parse_args(argv)
 
 
@@ -54,26 +58,30 @@ def main(argv: list[str] | None = None) -> None:
                   for h in (args.kv_heads, args.kv_heads, args.heads))  # fmt: skip
     mine = [nsa.shard(x, comm.rank, comm.size, sharding) for x in (q, k, v, dout)]
     small = [nsa.shard(x[:, : 64 * comm.size], comm.rank, comm.size, sharding) for x in (q, k, v)]
-    nsa.ring_attention(*small, comm, causal=causal, sharding=sharding)  # compile / load the kernels untimed
+    options = dict(mode=args.mode, ulysses_size=args.ulysses_size, causal=causal, sharding=sharding)
+    nsa.context_parallel_attention(*small, comm, **options)  # compile / load the kernels untimed
 
     comm.barrier()
+    comm.traffic.reset()
     start = time.perf_counter()
-    out, lse = nsa.ring_attention(*mine[:3], comm, causal=causal, sharding=sharding, return_lse=True)
+    out, lse = nsa.context_parallel_attention(*mine[:3], comm, return_lse=True, **options)
     forward = time.perf_counter() - start
+    sent = comm.traffic.bytes
     comm.barrier()
     start = time.perf_counter()
-    grads = nsa.ring_attention_backward(mine[3], *mine[:3], out, lse, comm, causal=causal, sharding=sharding)
+    grads = nsa.context_parallel_attention_backward(mine[3], *mine[:3], out, lse, comm, **options)
     backward = time.perf_counter() - start
 
-    report = (comm.rank, mine[0].shape[1], forward, backward, numba.get_num_threads())
+    report = (comm.rank, mine[0].shape[1], forward, backward, numba.get_num_threads(), sent)
     gathered = comm.comm.gather((report, out, lse, grads), root=0)
     if comm.rank != 0:
         return
-    print(f"ring attention: {comm.size} rank(s), L={args.seq}, heads {args.heads}/{args.kv_heads}, D={args.dim}, "
-          f"{args.dtype}, causal={causal}, sharding={sharding}")  # fmt: skip
-    for (rank, rows, fwd, bwd, threads), *_ in gathered:
+    print(f"{args.mode} attention: {comm.size} rank(s), L={args.seq}, heads {args.heads}/{args.kv_heads}, "
+          f"D={args.dim}, {args.dtype}, causal={causal}, sharding={sharding}")  # fmt: skip
+    for (rank, rows, fwd, bwd, threads, sent), *_ in gathered:
         pieces = " + ".join(f"[{a}, {b})" for a, b in shard_pieces(args.seq, comm.size, rank, sharding))
-        print(f"  rank {rank}: {rows} rows {pieces}, forward {fwd:.3f} s, backward {bwd:.3f} s, {threads} thread(s)")
+        print(f"  rank {rank}: {rows} rows {pieces}, forward {fwd:.3f} s ({sent / 2**20:.1f} MiB sent), "
+              f"backward {bwd:.3f} s, {threads} thread(s)")  # fmt: skip
     ring_out = nsa.unshard([g[1] for g in gathered], sharding)
     ring_lse = nsa.unshard([g[2] for g in gathered], sharding, axis=-1)
     ring_grads = [nsa.unshard([g[3][i] for g in gathered], sharding) for i in range(3)]
@@ -88,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     worst = ", ".join(f"{name} {np.abs(a - b).max() / np.abs(b).max():.1e}" for name, (a, b) in errors.items())
     print(f"  max error vs single-process attention (relative to the largest value): {worst}")
     if comm.size == 1:
-        print("  (a ring of one: start it with `mpiexec -n 4 python -m npsparseattn.examples.ring`)")
+        print("  (one rank: start it with `mpiexec -n 4 python -m npsparseattn.examples.ring`)")
 
 
 if __name__ == "__main__":

@@ -87,7 +87,8 @@ def attention(
     v : array, shape (*batch, Hk, Lk, Dv)
         float16, bfloat16, float32 (float64 with ``jax_enable_x64``).
     causal, window, scale, backend
-        As for :func:`npsparseattn.attention`; static (Python values, not traced).
+        As for :func:`npsparseattn.attention`; static (Python values, not
+        traced: a traced ``scale`` is a ``TypeError`` saying so).
 
     Returns
     -------
@@ -105,6 +106,25 @@ def attention(
     >>> dq.shape, dk.dtype
     ((4, 50, 16), dtype('float32'))
     """
-    if window is not None:
+    if isinstance(window, list):
         window = tuple(window)
+    options = dict(causal=causal, window=window, scale=scale, backend=backend)
+    for name, value in options.items():
+        _check_static(value, name)
     return _attention_vjp(causal, window, scale, backend)(q, k, v)
+
+
+def _check_static(value: Any, name: str) -> None:
+    """The options select a traced function, so they must be Python values (hashable), not traced arrays."""
+    parts = value if isinstance(value, tuple) else (value,)
+    if any(isinstance(part, jax.core.Tracer) for part in parts):
+        raise TypeError(
+            f"{name} must be static (a Python value), but it is traced by jax.jit/grad/vmap; pass it as a "
+            f"Python value (jax.jit(..., static_argnames=...), or close over it)"
+        )
+    try:
+        hash(value)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be static (a hashable Python value such as a float or a tuple), got {type(value).__name__}"
+        ) from None

@@ -6,6 +6,12 @@ runs :func:`npsparseattn.attention` and keeps ``out`` and ``lse`` for the
 backward, which runs :func:`npsparseattn.attention_backward` (FlashAttention-2:
 no score matrix is stored).  Importing this module imports PyTorch; importing
 :mod:`npsparseattn` does not.
+
+The backward is differentiable once: differentiating its gradients again
+(``create_graph=True``, a gradient penalty) raises ``RuntimeError`` instead of
+giving gradients that silently miss the second-order terms.  Under
+``torch.compile`` the call is a graph break (``torch.compiler.disable``): it
+runs eagerly, autograd included, and the code around it is compiled.
 """
 
 from __future__ import annotations
@@ -34,11 +40,38 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, out, lse = (x.detach() for x in ctx.saved_tensors)
+        saved = ctx.saved_tensors
+        q, k, v, out, lse = (x.detach() for x in saved)
         dq, dk, dv = _attention_backward(dout.detach(), q, k, v, out, lse, **ctx.options)
+        if torch.is_grad_enabled() and any(x.requires_grad for x in (dout, *saved[:3])):
+            # create_graph=True: the gradients must carry a graph, and ours has no second derivative
+            dq, dk, dv = _FirstOrderOnly.apply(dq, dk, dv, dout, *saved[:3])
         return dq, dk, dv, None
 
 
+class _FirstOrderOnly(torch.autograd.Function):
+    """Passes gradients through, tied to the tensors they depend on; differentiating them again raises.
+
+    PyTorch's ``once_differentiable`` ties its error only to the incoming
+    gradient, which is often a constant (``out.sum()``): the gradients would
+    then carry no graph at all and a gradient penalty would silently lose its
+    second-order terms.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, *depends_on: torch.Tensor) -> Any:
+        return dq.view_as(dq), dk.view_as(dk), dv.view_as(dv)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> Any:
+        raise RuntimeError(
+            "npsparseattn.interop.torch.attention is differentiable once: its gradients were differentiated "
+            "again (create_graph=True: a gradient penalty, a Hessian-vector product); use a PyTorch "
+            "implementation (torch.nn.functional.scaled_dot_product_attention) for higher derivatives"
+        )
+
+
+@torch.compiler.disable
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -66,6 +99,8 @@ def attention(
     tensor, shape (*batch, Hq, Lq, Dv), dtype of ``q``
         ``backward()`` through it gives ``q.grad``, ``k.grad``, ``v.grad``
         from :func:`npsparseattn.attention_backward` (summed over GQA groups).
+        Differentiable once: backpropagating through those gradients
+        (``create_graph=True``) raises ``RuntimeError``.
 
     Examples
     --------

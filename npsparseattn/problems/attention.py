@@ -18,13 +18,14 @@ from npsparseattn._arrays import common_kind
 from npsparseattn._checks import (
     check_dtypes,
     check_flag,
+    check_lse,
     check_ndim,
     check_scale,
     check_window,
     clamp_window,
     to_4d,
 )
-from npsparseattn._dtypes import FLOAT_DTYPES, lse_dtype
+from npsparseattn._dtypes import FLOAT_DTYPES
 
 
 @dataclass(frozen=True)
@@ -179,12 +180,5 @@ def gradient_inputs(problem: AttentionProblem, dout: Any, out: Any, lse: Any) ->
     dout4 = output_like(problem, dout, "dout")
     out4 = output_like(problem, out, "out")
     common_kind(q=problem.q, lse=lse)
-    if tuple(lse.shape) != problem.lse_shape():
-        raise ValueError(f"lse must have shape {problem.lse_shape()}, got {tuple(lse.shape)}")
-    expected = lse_dtype(problem.dtype)
-    if lse.dtype.name != expected.name:
-        raise TypeError(
-            f"lse has dtype {lse.dtype.name}; expected {expected.name}, the dtype of the forward's lse for "
-            f"{problem.dtype.name} inputs"
-        )
+    check_lse(lse, problem.lse_shape(), problem.dtype)
     return Gradients(dout=dout4, out=out4, lse=lse.reshape(problem.q.shape[:3]))

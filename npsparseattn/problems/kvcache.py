@@ -16,7 +16,10 @@ Lnew`` keys, aligned with key ``i + n_b - Lq`` (bottom-right: the queries are
 the last ``Lq`` positions).  A contiguous cache is the paged cache with one
 page of ``Lmax`` slots per sequence and ``block_table[b] = [b]``, which is how
 the kernels receive it.  Every rule, capacity included, is checked before
-anything is written.
+anything is written: sequence ``b`` uses the first ``ceil((cache_seqlens[b] +
+Lnew) / page_size)`` entries of its ``block_table`` row, which must be
+distinct pages of the cache; sequences may share pages for reading, but a page
+a sequence appends into is in use by no other sequence of the call.
 """
 
 from __future__ import annotations
@@ -115,20 +118,77 @@ def _check_cache_seqlens(cache_seqlens: Any, batch: int, kind: str) -> np.ndarra
     return host
 
 
-def _check_block_table(block_table: Any, batch: int, n_pages: int, needed: np.ndarray, kind: str) -> np.ndarray:
+def _host_block_table(block_table: Any, batch: int, kind: str) -> np.ndarray:
+    """The page table on the host (int64), shape ``(B, max_pages)``."""
     host = host_indices(block_table, "block_table", kind)
     if host.ndim != 2 or host.shape[0] != batch:
         raise ValueError(f"block_table must have shape ({batch}, max_pages), got {tuple(block_table.shape)}")
-    for b in range(batch):
-        used = host[b, : int(needed[b])]
-        bad = (used < 0) | (used >= n_pages)
-        if bad.any():
-            p = int(np.argmax(bad))
-            raise ValueError(
-                f"block_table[{b}, {p}] = {used[p]} is not a page of the cache (0 <= page < {n_pages}); "
-                f"sequence {b} uses its first {int(needed[b])} pages"
-            )
     return host
+
+
+def _check_pages(host: np.ndarray, n_pages: int, seqlens: np.ndarray, n_new: int, page_size: int) -> None:
+    """The pages each sequence uses are pages of the cache, distinct, and shared only for reading.
+
+    Sequence ``b`` *uses* the first ``ceil((cache_seqlens[b] + Lnew) / page_size)``
+    entries of ``block_table[b]``; later entries are never read.  See
+    :func:`_check_page_sharing` for the sharing rules.
+    """
+    needed = -(-(seqlens + n_new) // page_size)
+    used = np.arange(host.shape[1])[None, :] < needed[:, None]
+    bad = used & ((host < 0) | (host >= n_pages))
+    if bad.any():
+        b, p = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"block_table[{b}, {p}] = {host[b, p]} is not a page of the cache (0 <= page < {n_pages}); "
+            f"sequence {b} uses its first {int(needed[b])} pages"
+        )
+    _check_page_sharing(host, used, needed, seqlens // page_size if n_new else None)
+
+
+def _check_page_sharing(table: np.ndarray, used: np.ndarray, needed: np.ndarray, first_written: Any) -> None:
+    """Refuse a page listed twice among one sequence's pages in use, and an append into a page another reads.
+
+    Two sequences may read the same pages (a shared prefix), but the pages a
+    sequence appends into (those holding its positions ``[cache_seqlens[b],
+    cache_seqlens[b] + Lnew)``, from column ``first_written[b]`` on; ``None``
+    when nothing is appended) must be in use by no other sequence of the call:
+    the new tokens would overwrite keys the other one attends in this very
+    call.  The caller copies a shared page first (copy-on-write).
+    """
+    rows, cols = np.nonzero(used)
+    pages = table[rows, cols]
+    key = np.sort(rows * (int(pages.max(initial=0)) + 1) + pages)
+    if (key[1:] == key[:-1]).any():
+        for b in np.unique(rows):
+            own = table[b, : int(needed[b])]
+            values, counts = np.unique(own, return_counts=True)
+            if (counts > 1).any():
+                page = values[counts > 1][0]
+                at = np.flatnonzero(own == page)[:2]
+                raise ValueError(
+                    f"block_table[{b}] lists page {page} twice among the {int(needed[b])} pages sequence {b} uses "
+                    f"(block_table[{b}, {at[0]}] and block_table[{b}, {at[1]}]): two positions would share one "
+                    f"slot; nothing was written"
+                )
+    if first_written is None:
+        return
+    values, counts = np.unique(pages, return_counts=True)
+    shared = values[counts > 1]
+    if not shared.size:
+        return
+    writes = used & (np.arange(table.shape[1])[None, :] >= first_written[:, None])
+    hit = writes & np.isin(table, shared)
+    if hit.any():
+        b, p = (int(i) for i in np.argwhere(hit)[0])
+        page = table[b, p]
+        other = (rows != b) & (pages == page)
+        b2, p2 = int(rows[other][0]), int(cols[other][0])
+        raise ValueError(
+            f"sequence {b} appends into page {page} (block_table[{b}, {p}]), which sequence {b2} also uses "
+            f"(block_table[{b2}, {p2}]): the new tokens would overwrite keys it reads in this call; a page a "
+            f"sequence appends into must be its own (copy a shared page before appending into it); nothing was "
+            f"written"
+        )
 
 
 def kvcache_problem(
@@ -179,7 +239,12 @@ def kvcache_problem(
                 raise ValueError(f"{name} is read-only (a JAX array, say); new tokens cannot be written into it")
     seqlens = _check_cache_seqlens(cache_seqlens, batch, kind)
     page_size = k_cache.shape[2]
-    capacity = page_size if block_table is None else page_size * block_table.shape[-1]
+    if block_table is not None and page_size < 1:
+        raise ValueError(
+            f"a paged cache's axis 2 is page_size, which must be >= 1: k_cache has shape {tuple(k_cache.shape)}"
+        )
+    table = None if block_table is None else _host_block_table(block_table, batch, kind)
+    capacity = page_size * (1 if table is None else table.shape[1])
     over = seqlens + n_new > capacity
     if over.any():
         b = int(np.argmax(over))
@@ -189,12 +254,11 @@ def kvcache_problem(
         )
     if capacity > INT32_MAX:
         raise ValueError(f"a cache of {capacity} keys per sequence does not fit int32 positions")
-    table = None
-    if block_table is not None:
-        table = _check_block_table(block_table, batch, k_cache.shape[0], -(-(seqlens + n_new) // page_size), kind)
+    if table is not None:
+        _check_pages(table, k_cache.shape[0], seqlens, n_new, page_size)
     causal = check_flag(causal, "causal")
     left, right = check_window(window, causal)
-    problem = KVCacheProblem(
+    return KVCacheProblem(
         q=q,
         k_cache=k_cache,
         v_cache=v_cache,
@@ -204,26 +268,8 @@ def kvcache_problem(
         block_table=table,
         kind=kind,
         dtype=dtype,
-        scale=check_scale(scale, q.shape[-1]),
+        scale=check_scale(scale, q.shape[-1], dtype),
         causal=causal,
         left=left,
         right=right,
     )
-    if n_new:
-        _check_distinct_slots(problem)
-    return problem
-
-
-def _check_distinct_slots(problem: KVCacheProblem) -> None:
-    """Two sequences appending into one cache slot (pages shared in the write range) is an error."""
-    pages, slots = problem.new_token_slots()
-    flat = pages * problem.page_size + slots
-    unique, counts = np.unique(flat, return_counts=True)
-    if (counts > 1).any():
-        slot = unique[counts > 1][0]
-        a, b = np.nonzero(flat == slot)[0][:2] // problem.n_new
-        who = f"sequence {a} writes two new tokens" if a == b else f"sequences {a} and {b} write new tokens"
-        raise ValueError(
-            f"{who} into the same cache slot (page {slot // problem.page_size}, slot {slot % problem.page_size}); "
-            f"the pages a sequence appends to must be its own"
-        )

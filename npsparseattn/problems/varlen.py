@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from npsparseattn._arrays import array_kind, array_module, common_kind
-from npsparseattn._checks import check_dtypes, check_flag, check_scale, check_window
+from npsparseattn._checks import check_dtypes, check_flag, check_lse, check_scale, check_window
 from npsparseattn._dtypes import FLOAT_DTYPES
 
 INDEX_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
@@ -34,6 +34,10 @@ def host_indices(x: Any, name: str, kind: str) -> np.ndarray:
     if not isinstance(x, np.ndarray) and kind == "numpy":
         raise TypeError(f"{name} is a CuPy array but q is a NumPy array; pass index arrays on q's device")
     host = np.asarray(x) if isinstance(x, np.ndarray) else x.get()
+    if host.dtype.name == "uint64" and host.size and host.max() > np.iinfo(np.int64).max:
+        at = np.unravel_index(int(np.argmax(host > np.iinfo(np.int64).max)), host.shape)
+        index = ", ".join(map(str, at))
+        raise ValueError(f"{name}[{index}] = {host[at]} is too large for an index (at most 2**63 - 1)")
     return host.astype(np.int64)
 
 
@@ -146,7 +150,7 @@ def varlen_problem(
         offsets_k=host_k,
         kind=kind,
         dtype=dtype,
-        scale=check_scale(scale, q.shape[-1]),
+        scale=check_scale(scale, q.shape[-1], dtype),
         causal=causal,
         left=left,
         right=right,
@@ -172,8 +176,5 @@ def varlen_gradient_inputs(problem: VarlenProblem, dout: Any, out: Any, lse: Any
             )
         if x.dtype != problem.dtype:
             raise TypeError(f"{name} has dtype {x.dtype.name}; expected {problem.dtype.name} like q")
-    if tuple(lse.shape) != problem.lse_shape():
-        raise ValueError(f"lse must have shape {problem.lse_shape()}, got {tuple(lse.shape)}")
-    if lse.dtype.name not in ("float32", "float64"):
-        raise TypeError(f"lse has dtype {lse.dtype.name}; expected float32 or float64")
+    check_lse(lse, problem.lse_shape(), problem.dtype)
     return VarlenGradients(dout=dout, out=out, lse=lse)

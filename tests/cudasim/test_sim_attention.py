@@ -18,7 +18,8 @@ from test_attention import check_against_reference
 
 import npsparseattn as nsa
 from npsparseattn import reference
-from npsparseattn.cuda import numba_attention, numba_exact, numba_tiles
+from npsparseattn.cuda.numba_cuda import attention_kernels, tiles
+from npsparseattn.cuda.numba_cuda import exact as numba_exact
 
 CUDA = BackendCase("attention", "numba-cuda")
 
@@ -62,7 +63,7 @@ def test_float16_error_within_twice_naive_float16(rng):
 @pytest.mark.parametrize(("d", "dv"), [(40, 24), (72, 100)], ids=["gpu-tiles-64", "gpu-tiles-128"])
 def test_gpu_tile_sizes(rng, monkeypatch, d, dv):
     """The GPU's own tile instances (64 or 128 head-dimension columns, 64 threads) on a few partial tiles."""
-    monkeypatch.setattr(numba_attention, "tiles", lambda kernel, width: numba_tiles.tiles(kernel, width, False))
+    monkeypatch.setattr(attention_kernels, "tiles", lambda kernel, width: tiles.tiles(kernel, width, False))
     q, k, v = random_qkv(rng, hq=2, hk=1, lq=40, lk=37, d=d, dv=dv, dtype=np.float32)
     check_against_reference(q, k, v, dict(causal=True), np.float32, CUDA)
 
@@ -109,7 +110,7 @@ def test_non_contiguous_inputs_are_copied_not_misread(rng):
 
 def test_bfloat16_conversions_match_ml_dtypes():
     """The bit conversions the kernels use for bfloat16 (simulated here in NumPy) against ml_dtypes."""
-    from npsparseattn.cuda.numba_runtime import storage
+    from npsparseattn.cuda.numba_cuda.runtime import storage
 
     widen, narrow = storage(True)
     bits = np.arange(0, 65536, 7, dtype=np.uint16)

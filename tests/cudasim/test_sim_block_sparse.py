@@ -9,7 +9,6 @@ from test_block_sparse import check_against_reference
 
 import npsparseattn as nsa
 from npsparseattn import layouts
-from npsparseattn.cuda import numba_block_sparse
 
 CUDA = BackendCase("block_sparse_attention", "numba-cuda")
 
@@ -68,17 +67,3 @@ def test_keys_of_unstored_blocks_are_never_read(rng):
     dq, dk, dv = grads
     assert np.isfinite(out).all() and np.isfinite(lse).all() and np.isfinite(dq).all()
     assert np.all(dk[:, unused] == 0) and np.all(dv[:, unused] == 0)
-
-
-def test_layout_runs_are_uploaded_once_per_layout(rng, monkeypatch):
-    monkeypatch.setattr(numba_block_sparse, "_RUNS", type(numba_block_sparse._RUNS)())
-    like = np.zeros(1, np.float32)
-    first = layouts.causal(40, 8)
-    runs = numba_block_sparse.device_runs(first, like)
-    assert numba_block_sparse.device_runs(first, like) is runs
-    assert numba_block_sparse.device_runs(first, like, "columns") is not runs
-    assert all(a.dtype == np.int32 for a in runs)
-    np.testing.assert_array_equal(runs[0], first.runs()[0])
-    for _ in range(numba_block_sparse.CACHED_LAYOUTS):
-        numba_block_sparse.device_runs(layouts.causal(40, 8), like)
-    assert numba_block_sparse.device_runs(first, like) is not runs  # evicted by newer layouts

@@ -1,0 +1,87 @@
+"""Block-sparse attention on the GPU (numba-cuda), forward and backward: backend ``"numba-cuda"`` of
+``block_sparse_attention``.
+
+The kernels of dense attention (:mod:`~npsparseattn.cuda.numba_cuda.attention_kernels`)
+walking the layout's runs of consecutive stored key blocks instead of one run
+over every key, so the work grows with the stored blocks: the forward and the
+dQ pass take the layout's rows (CSR), the dK/dV pass its transpose (CSC),
+each GQA group's query heads summed by the block that owns the key head.  A
+layout block of ``bq`` query rows is cut into tiles of the kernel's row count
+(the last may be partial); blocks narrower than a tile leave part of it idle.
+The runs come from the GPU backends' one device cache
+(:mod:`npsparseattn.cuda.layout_runs`).  What it takes, refuses and its
+tolerances: :mod:`npsparseattn.cuda.numba_cuda`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from npsparseattn.cuda.layout_runs import device_runs
+from npsparseattn.cuda.numba_cuda import DTYPES, KINDS, STRIDED_ROWS, TOLERANCE, compute_dtype, unsupported
+from npsparseattn.cuda.numba_cuda.attention_kernels import backward_runs, forward_runs
+from npsparseattn.layouts import BlockLayout
+
+__all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]
+
+
+def forward(
+    q: Any,
+    k: Any,
+    v: Any,
+    layout: BlockLayout,
+    *,
+    scale: float,
+    offset: int,
+    left: int | None,
+    right: int | None,
+    out: Any = None,
+    lse: Any = None,
+) -> tuple[Any, Any]:
+    """Block-sparse attention forward on canonical 4-D arrays.
+
+    Parameters
+    ----------
+    q : (B, Hq, Lq, D), k : (B, Hk, Lk, D), v : (B, Hk, Lk, Dv)
+        C-contiguous CuPy arrays (NumPy under the simulator), one dtype:
+        float16, bfloat16 or float32.
+    layout : BlockLayout
+        ``seq == (Lq, Lk)``, ``heads`` 1 or Hq (checked by the caller).
+    scale, offset, left, right :
+        As :func:`npsparseattn.cuda.numba_cuda.exact.forward`, applied inside the stored blocks.
+    out, lse : arrays, optional
+        Buffers (B, Hq, Lq, Dv) in the input dtype and (B, Hq, Lq) float32.
+
+    Returns
+    -------
+    out, lse; rows with no visible stored key get 0 and ``-inf``.
+    """
+    mask = dict(scale=scale, offset=offset, left=left, right=right)
+    return forward_runs(q, k, v, device_runs(layout, q), layout.heads, layout.block, mask, out, lse)
+
+
+def backward(
+    dout: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    layout: BlockLayout,
+    *,
+    scale: float,
+    offset: int,
+    left: int | None,
+    right: int | None,
+    grads: tuple[Any, Any, Any] | None = None,
+) -> tuple[Any, Any, Any]:
+    """Block-sparse attention backward on canonical 4-D arrays.
+
+    ``dout``/``out`` (B, Hq, Lq, Dv) and ``lse`` (B, Hq, Lq) float32 come from
+    :func:`forward` with the same layout and options; ``grads`` optionally
+    gives the ``(dq, dk, dv)`` buffers.  Returns ``(dq, dk, dv)`` shaped like
+    ``q``, ``k``, ``v``; ``dk``/``dv`` are summed over each GQA group.
+    """
+    mask = dict(scale=scale, offset=offset, left=left, right=right)
+    rows, columns = device_runs(layout, q), device_runs(layout, q, transposed=True)
+    return backward_runs((dout, q, k, v, out, lse), rows, columns, layout.heads, layout.block, mask, grads)
