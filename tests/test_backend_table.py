@@ -76,6 +76,8 @@ def test_the_tests_backend_axis_has_a_fixture_per_operation():
         "lsh_backend": "lsh_attention",
         "varlen_backend": "attention_varlen",
         "kvcache_backend": "attention_with_kvcache",
+        "sparse_backend": "sparse_attention",
+        "sparse_varlen_backend": "sparse_attention_varlen",
     }
 
 
