@@ -17,7 +17,7 @@ def test_bench_sparse_table_and_json(tmp_path, capsys):
     assert cli.main([*argv, "--densities", "0.25", "0.5", "--backward", "--compare", "none", "--repeat", "1",
                      "--json", str(path)]) == 0  # fmt: skip
     out = capsys.readouterr().out
-    assert "flags:" in out and "dense tiled (attention)" in out
+    assert "CPU: " in out and "BLAS: " in out and "dense tiled (attention)" in out
     assert "FlexAttention: not compared (--compare none)" in out
     result = json.loads(path.read_text())
     rows = result["rows"]

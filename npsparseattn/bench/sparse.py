@@ -22,7 +22,6 @@ round, best of ``--repeat``; compilation happens before timing.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +37,6 @@ from npsparseattn.problems.sparse import sparse_problem
 from npsparseattn.sparse import sparse_attention, sparse_attention_backward
 
 COMPARE_CHOICES = ("flex", "none")
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
 
 
 @dataclass(frozen=True)
@@ -108,21 +106,6 @@ def cases(args: argparse.Namespace, kv_heads: int) -> list[Case]:
             idx, cnt = random_lists(rng, args.batch, 1, seq, nb, 0.1)
             items.append(Case("per query, Hk=1", 0.1, 1, block, idx, cnt))
     return items
-
-
-def cpu_description() -> str:
-    """``'AMD EPYC ... (2 cores; avx2 fma)'`` from ``/proc/cpuinfo`` where there is one."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            text = info.read()
-    except OSError:
-        return platform.processor() or platform.machine()
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    cores = sum(1 for line in text.splitlines() if line.startswith("processor"))
-    return (
-        f"{model or platform.machine()} ({cores} logical CPUs; flags: {' '.join(f for f in CPU_FLAGS if f in flags)})"
-    )
 
 
 class Flex:
@@ -255,7 +238,6 @@ def run(args: argparse.Namespace) -> dict:
         records.append(row)
     result = {
         "benchmark": "sparse",
-        "cpu": cpu_description(),
         "device": device.describe(),
         "backend": be,
         "batch": args.batch,
@@ -305,7 +287,7 @@ def render(result: dict) -> str:
             line += [f"{r['backward_s'] * 1e3:.1f}", format_rate(r["backward_gflops"]), f"{r['backward_of_dense']:.2f}"]
         rows.append(line)
     head = (
-        f"{result['cpu']}; {result['device']}, {result['threads']} threads; B={result['batch']} H={result['heads']} "
+        f"{result['device']}, {result['threads']} threads; B={result['batch']} H={result['heads']} "
         f"Hk={result['kv_heads']} L={result['seq']} D={result['dim']} {result['dtype']}; same-run GEMM "
         f"({result['gemm_dtype']}): {format_rate(result['gemm_gflops'])}; rates count the selected pairs; "
         f"'of dense' = rate / dense tiled rate"
