@@ -39,7 +39,7 @@ import numpy as np
 INT32_LIMIT = 2**31 - 1
 MIN_BLOCK = 16
 """The smallest ``q_block`` and ``kv_block`` the GPU backends take: the block-sparse kernels cover a block with
-tiles of 16 to 64 query rows and 32 to 64 keys, so smaller blocks would leave most of every tile idle."""
+tiles of 16 to 64 query rows or keys, so smaller blocks would leave most of every tile idle."""
 
 Runs = tuple[Any, Any, Any]
 
