@@ -176,6 +176,9 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("attention_with_kvcache", "reference", "kvcache"),
     # block-sparse and index-driven sparse attention share the walk kernels of cpu/_walk.py: one group
     Entry("sparse_attention", "numba", "sparse", group="sparse_walk", phase=2),
+    # the GPU backends run the block-sparse kernels on the index (cuda/index_runs.py): the same instances
+    Entry("sparse_attention", "cupy", "sparse", source="block_sparse.cu", kernels=_BLOCK_SPARSE_KERNELS),
+    Entry("sparse_attention", "numba-cuda", "sparse", group="sparse_attention"),
     Entry("sparse_attention", "reference", "sparse"),
     Entry("sparse_attention_varlen", "numba", "sparse_varlen", group="sparse_walk", phase=2),
     Entry("sparse_attention_varlen", "reference", "sparse_varlen"),
