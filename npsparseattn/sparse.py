@@ -74,7 +74,10 @@ def sparse_attention(
         Also return ``lse`` (*batch, Hq, Lq).
     backend : str
         ``"auto"`` or a name from ``available_backends("sparse_attention")``:
-        ``"numba"`` (CPU), ``"reference"`` (dense float64 oracle).
+        ``"numba"`` (CPU), ``"cupy"`` and ``"numba-cuda"`` (CuPy arrays; blocks of
+        at least 16 queries and keys: no token mode or per-query lists;
+        compiled and emulated/simulated, not yet run on a GPU), ``"reference"``
+        (dense float64 oracle).
 
     Returns
     -------

@@ -41,3 +41,15 @@ def test_bench_sparse_refuses_bad_options():
         cli.main(["bench", "sparse", "--seq", "64", "--heads", "3", "--kv-heads", "2", "--compare", "none"])
     with pytest.raises(SystemExit, match=r"--densities must lie in \(0, 1\]"):
         cli.main(["bench", "sparse", "--seq", "64", "--densities", "1.5", "--compare", "none"])
+
+
+def test_a_case_the_backend_refuses_is_named_with_the_registry_reason():
+    q = np.ones((1, 2, 64, 64), np.float16)
+    token = bench.Case(
+        "tokens", 0.1, 64, 1, np.arange(4, dtype=np.int32).reshape(1, 1, 1, 4), np.ones((1, 1, 1), np.int32)
+    )
+    blocks = bench.Case("blocks", 0.1, 64, 64, np.zeros((1, 1, 1, 1), np.int32), np.ones((1, 1, 1), np.int32))
+    gpu = bench.devices.Device("cupy", "cupy")
+    assert "kv_block=1 (token mode) is below 16" in bench._refusal(gpu, token, q)
+    assert "token mode" not in bench._refusal(gpu, blocks, q)
+    assert bench._refusal(bench.devices.Device("numba", "numpy"), token, q) == ""

@@ -51,6 +51,10 @@ class Case:
     kv_cnt: np.ndarray
 
     @property
+    def blocks(self) -> dict[str, int]:
+        return {"q_block": self.q_block, "kv_block": self.kv_block}
+
+    @property
     def kv_heads(self) -> int:
         return self.kv_idx.shape[1]
 
@@ -169,6 +173,13 @@ def _flex(args: argparse.Namespace, q, kv: dict, items: list[Case], threads: int
     return calls, f"{flex.version()}, compiled in {time.perf_counter() - start:.0f} s"
 
 
+def _refusal(device: devices.Device, case: Case, q: np.ndarray) -> str:
+    """Why the benchmark's backend cannot run ``case`` (the registry's reasons), or ``""``."""
+    kv = q[:, : case.kv_heads, :8]
+    idx = case.kv_idx[..., :1, :]
+    return device.refusal("sparse_attention", sparse_problem(q[:, :, :8], kv, kv, idx, **case.blocks))
+
+
 def run(args: argparse.Namespace) -> dict:
     """Time dense attention, each sparse case and FlexAttention; print the table; return the records."""
     from numba import get_num_threads
@@ -187,26 +198,40 @@ def run(args: argparse.Namespace) -> dict:
     device = devices.device_for("sparse_attention", args.backend, problem)
     be = args.backend
     rng = np.random.default_rng(1)
-    q = rng.standard_normal((args.batch, args.heads, args.seq, args.dim)).astype(dtype)
-    k, v = (rng.standard_normal((args.batch, kv_heads, args.seq, args.dim)).astype(dtype) for _ in range(2))
-    items = cases(args, kv_heads)
-    kv = {h: (np.ascontiguousarray(k[:, :h]), np.ascontiguousarray(v[:, :h])) for h in {c.kv_heads for c in items}}
+    host_q = rng.standard_normal((args.batch, args.heads, args.seq, args.dim)).astype(dtype)
+    host_kv = [rng.standard_normal((args.batch, kv_heads, args.seq, args.dim)).astype(dtype) for _ in range(2)]
+    q, k, v = (device.put(x) for x in (host_q, *host_kv))
+    items: list[Case] = []
+    refused: list[str] = []  # a GPU backend refuses some list shapes (token mode): said under the table
+    for case in cases(args, kv_heads):
+        reasons = _refusal(device, case, host_q)
+        if reasons:
+            refused.append(f"{case.name}: {reasons}")
+        else:
+            items.append(case)
+    contiguous = device.xp.ascontiguousarray
+    kv = {h: (contiguous(k[:, :h]), contiguous(v[:, :h])) for h in {c.kv_heads for c in items}}
     kv[kv_heads] = (k, v)
-    calls: dict[str, Callable[[], Any]] = {"dense": partial(attention, q, k, v)}
+    calls: dict[str, Callable[[], Any]] = {"dense": partial(attention, q, k, v, backend=be)}
     for case in items:
-        kw = dict(kv_cnt=case.kv_cnt, q_block=case.q_block, kv_block=case.kv_block, backend=be)
+        kv_idx = device.put(case.kv_idx)
+        kw = dict(kv_cnt=device.put(case.kv_cnt), backend=be, **case.blocks)
         key = f"{case.name} {case.density:.0%}"
         ck, cv = kv[case.kv_heads]
-        calls[key] = partial(sparse_attention, q, ck, cv, case.kv_idx, **kw)
+        calls[key] = partial(sparse_attention, q, ck, cv, kv_idx, **kw)
         if args.backward:
-            out, lse = sparse_attention(q, ck, cv, case.kv_idx, return_lse=True, **kw)
-            calls[key + " backward"] = partial(sparse_attention_backward, out, q, ck, cv, out, lse, case.kv_idx, **kw)
+            out, lse = sparse_attention(q, ck, cv, kv_idx, return_lse=True, **kw)
+            calls[key + " backward"] = partial(sparse_attention_backward, out, q, ck, cv, out, lse, kv_idx, **kw)
     if args.backward:
-        out, lse = attention(q, k, v, return_lse=True)
-        calls["dense backward"] = partial(attention_backward, out, q, k, v, out, lse)
+        out, lse = attention(q, k, v, return_lse=True, backend=be)
+        calls["dense backward"] = partial(attention_backward, out, q, k, v, out, lse, backend=be)
+    calls = {name: device.call(fn) for name, fn in calls.items()}
     for fn in calls.values():  # compile (or load) every kernel before anything is timed
         fn()
-    flex_calls, flex_note = _flex(args, q, kv, items, get_num_threads())
+    if device.kind == "numpy":
+        flex_calls, flex_note = _flex(args, q, kv, items, get_num_threads())
+    else:
+        flex_calls, flex_note = {}, "not compared (its CPU build is the comparison; this table is a GPU backend's)"
     calls.update(flex_calls)
     gemm, gemm_dtype = device.gemm_rate(dtype)
     best = interleaved_best(calls, args.repeat, settle=0.1)
@@ -252,6 +277,7 @@ def run(args: argparse.Namespace) -> dict:
         "dense_forward_s": best["dense"],
         "dense_forward_gflops": dense_rate,
         "flex": flex_note,
+        "refused": refused,
         "rows": records,
     }
     if "flex dense" in best:
@@ -293,4 +319,6 @@ def render(result: dict) -> str:
         f"'of dense' = rate / dense tiled rate"
     )
     foot = f"FlexAttention: {result['flex']}"
+    if result.get("refused"):
+        foot += "\nnot run on this backend: " + "; ".join(result["refused"])
     return "\n".join([head, format_table(headers, rows), foot])
