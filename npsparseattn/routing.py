@@ -111,7 +111,7 @@ def _top_tokens(scores: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]
 def lightning_indexer(
     q_idx: Any, k_idx: Any, weights: Any, *, topk: int, causal: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """DeepSeek DSA's lightning indexer: each query's ``topk`` keys by ``I[t, s] = sum_j w[t,j] ReLU(q[t,j] . k[s])``.
+    """DSA's lightning indexer: the ``topk`` keys of each query by ``sum_j w[t,j] ReLU(dot(q[t,j], k[s]))``.
 
     The index scores are computed for every (query, key) pair in the inputs'
     precision (float32 for float16: the indexer is meant to be cheap, few
