@@ -127,12 +127,18 @@ def test_torch_refuses_double_backward_and_runs_under_torch_compile(rng):
         (out.sum() + dk.square().sum()).backward()
 
 
-def test_torch_bad_index_is_refused_before_any_work(rng):
+def test_torch_index_as_numpy_and_bad_indices_refused_before_any_work(rng):
     torch = _torch()
     from npsparseattn.interop import torch as nsa_torch
 
     q, k, v = (torch.randn(2, 21, 8, requires_grad=True) for _ in range(3))
     idx = torch.zeros(2, 3, 1, dtype=torch.int32)
+    grads = []
+    for index in (idx, idx.numpy()):
+        nsa_torch.sparse_attention(q, k, v, index, q_block=8, kv_block=8).sum().backward()
+        grads.append(v.grad.clone())
+        q.grad = k.grad = v.grad = None
+    assert torch.equal(grads[0], grads[1]) and grads[0][:, 8:].abs().max() == 0  # only key block 0 is read
     with pytest.raises(TypeError, match=r"kv_idx must be an integer array \(int32\), got dtype float32"):
         nsa_torch.sparse_attention(q, k, v, idx.float(), q_block=8, kv_block=8)
     with pytest.raises(ValueError, match=r"kv_idx must have shape \(2, 3, 1\) .*got \(2, 2, 1\)"):

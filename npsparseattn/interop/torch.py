@@ -27,23 +27,27 @@ from npsparseattn.interop._kernels import ATTENTION, SPARSE_ATTENTION, Kernel
 __all__ = ["attention", "sparse_attention"]
 
 Window = tuple[int | None, int | None]
+_SAVED = object()  # marks an index argument kept by save_for_backward
 
 
 class _Attention(torch.autograd.Function):
     """One attention kernel of npsparseattn (``kernel``) whose backward is npsparseattn's.
 
-    ``q``, ``k``, ``v`` are differentiable; the ``index`` tensors (integer
-    arrays, or None) are passed to both passes and get no gradient.
+    ``q``, ``k``, ``v`` are differentiable; the ``index`` arguments (integer
+    tensors, NumPy arrays, None) are passed to both passes and get no
+    gradient.  Index tensors are saved with ``save_for_backward``, so one
+    changed in place before the backward is an error, not a wrong gradient.
     """
 
     @staticmethod
     def forward(
         ctx: Any, kernel: Kernel, options: dict[str, Any], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-        *index: torch.Tensor | None,
+        *index: Any,
     ) -> torch.Tensor:  # fmt: skip
-        index = tuple(None if x is None else x.detach() for x in index)
+        index = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in index)
         out, lse = kernel.forward(q.detach(), k.detach(), v.detach(), *index, **options)
-        ctx.save_for_backward(q, k, v, out, lse, *index)
+        ctx.save_for_backward(q, k, v, out, lse, *(x for x in index if isinstance(x, torch.Tensor)))
+        ctx.index = tuple(_SAVED if isinstance(x, torch.Tensor) else x for x in index)
         ctx.kernel, ctx.options = kernel, options
         return out
 
@@ -51,7 +55,8 @@ class _Attention(torch.autograd.Function):
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         saved = ctx.saved_tensors
         q, k, v, out, lse = (x.detach() for x in saved[:5])
-        index = saved[5:]
+        tensors = iter(saved[5:])
+        index = tuple(next(tensors) if x is _SAVED else x for x in ctx.index)
         dq, dk, dv = ctx.kernel.backward(dout.detach(), q, k, v, out, lse, *index, **ctx.options)
         if torch.is_grad_enabled() and any(x.requires_grad for x in (dout, *saved[:3])):
             # create_graph=True: the gradients must carry a graph, and ours has no second derivative
@@ -136,9 +141,9 @@ def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    kv_idx: torch.Tensor,
+    kv_idx: Any,
     *,
-    kv_cnt: torch.Tensor | None = None,
+    kv_cnt: Any = None,
     q_block: int = 64,
     kv_block: int = 64,
     causal: bool = False,
@@ -157,7 +162,8 @@ def sparse_attention(
         kernels.
     kv_idx : integer tensor, shape (*batch, Hk, ceil(Lq / q_block), K)
         The key blocks each query block attends, ``-1`` for an unused slot
-        (as for :func:`npsparseattn.sparse_attention`); no gradient.
+        (as for :func:`npsparseattn.sparse_attention`); no gradient.  A
+        NumPy array is accepted with CPU tensors.
     kv_cnt : integer tensor, shape (*batch, Hk, ceil(Lq / q_block)), optional
         Slots in use at the front of each list; no gradient.
     q_block, kv_block, causal, window, scale, backend
