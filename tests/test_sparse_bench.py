@@ -50,6 +50,7 @@ def test_a_case_the_backend_refuses_is_named_with_the_registry_reason():
     )
     blocks = bench.Case("blocks", 0.1, 64, 64, np.zeros((1, 1, 1, 1), np.int32), np.ones((1, 1, 1), np.int32))
     gpu = bench.devices.Device("cupy", "cupy")
-    assert "kv_block=1 (token mode) is below 16" in bench._refusal(gpu, token, q)
-    assert "token mode" not in bench._refusal(gpu, blocks, q)
-    assert bench._refusal(bench.devices.Device("numba", "numpy"), token, q) == ""
+    k = q[:, :1]
+    assert "kv_block=1 (token mode) is below 16" in bench._refusal(gpu, token, q, k)
+    assert "token mode" not in bench._refusal(gpu, blocks, q, k)
+    assert bench._refusal(bench.devices.Device("numba", "numpy"), token, q, k) == ""

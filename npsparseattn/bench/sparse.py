@@ -173,11 +173,12 @@ def _flex(args: argparse.Namespace, q, kv: dict, items: list[Case], threads: int
     return calls, f"{flex.version()}, compiled in {time.perf_counter() - start:.0f} s"
 
 
-def _refusal(device: devices.Device, case: Case, q: np.ndarray) -> str:
-    """Why the benchmark's backend cannot run ``case`` (the registry's reasons), or ``""``."""
-    kv = q[:, : case.kv_heads, :8]
-    idx = case.kv_idx[..., :1, :]
-    return device.refusal("sparse_attention", sparse_problem(q[:, :, :8], kv, kv, idx, **case.blocks))
+def _refusal(device: devices.Device, case: Case, q: np.ndarray, k: np.ndarray) -> str:
+    """Why the benchmark's backend cannot run ``case`` on host arrays ``q``, ``k`` (the registry's reasons), or
+    ``""``."""
+    kv = k[:, : case.kv_heads]
+    problem = sparse_problem(q, kv, kv, case.kv_idx, kv_cnt=case.kv_cnt, **case.blocks)
+    return device.refusal("sparse_attention", problem)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -204,7 +205,7 @@ def run(args: argparse.Namespace) -> dict:
     items: list[Case] = []
     refused: list[str] = []  # a GPU backend refuses some list shapes (token mode): said under the table
     for case in cases(args, kv_heads):
-        reasons = _refusal(device, case, host_q)
+        reasons = _refusal(device, case, host_q, host_kv[0])
         if reasons:
             refused.append(f"{case.name}: {reasons}")
         else:
