@@ -1,7 +1,7 @@
 # `make demo` and `make test` work on a fresh machine with only Python 3.10-3.13:
 # each creates the virtual environment in $(VENV) on first use and installs the package.
 # `make test` first compiles every CPU kernel into numba's cache on all cores (`npsparseattn compile`;
-# a no-op when the cache is warm), then runs the suite.
+# a no-op when the cache is warm), then runs the suite in one pytest worker per core (pytest-xdist).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -21,7 +21,7 @@ demo: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/npsparseattn compile
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto
 
 lint: $(STAMP)
 	$(BIN)/ruff check npsparseattn tests asv_benchmarks docs/conf.py
@@ -33,7 +33,7 @@ bench: $(STAMP)
 # numba-cuda kernels executed on the host by the CUDA simulator, every kernel through the public API
 # (a separate run: NUMBA_ENABLE_CUDASIM must be set before numba is imported; docs/testing.md).
 test-cudasim: $(STAMP)
-	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest tests/cudasim
+	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest -n auto tests/cudasim
 
 # The first thing to run on a GPU machine: in the first 5 minutes the cupy backend's probes (registers and
 # occupancy, small cases of every launch path, compute-sanitizer memcheck/racecheck/synccheck where the tool is,

@@ -194,7 +194,9 @@ def test_bench_attention_runs_the_named_backend(tmp_path, capsys, backend):
     out = capsys.readouterr().out
     (row,) = result["rows"]
     assert row["backend"] == backend and row["device"] == "numpy"
-    assert result["device"] == f"{backend} on NumPy arrays" and f"{backend} on NumPy arrays" in out
+    # every CPU table names the machine (model, flags, vector width, BLAS)
+    assert result["device"].startswith(f"{backend} on NumPy arrays (CPU: ") and "BLAS: " in result["device"]
+    assert result["device"] in out
     assert row["max_rel_error"] < 1e-5
     assert row["forward_gflops"] > 0 and row["backward_gflops"] > 0 and row["gemm_dtype"] == "float32"
     assert row["backward_extra_bytes"] >= 0 and "bwd mem" in out.splitlines()[0]
@@ -310,13 +312,13 @@ def test_interleaved_best_times_every_call_in_every_round():
 def test_bench_block_sparse_and_lsh_take_a_backend(tmp_path, capsys):
     argv = ["bench", "block-sparse", "--seq", "256", "--heads", "1", "--dim", "16", "--block", "64", "--windows", "1"]
     result = _bench_json(tmp_path, [*argv, "--no-patterns", "--backward", "--repeat", "1", "--backend", "numba"])
-    assert result["backend"] == "numba" and result["device"] == "numba on NumPy arrays"
+    assert result["backend"] == "numba" and result["device"].startswith("numba on NumPy arrays (CPU: ")
     assert result["gemm_gflops"] > 0 and result["rows"][0]["forward_gflops"] > 0
     assert result["rows"][0]["backward_gflops"] > 0 and result["max_rel_error"] < 1e-5
     assert "same-run GEMM (float32)" in capsys.readouterr().out
     argv = ["bench", "lsh", "--seq", "128", "--heads", "1", "--dim", "8", "--chunk-size", "32", "--repeat", "1"]
     result = _bench_json(tmp_path, [*argv, "--dense-seq", "0", "--backend", "numba"])
-    assert result["device"] == "numba on NumPy arrays" and result["max_rel_error"] < 1e-5
+    assert result["device"].startswith("numba on NumPy arrays (CPU: ") and result["max_rel_error"] < 1e-5
     assert result["rows"][0]["forward_gflops"] > 0 and result["gemm_gflops"] > 0
 
 
