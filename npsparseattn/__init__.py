@@ -26,6 +26,12 @@ attention_varlen, attention_varlen_backward
 attention_with_kvcache
     Decoding against a contiguous or paged KV cache, appending new tokens in
     place (flash-attn's ``flash_attn_with_kvcache``; flash-decoding splits).
+sparse_attention, sparse_attention_backward, sparse_attention_varlen, sparse_attention_varlen_backward
+    Index-driven sparse attention: each query block attends the key blocks
+    (or tokens) a router listed for it, forward and backward (NSA, MoBA, DSA).
+routing
+    Routers that produce those lists: ``select_topk_blocks``,
+    ``lightning_indexer`` (DSA), ``indexer_kl_target``, ``compressed_attention`` (NSA).
 merge_states
     The exact merge of two partial attention results by their lse.
 available_backends, register_backend, unregister_backend, BackendError
@@ -47,7 +53,7 @@ until a kernel runs).
 
 from __future__ import annotations
 
-from npsparseattn import inspect, layouts, reference
+from npsparseattn import inspect, layouts, reference, routing
 from npsparseattn._dispatch import BackendError, available_backends, register_backend, unregister_backend
 from npsparseattn.block_sparse import block_sparse_attention, block_sparse_attention_backward
 from npsparseattn.context_parallel import context_parallel_attention, context_parallel_attention_backward
@@ -56,6 +62,12 @@ from npsparseattn.kvcache import attention_with_kvcache
 from npsparseattn.lsh import lsh_attention, lsh_attention_backward, lsh_buckets, lsh_rotations, lsh_sort
 from npsparseattn.merge import merge_states
 from npsparseattn.ring import ring_attention, ring_attention_backward, shard, unshard
+from npsparseattn.sparse import (
+    sparse_attention,
+    sparse_attention_backward,
+    sparse_attention_varlen,
+    sparse_attention_varlen_backward,
+)
 from npsparseattn.varlen import attention_varlen, attention_varlen_backward
 
 __version__ = "0.1.0"
@@ -85,7 +97,12 @@ __all__ = [
     "register_backend",
     "ring_attention",
     "ring_attention_backward",
+    "routing",
     "shard",
+    "sparse_attention",
+    "sparse_attention_backward",
+    "sparse_attention_varlen",
+    "sparse_attention_varlen_backward",
     "unregister_backend",
     "unshard",
 ]

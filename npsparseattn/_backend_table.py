@@ -28,17 +28,17 @@ modules, the build helpers and the tests all read it.
 
 Adding an operation is one :class:`Operation` and one :class:`Entry` per
 backend that implements it, plus the modules the entries name.  For example,
-an index-driven ``sparse_attention`` with a CPU kernel, an oracle and a
-numba-cuda kernel::
+index-driven sparse attention with a CPU kernel and an oracle is::
 
-    Operation("sparse_attention", "sparse", "attention over the key blocks of an index")
-    Entry("sparse_attention", "numba", "sparse", group="sparse", phase=2)
-    Entry("sparse_attention", "numba-cuda", "sparse", group="sparse_attention")
+    Operation("sparse_attention", "sparse", "attention over the key blocks each query block's list names")
+    Entry("sparse_attention", "numba", "sparse", group="sparse_walk", phase=2)
     Entry("sparse_attention", "reference", "sparse")
 
+and a numba-cuda kernel would add
+``Entry("sparse_attention", "numba-cuda", "sparse", group="sparse_attention")``
 (``group`` names a warm-up function in ``cpu/precompile.py`` and an example
 call in ``cuda/numba_cuda/compile.py``; an entry without a group has no
-kernels compiled ahead of time.)
+kernels compiled ahead of time).
 """
 
 from __future__ import annotations
@@ -134,6 +134,8 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(
         "attention_with_kvcache", "kvcache", "decoding from a contiguous or paged KV cache", kernels=("forward",)
     ),
+    Operation("sparse_attention", "sparse", "attention over the key blocks each query block's list names"),
+    Operation("sparse_attention_varlen", "sparse_varlen", "index-driven sparse attention on packed sequences"),
 )
 
 _ATTENTION_KERNELS = (
@@ -155,7 +157,7 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("attention", "numba-cuda", "exact", group="attention"),
     Entry("attention", "reference", "exact"),
     # the block-sparse and varlen backwards also call attention kernels: they compile once those exist
-    Entry("block_sparse_attention", "numba", "block_sparse", group="block_sparse", phase=2),
+    Entry("block_sparse_attention", "numba", "block_sparse", group="sparse_walk", phase=2),
     Entry("block_sparse_attention", "cupy", "block_sparse", source="block_sparse.cu", kernels=_BLOCK_SPARSE_KERNELS),
     Entry("block_sparse_attention", "numba-cuda", "block_sparse", group="block_sparse"),
     Entry("block_sparse_attention", "reference", "block_sparse"),
@@ -172,6 +174,14 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("attention_varlen", "reference", "varlen"),
     Entry("attention_with_kvcache", "numba", "kvcache", group="kvcache", phase=1),
     Entry("attention_with_kvcache", "reference", "kvcache"),
+    # block-sparse and index-driven sparse attention share the walk kernels of cpu/_walk.py: one group
+    Entry("sparse_attention", "numba", "sparse", group="sparse_walk", phase=2),
+    # the GPU backends run the block-sparse kernels on the index (cuda/index_runs.py): the same instances
+    Entry("sparse_attention", "cupy", "sparse", source="block_sparse.cu", kernels=_BLOCK_SPARSE_KERNELS),
+    Entry("sparse_attention", "numba-cuda", "sparse", group="sparse_attention"),
+    Entry("sparse_attention", "reference", "sparse"),
+    Entry("sparse_attention_varlen", "numba", "sparse_varlen", group="sparse_walk", phase=2),
+    Entry("sparse_attention_varlen", "reference", "sparse_varlen"),
 )  # fmt: skip
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from npsparseattn._checks import check_flag, check_int, check_window, is_int
 from npsparseattn._dtypes import FLOAT_DTYPES
+from npsparseattn._topk import select_topk_blocks
 
 Pair = int | tuple[int, int]
 Window = int | tuple[int | None, int | None] | None
@@ -990,16 +991,13 @@ def stack(layouts: Sequence[BlockLayout]) -> BlockLayout:
     return BlockLayout(indptr, indices, first.block, first.seq, sum(x.heads for x in items))
 
 
-def _block_means(x: np.ndarray, size: int) -> np.ndarray:
-    """Mean of each block of ``size`` rows along axis -2 (the last block may be partial), in float64."""
-    length = x.shape[-2]
-    starts = np.arange(0, length, size)
-    sums = np.add.reduceat(x.astype(np.float64), starts, axis=-2)
-    return sums / np.minimum(size, length - starts)[:, None]
-
-
 def topk(q: np.ndarray, k: np.ndarray, block: Pair, top_k: int, *, causal: bool = False) -> BlockLayout:
     """Content routing (MoBA/Quest style): per head, each query block keeps its ``top_k`` best key blocks.
+
+    A layout view of :func:`npsparseattn.routing.select_topk_blocks` with
+    ``score="mean"`` and ``force=("local",)``, one pattern per query head
+    (each query head routes alone with its key head; ``select_topk_blocks``
+    gives one list per key head for ``sparse_attention`` instead).
 
     A key block's score for query block ``r`` is ``mean(q[r-block]) . mean(k[key block])``
     (means over the tokens of each block, the last one possibly partial), in
@@ -1040,32 +1038,12 @@ def topk(q: np.ndarray, k: np.ndarray, block: Pair, top_k: int, *, causal: bool 
     top_k = check_int(top_k, "top_k", 1)
     check_flag(causal, "causal")
     grid = _Grid((q.shape[1], k.shape[1]), (bq, bk))
-    group = q.shape[0] // k.shape[0]
-    q_means = _block_means(q, bq)
-    k_means = _block_means(k, bk) if grid.nkb else np.zeros((k.shape[0], 0, k.shape[2]))
-    step = max(1, _CHUNK_CELLS // max(grid.nkb, 1))
-    counts, indices = [], []
-    for h in range(q.shape[0]):
-        for r0 in range(0, grid.nqb, step):
-            r1 = min(r0 + step, grid.nqb)
-            scores = q_means[h, r0:r1] @ k_means[h // group].T
-            c, j0, _ = grid.keys()
-            plo, phi = grid.positions(r0, r1)
-            if causal:
-                scores[j0 > phi] = -np.inf
-            lo, hi = grid.key_blocks(plo, phi)
-            scores[(c >= lo) & (c < hi)] = np.inf
-            order = np.argsort(-scores, axis=1, kind="stable")
-            n_diag = (hi - lo)[:, 0]
-            keep = np.maximum(n_diag, top_k)
-            for row in range(r1 - r0):
-                picked = order[row, : keep[row]]
-                picked = np.sort(picked[scores[row, picked] > -np.inf])
-                counts.append(picked.size)
-                indices.append(picked)
-    indptr = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-    flat = np.concatenate(indices) if indices else np.zeros(0, np.int64)
-    return BlockLayout(indptr, flat, (bq, bk), grid.seq, q.shape[0])
+    per_query_head = k[np.arange(q.shape[0]) // (q.shape[0] // k.shape[0])]
+    kv_idx, kv_cnt = select_topk_blocks(
+        q, per_query_head, q_block=bq, kv_block=bk, topk=top_k, score="mean", force=("local",), causal=causal
+    )
+    indptr = np.concatenate([[0], np.cumsum(kv_cnt.reshape(-1), dtype=np.int64)])
+    return BlockLayout(indptr, kv_idx[kv_idx >= 0], (bq, bk), grid.seq, q.shape[0])
 
 
 def _routing_inputs(q: Any, k: Any) -> tuple[np.ndarray, np.ndarray]:

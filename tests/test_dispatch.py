@@ -159,6 +159,8 @@ KERNELS = {
     "lsh_attention": ("forward", "backward"),
     "attention_varlen": ("forward", "backward"),
     "attention_with_kvcache": ("forward",),
+    "sparse_attention": ("forward", "backward"),
+    "sparse_attention_varlen": ("forward", "backward"),
 }
 CONTRACT = ("KINDS", "DTYPES", "TOLERANCE", "STRIDED_ROWS", "compute_dtype", "unsupported")
 
@@ -216,6 +218,16 @@ def test_every_operation_routes_through_a_registered_backend(rng, fake_backend):
     assert calls["lsh_buckets", "buckets"] == 2 and calls["lsh_sort", "sort"] == 2  # the plan of each call
     nsa.lsh_sort(nsa.lsh_buckets(qk, 4, seed=0, backend="fake"), backend="fake")
     assert calls["lsh_buckets", "buckets"] == 3 and calls["lsh_sort", "sort"] == 3
+
+    kv_idx = np.broadcast_to(np.array([[0, -1], [1, 0], [2, 1], [3, 2], [4, 3]], np.int32), (2, 2, 5, 2))
+    out, lse = nsa.sparse_attention(q, k, v, kv_idx, q_block=8, kv_block=8, return_lse=True, backend="fake")
+    nsa.sparse_attention_backward(dout, q, k, v, out, lse, kv_idx, q_block=8, kv_block=8, backend="fake")
+    assert calls["sparse_attention", "forward"] == 1 and calls["sparse_attention", "backward"] == 1
+    cu = np.array([0, 16, 40], np.int32)
+    packed = np.zeros((2, 5, 1), np.int32)
+    out, lse = nsa.sparse_attention_varlen(q[0], k[0], v[0], cu, cu, packed, q_block=8, return_lse=True, backend="fake")
+    nsa.sparse_attention_varlen_backward(dout[0], q[0], k[0], v[0], out, lse, cu, cu, packed, q_block=8, backend="fake")
+    assert calls["sparse_attention_varlen", "forward"] == 1 and calls["sparse_attention_varlen", "backward"] == 1
 
     before = calls["attention", "forward"], calls["attention", "backward"]
     out, lse = nsa.ring_attention(q, k, v, SoloComm(), causal=True, return_lse=True, backend="fake")

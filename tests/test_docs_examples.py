@@ -24,7 +24,7 @@ FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 PYCON = re.compile(r"^```pycon\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 # Modules whose public functions and classes are all part of the API (besides npsparseattn.__all__).
-API_MODULES = ("npsparseattn.layouts", "npsparseattn.inspect", "npsparseattn.distributed")
+API_MODULES = ("npsparseattn.layouts", "npsparseattn.routing", "npsparseattn.inspect", "npsparseattn.distributed")
 
 
 def documented_names(index: Path = API_INDEX) -> list[str]:

@@ -32,11 +32,16 @@ MODULES = {
     "lsh_buckets": "npsparseattn.cuda.numba_cuda.lsh_hash",
     "lsh_sort": "npsparseattn.cuda.numba_cuda.lsh_sort",
     "lsh_attention": "npsparseattn.cuda.numba_cuda.lsh",
+    "sparse_attention": "npsparseattn.cuda.numba_cuda.sparse",
 }
 ROOT = Path(__file__).resolve().parent.parent
 
 
-INFERENCE = ("attention_varlen", "attention_with_kvcache")  # CPU kernels only: the registry says so
+INFERENCE = (
+    "attention_varlen",
+    "attention_with_kvcache",
+    "sparse_attention_varlen",
+)  # CPU kernels only: the registry says so
 
 
 @pytest.mark.parametrize("op", [op for op in _dispatch.OPERATIONS if op not in INFERENCE])

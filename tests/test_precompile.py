@@ -14,14 +14,14 @@ import pytest
 from numba.core import types
 
 from npsparseattn.cli import main
-from npsparseattn.cpu import _jit, block_sparse, exact, kvcache, varlen
+from npsparseattn.cpu import _jit, _walk, block_sparse, exact, kvcache, sparse, varlen
 from npsparseattn.cpu.precompile import GROUPS, PHASES, precompile, run_group
 
 
 def _kernels():
     """Every ``@kernel`` of the CPU backend, once each (some modules import another's)."""
     found = {}
-    for module in (exact, block_sparse, varlen, kvcache):
+    for module in (exact, _walk, block_sparse, sparse, varlen, kvcache):
         for value in vars(module).values():
             if isinstance(value, _jit.Kernel):
                 found[id(value)] = value
@@ -42,7 +42,7 @@ def test_every_group_runs_in_exactly_one_phase():
 def test_warm_up_makes_every_version_of_every_kernel():
     run_group(tuple(GROUPS))
     kernels = list(_kernels())
-    assert len(kernels) == 15
+    assert len(kernels) == 14
     for kernel in kernels:
         made = {_dtype_and_layout(sig) for sig in kernel.versions}
         layouts = ("C", "A") if kernel.strided else ("C",)

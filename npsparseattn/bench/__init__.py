@@ -6,6 +6,13 @@ CLI adds ``--json`` and a progress bar (``args.progress``) to all of them.
 
 from __future__ import annotations
 
-from npsparseattn.bench import attention, block_sparse, inference, lsh, ring
+from npsparseattn.bench import attention, block_sparse, inference, lsh, ring, sparse
 
-BENCHMARKS = {"attention": attention, "block-sparse": block_sparse, "lsh": lsh, "ring": ring, "inference": inference}
+BENCHMARKS = {
+    "attention": attention,
+    "block-sparse": block_sparse,
+    "sparse": sparse,
+    "lsh": lsh,
+    "ring": ring,
+    "inference": inference,
+}

@@ -171,6 +171,14 @@ class Device:
         result = self.call(fn)()
         return result, max(pool.total_bytes() - before, 0), "cupy pool"
 
+    def refusal(self, op: str, problem: Any) -> str:
+        """Why this device's backend cannot run ``op`` for ``problem`` (built on small NumPy arrays), or ``""``."""
+        try:
+            select(op, _as_kind(problem, self.kind), self.backend)
+        except BackendError as exc:
+            return " ".join(line.strip() for line in str(exc).splitlines())
+        return ""
+
     def describe(self) -> str:
         """``'numba on NumPy arrays (CPU: <model> [<flags>], ...)'``, ``'cupy on CuPy arrays (GPU 0: NVIDIA H100)'``.
 

@@ -10,6 +10,16 @@ tile touches exactly the columns it must and rows with nothing visible (or
 no finite score yet) never produce ``exp(-inf - -inf)``.  Window bounds arrive as integers with
 :data:`UNBOUNDED` standing for "no limit on this side"; ``off`` is the
 diagonal offset (query ``i`` is aligned with key ``i + off``).
+
+The functions that take a *geometry* ``geo = (off, left, right, n_keys,
+qdiv, kpos)`` also serve tiles whose rows or keys are not at their own
+positions (the sparse walk of ``cpu/_walk.py``): row ``i`` of the query
+array sits at position ``i // qdiv`` (``qdiv`` query heads stacked per
+position), and key column ``j`` of the key array at position ``kpos[j]``
+(keys gathered into a contiguous tile, ``kpos`` ascending) or ``j`` when
+``kpos`` is empty (:data:`NO_POSITIONS`).  Within a tile every row still
+sees one interval of columns, so the masks stay intervals, found by binary
+search on ``kpos``.  :func:`geometry` builds the plain one.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ UNBOUNDED = 1 << 40
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
+NO_POSITIONS = np.zeros(0, np.int64)  # keys at their own positions (numba freezes it as a constant)
 
 
 def window_bound(value: int | None) -> int:
@@ -84,32 +95,82 @@ def row_stride(arr):
 
 
 @njit(inline="always")
-def tile_row_span(i, j0, n, off, left, right, n_keys):
-    """Visible keys of query ``i`` as columns ``[lo, hi)`` of a tile starting at key ``j0``."""
-    lo, hi = visible_keys(i, off, left, right, n_keys)
-    lo = min(max(lo - j0, 0), n)
-    hi = max(min(hi - j0, n), lo)
+def geometry(off, left, right, n_keys):
+    """The geometry of a plain tile: rows and keys at their own positions."""
+    return (off, left, right, n_keys, 1, NO_POSITIONS)
+
+
+@njit(inline="always")
+def _first_at_least(kpos, lo, hi, p):
+    """First index in ``[lo, hi)`` of the ascending ``kpos`` whose value is ``>= p`` (``hi`` if none)."""
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if kpos[mid] < p:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@njit(inline="always")
+def key_position(geo, j):
+    """Position of key column ``j`` of the key array."""
+    kpos = geo[5]
+    return j if kpos.shape[0] == 0 else kpos[j]
+
+
+@njit(inline="always")
+def _columns(geo, j0, n, p_lo, p_hi):
+    """Columns ``[lo, hi)`` (absolute, in ``[j0, j0+n)``) whose keys lie at positions ``[p_lo, p_hi)``."""
+    kpos = geo[5]
+    if kpos.shape[0] == 0:
+        lo = min(max(p_lo, j0), j0 + n)
+        hi = max(min(p_hi, j0 + n), lo)
+    else:
+        lo = _first_at_least(kpos, j0, j0 + n, p_lo)
+        hi = max(_first_at_least(kpos, lo, j0 + n, p_hi), lo)
     return lo, hi
 
 
 @njit(inline="always")
-def whole_tile(i0, m, j0, n, off, left, right, n_keys):
-    """True if every query of ``[i0, i0+m)`` sees every key of ``[j0, j0+n)``.
+def row_keys(geo, i):
+    """Key positions ``[lo, hi)`` visible to row ``i`` of the query array."""
+    off, left, right, n_keys, qdiv, _ = geo
+    return visible_keys(i if qdiv == 1 else i // qdiv, off, left, right, n_keys)
 
-    Visible ranges move right with the query, so the first row bounds the
+
+@njit(inline="always")
+def visible_rows(geo, p0, p1, n_rows):
+    """Rows ``[lo, hi)`` of the query array (``n_rows`` rows) that see a key at a position in ``[p0, p1)``."""
+    off, left, right, _, qdiv, _ = geo
+    lo, hi = visible_queries(p0, p1, off, left, right, (n_rows + qdiv - 1) // qdiv)
+    return lo * qdiv, min(hi * qdiv, n_rows)
+
+
+@njit(inline="always")
+def tile_span(geo, i, j0, n):
+    """Visible keys of row ``i`` as columns ``[lo, hi)`` of the tile of ``n`` columns from ``j0`` (0-based)."""
+    lo, hi = row_keys(geo, i)
+    lo, hi = _columns(geo, j0, n, lo, hi)
+    return lo - j0, hi - j0
+
+
+@njit(inline="always")
+def whole_tile_at(geo, i0, m, j0, n):
+    """True if every row of ``[i0, i0+m)`` sees every key column of ``[j0, j0+n)``.
+
+    Visible ranges move right with the row, so the first row bounds the
     right edge and the last row the left edge.
     """
-    return visible_keys(i0 + m - 1, off, left, right, n_keys)[0] <= j0 and (
-        visible_keys(i0, off, left, right, n_keys)[1] >= j0 + n
+    return row_keys(geo, i0 + m - 1)[0] <= key_position(geo, j0) and (
+        row_keys(geo, i0)[1] > key_position(geo, j0 + n - 1)
     )
 
 
 @njit(inline="always")
-def rows_key_span(i0, m, j0, n, off, left, right, n_keys):
-    """Keys ``[lo, hi)`` of the tile ``[j0, j0+n)`` seen by at least one query of ``[i0, i0+m)``."""
-    lo = max(visible_keys(i0, off, left, right, n_keys)[0], j0)
-    hi = min(visible_keys(i0 + m - 1, off, left, right, n_keys)[1], j0 + n)
-    return lo, max(hi, lo)
+def rows_key_columns(geo, i0, m, j0, n):
+    """Columns ``[lo, hi)`` (absolute) of the tile ``[j0, j0+n)`` seen by at least one row of ``[i0, i0+m)``."""
+    return _columns(geo, j0, n, row_keys(geo, i0)[0], row_keys(geo, i0 + m - 1)[1])
 
 
 @njit(inline="always", fastmath=FASTMATH)
@@ -130,6 +191,12 @@ def nonfinite_rows(arr, b, h, i0, m):
 
 @njit(inline="always", fastmath=FASTMATH)
 def online_softmax_tile(s, m, n, i0, j0, off, left, right, n_keys, row_max, row_sum, acc):
+    """:func:`softmax_tile` on a plain tile (keys ``j0..`` at their positions)."""
+    softmax_tile(s, m, n, i0, j0, geometry(off, left, right, n_keys), row_max, row_sum, acc)
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def softmax_tile(s, m, n, i0, j0, geo, row_max, row_sum, acc):
     """Turn base-2 scores ``s[:m, :n]`` into unnormalised probabilities in place.
 
     Updates the running row maxima ``row_max``, sums ``row_sum`` and rescales
@@ -148,7 +215,7 @@ def online_softmax_tile(s, m, n, i0, j0, off, left, right, n_keys, row_max, row_
     """
     zero = like(0.0, s)
     for r in range(m):
-        lo, hi = tile_row_span(i0 + r, j0, n, off, left, right, n_keys)
+        lo, hi = tile_span(geo, i0 + r, j0, n)
         row = s[r, :n]
         row[:lo] = zero
         row[hi:] = zero
@@ -178,7 +245,7 @@ def online_softmax_tile(s, m, n, i0, j0, off, left, right, n_keys, row_max, row_
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def probabilities_and_grads_tile(s, dp, m, n, i0, j0, off, left, right, n_keys, lse2, delta):
+def probabilities_and_grads_tile(s, dp, m, n, i0, j0, geo, lse2, delta):
     """One pass over a tile: ``s <- P = exp2(s - lse2)`` and ``dp <- dS = P * (dp - delta)``.
 
     Entries a row does not see (and whole rows with ``lse = -inf``) become
@@ -187,7 +254,7 @@ def probabilities_and_grads_tile(s, dp, m, n, i0, j0, off, left, right, n_keys, 
     """
     zero = like(0.0, s)
     for r in range(m):
-        lo, hi = tile_row_span(i0 + r, j0, n, off, left, right, n_keys)
+        lo, hi = tile_span(geo, i0 + r, j0, n)
         row = s[r, :n]
         grad = dp[r, :n]
         shift = lse2[i0 + r]

@@ -15,7 +15,8 @@ compile different versions of one kernel at the same moment can overwrite
 each other's entry.  The work is therefore split into groups that own
 disjoint kernels, run in phases: in phase 1 the ``attention`` kernels (which
 the block-sparse and varlen backwards also call) compile beside the LSH and
-KV-cache ones; in phase 2 the block-sparse and varlen kernels compile while
+KV-cache ones; in phase 2 the sparse walk (block-sparse and index-driven
+sparse attention share its kernels) and the varlen kernels compile while
 the ``attention`` kernels they share are only loaded (varlen adds the
 strided version of the row-dot kernel, and is the only process writing it).
 The groups and their phases are those of the table of implementations
@@ -57,9 +58,12 @@ def _attention(dtype, rng: np.random.Generator) -> None:
         exact.backward(dout, q, k, v, out, lse, scheme=scheme, **mask)
 
 
-def _block_sparse(dtype, rng: np.random.Generator) -> None:
+def _sparse_walk(dtype, rng: np.random.Generator) -> None:
+    """The walk kernels (``cpu/_walk.py``) through block-sparse and index-driven sparse attention (which also
+    builds its index with the numba helpers of ``cpu/sparse.py``), both backward schemes."""
     from npsparseattn import layouts
-    from npsparseattn.cpu import block_sparse, exact
+    from npsparseattn.cpu import block_sparse, exact, sparse
+    from npsparseattn.problems.sparse import sparse_problem
 
     layout = layouts.sliding_window((80, 80), 16, 20)
     q, k, v = (_array(rng, (1, 2, 80, 16), dtype, False) for _ in range(3))
@@ -68,6 +72,11 @@ def _block_sparse(dtype, rng: np.random.Generator) -> None:
     dout = _array(rng, out.shape, dtype, False)
     for scheme in exact.SCHEMES:
         block_sparse.backward(dout, q, k, v, out, lse, layout, scheme=scheme, **mask)
+    kv_idx = np.argsort(rng.random((1, 1, 80, 80)), axis=-1)[..., :24].astype(np.int32)
+    p = sparse_problem(q, k[:, :1], v[:, :1], kv_idx, q_block=1, kv_block=1, causal=True)
+    out, lse = sparse.forward(q, k[:, :1], v[:, :1], *p.kernel_index(), **p.options())
+    for scheme in exact.SCHEMES:
+        sparse.backward(dout, q, k[:, :1], v[:, :1], out, lse, *p.kernel_index(), scheme=scheme, **p.options())
 
 
 def _varlen(dtype, rng: np.random.Generator) -> None:
@@ -108,7 +117,7 @@ GROUPS: dict[str, Callable[..., None]] = {
     "attention": _attention,
     "lsh": _lsh,
     "kvcache": _kvcache,
-    "block_sparse": _block_sparse,
+    "sparse_walk": _sparse_walk,
     "varlen": _varlen,
 }
 """The warm-up of each group that the table's ``numba`` entries name (:func:`npsparseattn._backend_table.groups`)."""

@@ -56,6 +56,25 @@ operation                   kernels
                             sequence), int32 ``seqlens`` (B,) keys to attend (new tokens
                             already written), int32 ``block_table`` (B, max_pages); sequence
                             ``b`` offset ``seqlens[b] - Lq``
+``sparse_attention``        ``forward(q, k, v, kv_idx, kv_cnt, *, q_block, kv_block, scale, offset,
+                            left, right, out=None, lse=None) -> (out, lse)``;
+                            ``backward(dout, q, k, v, out, lse, kv_idx, kv_cnt, *, q_block,
+                            kv_block, scale, offset, left, right, grads=None) -> (dq, dk, dv)``;
+                            the canonical index: int32 ``kv_idx`` (B, Hk, ceil(Lq / q_block), K),
+                            each list's ``kv_cnt`` key blocks ascending and unique first, ``-1``
+                            after; int32 ``kv_cnt`` (B, Hk, nqb); query head ``h`` reads list
+                            ``h // (Hq // Hk)``; query ``i`` sees key ``j`` iff block ``j //
+                            kv_block`` is listed for block ``i // q_block`` and the visibility
+                            rule holds.  The backward must be deterministic: dK/dV through the
+                            transposed index (the query blocks that listed each key block),
+                            without atomics
+``sparse_attention_varlen`` ``forward(q, k, v, cu_seqlens_q, cu_seqlens_k, kv_idx, kv_cnt, *,
+                            q_block, kv_block, scale, left, right, out=None, lse=None)``;
+                            ``backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                            kv_idx, kv_cnt, *, ..., grads=None)``: packed (H, total, X) arrays;
+                            ``kv_idx`` (Hk, NQB, K), the lists of sequence ``s`` from
+                            ``sum_{t<s} ceil(Lq_t / q_block)``, indices counted from the
+                            sequence's first key; sequence ``s`` offset ``Lk_s - Lq_s``
 ==========================  ==================================================================
 
 Shapes: ``q`` (B, Hq, Lq, D), ``k`` (B, Hk, Lk, D), ``v`` (B, Hk, Lk, Dv),
@@ -79,6 +98,7 @@ from npsparseattn.problems.lsh import (
     lsh_rotations,
     sort_problem,
 )
+from npsparseattn.problems.sparse import SparseProblem, SparseVarlenProblem, sparse_problem, sparse_varlen_problem
 from npsparseattn.problems.varlen import VarlenGradients, VarlenProblem, varlen_gradient_inputs, varlen_problem
 
 __all__ = [
@@ -89,6 +109,8 @@ __all__ = [
     "KVCacheProblem",
     "LSHProblem",
     "SortProblem",
+    "SparseProblem",
+    "SparseVarlenProblem",
     "VarlenGradients",
     "VarlenProblem",
     "attention_problem",
@@ -102,6 +124,8 @@ __all__ = [
     "lsh_rotations",
     "output_like",
     "sort_problem",
+    "sparse_problem",
+    "sparse_varlen_problem",
     "varlen_gradient_inputs",
     "varlen_problem",
 ]

@@ -54,6 +54,7 @@ import numpy as np
 from npsparseattn._arrays import array_module
 from npsparseattn.cuda.constants import LOG2E
 from npsparseattn.cuda.cupy_raw import HALF_DTYPES, loader, sources
+from npsparseattn.cuda.index_runs import IndexRuns
 from npsparseattn.cuda.layout_runs import device_runs
 
 NTHREADS = 128  # npsa::NTHREADS: 4 warps
@@ -206,8 +207,10 @@ KERNELS = {  # step -> (dense kernel, block-sparse kernel), and whether its CTAs
 def walk_args(step: str, layout: Any, q: Any, k: Any, tile: int, window: tuple[int, int, int]) -> tuple:
     """``(kernel, grid, runs, ints)`` of a launch of ``step`` (:data:`KERNELS`) whose CTAs own ``tile`` query rows
     or keys: over a span for dense attention (``layout`` None), over the runs of the layout's rows (the
-    transpose's for the key side) chunk by chunk of its blocks otherwise.  ``window``: ``(offset, left,
-    right)`` as the kernels take them (:func:`window_args`)."""
+    transpose's for the key side) chunk by chunk of its blocks otherwise (``layout`` a
+    :class:`~npsparseattn.layouts.BlockLayout`, or an :class:`~npsparseattn.cuda.index_runs.IndexRuns`: a
+    sparse index whose runs are on the device already).  ``window``: ``(offset, left, right)`` as the
+    kernels take them (:func:`window_args`)."""
     dense, sparse, by_queries = KERNELS[step]
     n_batch, hq, lq = q.shape[:3]
     hk, lk = k.shape[1], k.shape[2]
@@ -219,7 +222,11 @@ def walk_args(step: str, layout: Any, q: Any, k: Any, tile: int, window: tuple[i
         (layout.n_query_blocks, blocks(bq, tile)) if by_queries else (layout.n_key_blocks, blocks(bk, tile))
     )
     ints = (lq, lk, hq, hk, bq, bk, n_blocks, layout.heads, chunks, *window)
-    return sparse, (n_blocks * chunks, heads, n_batch), device_runs(layout, q, transposed=not by_queries), ints
+    if isinstance(layout, IndexRuns):  # sparse_attention's index, its runs on the device already
+        runs = layout.device_runs(transposed=not by_queries)
+    else:
+        runs = device_runs(layout, q, transposed=not by_queries)
+    return sparse, (n_blocks * chunks, heads, n_batch), runs, ints
 
 
 def _launch(kernel: str, dtype: str, d: int | None, masked: bool | None, grid, shared: int, args: list) -> None:

@@ -103,6 +103,16 @@ def _block_sparse(module: Any, q: Any, k: Any, v: Any, rng: np.random.Generator)
     module.backward(q, q, k, v, q, lse, layout, **mask)
 
 
+def _sparse_attention(module: Any, q: Any, k: Any, v: Any, rng: np.random.Generator) -> None:
+    lse = np.zeros(q.shape[:3], np.float32)
+    mask = dict(scale=0.125, offset=0, left=None, right=0, q_block=16, kv_block=16)
+    nqb = q.shape[2] // 16
+    own = np.broadcast_to(np.arange(nqb, dtype=np.int32)[:, None], (1, k.shape[1], nqb, 1))
+    kv_idx, kv_cnt = np.ascontiguousarray(own), np.ones((1, k.shape[1], nqb), np.int32)
+    module.forward(q, k, v, kv_idx, kv_cnt, **mask)
+    module.backward(q, q, k, v, q, lse, kv_idx, kv_cnt, **mask)
+
+
 def _lsh_buckets(module: Any, q: Any, k: Any, v: Any, rng: np.random.Generator) -> None:
     module.buckets(q[0], rng.standard_normal((q.shape[3], 2, 4)), (8,))
 
@@ -122,6 +132,7 @@ def _lsh_attention(module: Any, q: Any, k: Any, v: Any, rng: np.random.Generator
 EXAMPLES: dict[str, Callable[..., None]] = {
     "attention": _attention,
     "block_sparse": _block_sparse,
+    "sparse_attention": _sparse_attention,
     "lsh_buckets": _lsh_buckets,
     "lsh_sort": _lsh_sort,
     "lsh_attention": _lsh_attention,
