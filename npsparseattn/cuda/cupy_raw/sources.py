@@ -37,7 +37,7 @@ SOURCES = (*dict.fromkeys(e.source for e in _CUPY if e.source), "selftest.cu")
 KERNELS = {kernel.name: (e.source, kernel.params) for e in _CUPY for kernel in e.kernels}
 """Kernel name -> (source file, template parameters: T element type, D head dim, M masked), from the table."""
 
-HOT_KERNELS = tuple(kernel.name for e in _CUPY for kernel in e.kernels if kernel.hot)
+HOT_KERNELS = tuple(dict.fromkeys(kernel.name for e in _CUPY for kernel in e.kernels if kernel.hot))
 """Kernels whose instances must not spill registers (checked from the ptxas log)."""
 
 SELFTEST = (
