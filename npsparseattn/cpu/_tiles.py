@@ -17,15 +17,19 @@ positions (the sparse walk of ``cpu/_walk.py``): row ``i`` of the query
 array sits at position ``i // qdiv`` (``qdiv`` query heads stacked per
 position), and key column ``j`` of the key array at position ``kpos[j]``
 (keys gathered into a contiguous tile, ``kpos`` ascending) or ``j`` when
-``kpos`` is empty (:data:`NO_POSITIONS`).  Within a tile every row still
-sees one interval of columns, so the masks stay intervals, found by binary
-search on ``kpos``.  :func:`geometry` builds the plain one.
+``kpos`` is empty or ``None``.  Within a tile every row still sees one
+interval of columns, so the masks stay intervals, found by binary search on
+``kpos``.  :func:`geometry` builds the plain one, with ``qdiv=None`` and
+``kpos=None``: the lookups are chosen when numba types the call
+(:func:`row_keys`, :func:`visible_rows`, :func:`key_position`,
+:func:`key_columns`), so the dense and varlen kernels carry no binary search
+or division (inlined at every mask test, they tripled their compile time).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, types
 from numba.extending import overload
 
 from npsparseattn.cpu._vecmath import exp2, maxnum
@@ -34,7 +38,6 @@ UNBOUNDED = 1 << 40
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
-NO_POSITIONS = np.zeros(0, np.int64)  # keys at their own positions (numba freezes it as a constant)
 
 
 def window_bound(value: int | None) -> int:
@@ -97,7 +100,7 @@ def row_stride(arr):
 @njit(inline="always")
 def geometry(off, left, right, n_keys):
     """The geometry of a plain tile: rows and keys at their own positions."""
-    return (off, left, right, n_keys, 1, NO_POSITIONS)
+    return (off, left, right, n_keys, None, None)
 
 
 @njit(inline="always")
@@ -112,46 +115,102 @@ def _first_at_least(kpos, lo, hi, p):
     return lo
 
 
-@njit(inline="always")
 def key_position(geo, j):
-    """Position of key column ``j`` of the key array."""
-    kpos = geo[5]
-    return j if kpos.shape[0] == 0 else kpos[j]
+    """Position of key column ``j`` of the key array (``geo[5]``: the gathered keys' positions, or ``None``).
+
+    Compiled code only: numba picks the implementation from the type of ``geo[5]``.
+    """
+    raise TypeError("key_position is called from numba-compiled kernels only")
+
+
+@overload(key_position, inline="always")
+def _key_position_overload(geo, j):
+    if isinstance(geo.types[5], types.NoneType):
+        return lambda geo, j: j
+
+    def gathered(geo, j):
+        kpos = geo[5]
+        return j if kpos.shape[0] == 0 else kpos[j]
+
+    return gathered
+
+
+def key_columns(geo, j0, n, p_lo, p_hi):
+    """Columns ``[lo, hi)`` (absolute, in ``[j0, j0+n)``) whose keys lie at positions ``[p_lo, p_hi)``.
+
+    Compiled code only: numba picks the implementation from the type of ``geo[5]``.
+    """
+    raise TypeError("key_columns is called from numba-compiled kernels only")
 
 
 @njit(inline="always")
-def _columns(geo, j0, n, p_lo, p_hi):
-    """Columns ``[lo, hi)`` (absolute, in ``[j0, j0+n)``) whose keys lie at positions ``[p_lo, p_hi)``."""
-    kpos = geo[5]
-    if kpos.shape[0] == 0:
-        lo = min(max(p_lo, j0), j0 + n)
-        hi = max(min(p_hi, j0 + n), lo)
-    else:
+def _own_columns(j0, n, p_lo, p_hi):
+    """:func:`key_columns` for keys at their own positions."""
+    lo = min(max(p_lo, j0), j0 + n)
+    return lo, max(min(p_hi, j0 + n), lo)
+
+
+@overload(key_columns, inline="always")
+def _key_columns_overload(geo, j0, n, p_lo, p_hi):
+    if isinstance(geo.types[5], types.NoneType):
+        return lambda geo, j0, n, p_lo, p_hi: _own_columns(j0, n, p_lo, p_hi)
+
+    def gathered(geo, j0, n, p_lo, p_hi):
+        kpos = geo[5]
+        if kpos.shape[0] == 0:
+            return _own_columns(j0, n, p_lo, p_hi)
         lo = _first_at_least(kpos, j0, j0 + n, p_lo)
-        hi = max(_first_at_least(kpos, lo, j0 + n, p_hi), lo)
-    return lo, hi
+        return lo, max(_first_at_least(kpos, lo, j0 + n, p_hi), lo)
+
+    return gathered
 
 
-@njit(inline="always")
 def row_keys(geo, i):
-    """Key positions ``[lo, hi)`` visible to row ``i`` of the query array."""
-    off, left, right, n_keys, qdiv, _ = geo
-    return visible_keys(i if qdiv == 1 else i // qdiv, off, left, right, n_keys)
+    """Key positions ``[lo, hi)`` visible to row ``i`` of the query array.
+
+    Compiled code only: numba picks the implementation from the type of ``geo[4]`` (``None``: one head per row).
+    """
+    raise TypeError("row_keys is called from numba-compiled kernels only")
 
 
-@njit(inline="always")
+@overload(row_keys, inline="always")
+def _row_keys_overload(geo, i):
+    if isinstance(geo.types[4], types.NoneType):
+        return lambda geo, i: visible_keys(i, geo[0], geo[1], geo[2], geo[3])
+
+    def stacked(geo, i):
+        off, left, right, n_keys, qdiv, _ = geo
+        return visible_keys(i if qdiv == 1 else i // qdiv, off, left, right, n_keys)
+
+    return stacked
+
+
 def visible_rows(geo, p0, p1, n_rows):
-    """Rows ``[lo, hi)`` of the query array (``n_rows`` rows) that see a key at a position in ``[p0, p1)``."""
-    off, left, right, _, qdiv, _ = geo
-    lo, hi = visible_queries(p0, p1, off, left, right, (n_rows + qdiv - 1) // qdiv)
-    return lo * qdiv, min(hi * qdiv, n_rows)
+    """Rows ``[lo, hi)`` of the query array (``n_rows`` rows) that see a key at a position in ``[p0, p1)``.
+
+    Compiled code only: numba picks the implementation from the type of ``geo[4]``.
+    """
+    raise TypeError("visible_rows is called from numba-compiled kernels only")
+
+
+@overload(visible_rows, inline="always")
+def _visible_rows_overload(geo, p0, p1, n_rows):
+    if isinstance(geo.types[4], types.NoneType):
+        return lambda geo, p0, p1, n_rows: visible_queries(p0, p1, geo[0], geo[1], geo[2], n_rows)
+
+    def stacked(geo, p0, p1, n_rows):
+        off, left, right, _, qdiv, _ = geo
+        lo, hi = visible_queries(p0, p1, off, left, right, (n_rows + qdiv - 1) // qdiv)
+        return lo * qdiv, min(hi * qdiv, n_rows)
+
+    return stacked
 
 
 @njit(inline="always")
 def tile_span(geo, i, j0, n):
     """Visible keys of row ``i`` as columns ``[lo, hi)`` of the tile of ``n`` columns from ``j0`` (0-based)."""
     lo, hi = row_keys(geo, i)
-    lo, hi = _columns(geo, j0, n, lo, hi)
+    lo, hi = key_columns(geo, j0, n, lo, hi)
     return lo - j0, hi - j0
 
 
@@ -170,7 +229,7 @@ def whole_tile_at(geo, i0, m, j0, n):
 @njit(inline="always")
 def rows_key_columns(geo, i0, m, j0, n):
     """Columns ``[lo, hi)`` (absolute) of the tile ``[j0, j0+n)`` seen by at least one row of ``[i0, i0+m)``."""
-    return _columns(geo, j0, n, row_keys(geo, i0)[0], row_keys(geo, i0 + m - 1)[1])
+    return key_columns(geo, j0, n, row_keys(geo, i0)[0], row_keys(geo, i0 + m - 1)[1])
 
 
 @njit(inline="always", fastmath=FASTMATH)
