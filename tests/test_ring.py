@@ -76,7 +76,7 @@ def warm_kernels():
         out, lse = nsa.attention(q, k, v, causal=True, return_lse=True)
         nsa.attention_backward(out, q, k, v, out, lse, causal=True)
     q, k, v = random_qkv(np.random.default_rng(0), batch=(1,), hq=4, hk=2, lq=40, d=8)  # the kv_idx case
-    kv_idx = np.zeros((1, 2, 10, 2), np.int32)
+    kv_idx = np.zeros((1, 2, 10, 1), np.int32)
     out, lse = nsa.sparse_attention(q, k, v, kv_idx, q_block=4, kv_block=2, causal=True, return_lse=True)
     nsa.sparse_attention_backward(out, q, k, v, out, lse, kv_idx, q_block=4, kv_block=2, causal=True)
 
