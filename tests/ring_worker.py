@@ -8,7 +8,7 @@
   dense reference and against single-process :func:`npsparseattn.attention`.
   Then :func:`npsparseattn.context_parallel_attention` on every case of
   :func:`cp_case_list` (every mode, causal/window/GQA/packed documents/sparse
-  layouts): errors against a float64 dense oracle with the same mask and
+  layouts and a ``sparse_attention`` index): errors against a float64 dense oracle with the same mask and
   against the single-process function, each rank's traffic (messages and
   bytes sent) and the rank pairs that need anything, found by brute force on
   the token mask.  One launch per world size runs them all.
@@ -188,6 +188,16 @@ def cp_case_list(world: int) -> list[dict]:
             hk=2,
             L=blocked,
         ),
+        dict(
+            id="ring-contiguous-index-causal-gqa",
+            mode="ring",
+            sharding="contiguous",
+            causal=True,
+            index=(4, 2),
+            hq=4,
+            hk=2,
+            L=blocked,
+        ),
         dict(id="ring-zigzag-sparse-longformer", mode="ring", layout=("longformer", 4, (4, 4)), hq=2, hk=1, L=blocked),
         dict(
             id="ring-perdoc-sparse-docs",
@@ -282,6 +292,39 @@ def _layout(spec, length, heads):
     return layouts.stack([layouts.bigbird(length, block, seed=h) for h in range(heads)])
 
 
+def _index(spec, length, hk):
+    """``(kv_idx, kv_cnt, q_block, kv_block)``: each query block of 4 its own 2 key blocks of 2 and the one before.
+
+    Key head 0 lists them in order, key head 1 leaves out the second own block
+    and has a ``-1`` slot; the 4th slot of every list holds block 0 past
+    ``kv_cnt = 3`` (ignored: were it read, every rank would need rank 0's shard).
+    """
+    if spec is None:
+        return None
+    q_block, kv_block = spec
+    nqb, nkb = -(-length // q_block), -(-length // kv_block)
+    r = np.arange(nqb)
+    own, before = 2 * r, np.where(r > 0, 2 * r - 1, -1)
+    second = np.where(2 * r + 1 < nkb, 2 * r + 1, -1)
+    zero = np.zeros(nqb, dtype=int)
+    heads = [np.stack([own, second, before, zero], -1), np.stack([before, -np.ones_like(r), own, zero], -1)]
+    kv_idx = np.stack(heads[:hk])[None].astype(np.int32)
+    return kv_idx, np.full(kv_idx.shape[:-1], 3, np.int32), q_block, kv_block
+
+
+def _index_mask(index, length, hq):
+    """The token mask (Hq, L, L) of ``_index``'s selection."""
+    kv_idx, kv_cnt, q_block, kv_block = index
+    group = hq // kv_idx.shape[1]
+    mask = np.zeros((hq, length, length), dtype=bool)
+    for h in range(hq):
+        for qb, row in enumerate(kv_idx[0, h // group]):
+            for slot in range(kv_cnt[0, h // group, qb]):
+                if row[slot] >= 0:
+                    mask[h, qb * q_block : (qb + 1) * q_block, row[slot] * kv_block : (row[slot] + 1) * kv_block] = True
+    return mask
+
+
 def _mask(length, heads, causal, window, offsets, layout):
     """The float64 oracle's mask (1, Hq, L, L): window/causal, same document, layout."""
     left, right = window or (None, None)
@@ -295,8 +338,13 @@ def _mask(length, heads, causal, window, offsets, layout):
     return mask
 
 
-def _single_process(case, q, k, v, dout, offsets, layout, kw):
+def _single_process(case, q, k, v, dout, offsets, layout, kw, index=None):
     """The same call on the whole sequence in one process (the function a user would call there), or None."""
+    if index is not None:
+        kv_idx, kv_cnt, q_block, kv_block = index
+        kw = dict(kw, kv_cnt=kv_cnt, q_block=q_block, kv_block=kv_block)
+        out, lse = nsa.sparse_attention(q, k, v, kv_idx, return_lse=True, **kw)
+        return out, lse, nsa.sparse_attention_backward(dout, q, k, v, out, lse, kv_idx, **kw)
     if offsets is not None and layout is not None:
         return None
     if offsets is not None:
@@ -318,12 +366,16 @@ def run_cp_case(comm: MPIComm, case: dict) -> dict | None:
     dout = rng.standard_normal(q.shape[:-1] + (6,)).astype(dtype)
     offsets = _documents(case.get("cu"), length)
     layout = _layout(case.get("layout"), length, case["hq"])
+    index = _index(case.get("index"), length, case["hk"])
     sharding = case.get("sharding", "zigzag")
-    cut = dict(cu_seqlens=offsets, block=1 if layout is None else int(np.lcm(*layout.block)))
+    blocks = layout.block if layout is not None else index[2:] if index is not None else (1,)
+    cut = dict(cu_seqlens=offsets, block=int(np.lcm.reduce(blocks)))
     mine = [nsa.shard(x, comm.rank, world, sharding, **cut) for x in (q, k, v, dout)]
     mask_kw = dict(causal=case.get("causal", False), window=case.get("window"))
     kw = dict(mode=case["mode"], ulysses_size=case.get("ulysses_size"), sharding=sharding, cu_seqlens=offsets)
     kw.update(layout=layout, **mask_kw)
+    if index is not None:
+        kw.update(kv_idx=index[0], kv_cnt=index[1], q_block=index[2], kv_block=index[3])
     comm.traffic.reset()
     out, lse = nsa.context_parallel_attention(*mine[:3], comm, return_lse=True, **kw)
     forward = [comm.traffic.messages, comm.traffic.bytes]
@@ -341,6 +393,8 @@ def run_cp_case(comm: MPIComm, case: dict) -> dict | None:
     full_lse = nsa.unshard([g[2] for g in gathered], sharding, axis=-1, **cut)
     full_grads = [nsa.unshard([g[3][i] for g in gathered], sharding, **cut) for i in range(3)]
     mask = _mask(length, case["hq"], case.get("causal", False), case.get("window"), offsets, layout)
+    if index is not None:
+        mask &= _index_mask(index, length, case["hq"])[None]
     scale = 1 / np.sqrt(8)
     ref_out, ref_lse, _ = _oracle.forward(q, k, v, mask, scale, np)
     ref_grads = _oracle.backward(dout, q, k, v, ref_out, ref_lse, mask, scale, np)
@@ -367,7 +421,7 @@ def run_cp_case(comm: MPIComm, case: dict) -> dict | None:
         grads_vs_reference=[rel_err(g, r, floor=1.0) for g, r in zip(full_grads, ref_grads)],
         any_nan=bool(any(np.isnan(x).any() for x in (full_out, full_lse, *full_grads))),
     )
-    single = _single_process(case, q, k, v, dout, offsets, layout, mask_kw)
+    single = _single_process(case, q, k, v, dout, offsets, layout, mask_kw, index)
     if single is not None:
         result["out_vs_single"] = rel_err(full_out, single[0])
         result["lse_vs_single"] = lse_err(full_lse, single[1])

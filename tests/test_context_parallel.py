@@ -18,7 +18,7 @@ import npsparseattn as nsa
 from npsparseattn import layouts
 from npsparseattn.context_parallel import plan, sharding
 from npsparseattn.context_parallel.heads import HeadSplit
-from npsparseattn.context_parallel.selection import LayoutSelection
+from npsparseattn.context_parallel.selection import IndexSelection, LayoutSelection
 from npsparseattn.context_parallel.ulysses import Packing, SeqMap
 from npsparseattn.distributed import MPIComm, NCCLComm, RingTimeoutError, base
 from npsparseattn.distributed.agree import RankArgumentError
@@ -186,6 +186,75 @@ def test_selection_hook_reads_only_the_ranges_asked():
     assert one[0].tolist() == [0, 0, 0, 0]
 
 
+def _random_index(rng, batch, hk, length, q_block, kv_block, slots):
+    """Random ``(kv_idx, kv_cnt)`` over ``length``: distinct blocks, some ``-1``, a stray block past each count."""
+    nqb, nkb = -(-length // q_block), -(-length // kv_block)
+    rows = np.stack([rng.permutation(nkb)[:slots] for _ in range(batch * hk * nqb)])
+    rows[rng.random(rows.shape) < 0.2] = -1
+    kv_cnt = rng.integers(0, slots + 1, rows.shape[0])
+    return rows.reshape(batch, hk, nqb, slots).astype(np.int32), kv_cnt.reshape(batch, hk, nqb).astype(np.int32)
+
+
+def _index_tokens(kv_idx, kv_cnt, q_block, kv_block, lq, lk):
+    """Token mask (B, Hk, lq, lk) of an index (brute force)."""
+    mask = np.zeros((*kv_idx.shape[:2], lq, lk), dtype=bool)
+    for b, h, qb in itertools.product(*(range(n) for n in kv_idx.shape[:3])):
+        for kb in kv_idx[b, h, qb, : kv_cnt[b, h, qb]]:
+            if kb >= 0:
+                mask[b, h, qb * q_block : (qb + 1) * q_block, kb * kv_block : (kb + 1) * kv_block] = True
+    return mask
+
+
+def test_index_selection_blocks_are_the_union_over_batch_and_the_call_index_is_canonical(rng):
+    kv_idx, kv_cnt = _random_index(rng, 2, 2, 45, 4, 2, 5)
+    sel = IndexSelection(kv_idx, kv_cnt, 4, 2, heads=4)
+    q_range, k_range = (8, 28), (10, 30)  # query blocks 2..6, key blocks 5..14
+    for heads in (range(4), range(2, 4)):
+        head, qb, kb = sel.blocks(q_range, k_range, heads)
+        truth = {
+            (h, r, int(c))
+            for h, b, r in itertools.product(range(len(heads)), range(2), range(2, 7))
+            for c in kv_idx[b, heads[h] // 2, r, : kv_cnt[b, heads[h] // 2, r]]
+            if 5 <= c < 15
+        }
+        assert sorted(zip(head.tolist(), qb.tolist(), kb.tolist())) == sorted(truth)
+        dropped = (qb != 3) | (kb != 7)  # a block the plan's masks left out of the call
+        idx, cnt = sel.kernel_argument(q_range, k_range, heads, (head[dropped], qb[dropped], kb[dropped]))
+        first = heads[0] // 2
+        assert idx.dtype == cnt.dtype == np.int32 and idx.shape[:3] == (2, len(heads) // 2, 5)
+        for b, h, r in itertools.product(range(2), range(idx.shape[1]), range(5)):
+            row = kv_idx[b, first + h, r + 2, : kv_cnt[b, first + h, r + 2]]
+            want = sorted(int(c) - 5 for c in row if 5 <= c < 15 and (r + 2, c) != (3, 7))
+            assert cnt[b, h, r] == len(want) and idx[b, h, r, : len(want)].tolist() == want
+            assert (idx[b, h, r, len(want) :] == -1).all()
+
+
+@pytest.mark.parametrize(("left", "right"), [(None, None), (None, 0), (6, 1)])
+@pytest.mark.parametrize("name", ["zigzag", "contiguous"])
+def test_index_calls_cover_exactly_the_selected_visible_pairs(rng, left, right, name):
+    """Per batch entry and query head, the calls' kv_idx cover the selected visible pairs once; needs exact."""
+    world, cu, length = 3, np.array([0, 8, 20, 45]), 45
+    kv_idx, kv_cnt = _random_index(rng, 2, 2, length, 4, 2, 4)
+    tokens = _index_tokens(kv_idx, kv_cnt, 4, 2, length, length)
+    pieces = [sharding.shard_pieces(length, world, r, name, block=4) for r in range(world)]
+    p = plan.Plan(pieces, left, right, cu, IndexSelection(kv_idx, kv_cnt, 4, 2, heads=4), range(4))
+    for r, s in itertools.product(range(world), repeat=2):
+        q_pos, k_pos = (np.concatenate([np.arange(a, b) for a, b in pieces[m]]) for m in (r, s))
+        calls = p.calls(r, s)
+        assert all(int(c.sparse[1].sum()) > 0 for c in calls)  # no call runs an empty index
+        any_seen = False
+        for b, h in itertools.product(range(2), range(4)):
+            truth = _truth(pieces[r], pieces[s], left, right, cu) & tokens[b, h // 2][np.ix_(q_pos, k_pos)]
+            count = np.zeros(truth.shape, int)
+            for c in calls:
+                m, n = c.q.stop - c.q.start, c.k.stop - c.k.start
+                seen = visibility_mask(m, n, offset=c.offset, left=c.left, right=c.right)
+                count[c.q, c.k] += seen & _index_tokens(*c.sparse, 4, 2, m, n)[b, h // 2]
+            assert np.array_equal(count, truth.astype(int)), (r, s, b, h)
+            any_seen |= bool(truth.any())
+        assert p.needs[r, s] == any_seen, (r, s)
+
+
 # ---------------------------------------------------------------- heads, sequence map, packing
 
 
@@ -233,7 +302,7 @@ def test_sequence_map_and_packing():
 # ---------------------------------------------------------------- one rank: every mode
 
 
-def _oracle_call(q, k, v, dout, causal, window, cu, layout):
+def _oracle_call(q, k, v, dout, causal, window, cu, layout, tokens=None):
     length = q.shape[-2]
     left, right = window or (None, None)
     mask = visibility_mask(length, length, offset=0, left=left, right=0 if causal else right)
@@ -243,6 +312,8 @@ def _oracle_call(q, k, v, dout, causal, window, cu, layout):
     mask = np.broadcast_to(mask, (1, q.shape[1], length, length)).copy()
     if layout is not None:
         mask &= layout.to_token_mask().reshape(layout.heads, length, length)[None]
+    if tokens is not None:
+        mask &= tokens
     out, lse, _ = _oracle.forward(q, k, v, mask, 1 / np.sqrt(q.shape[-1]), np)
     return out, lse, _oracle.backward(dout, q, k, v, out, lse, mask, 1 / np.sqrt(q.shape[-1]), np)
 
@@ -254,18 +325,24 @@ def _oracle_call(q, k, v, dout, causal, window, cu, layout):
         dict(causal=True),
         dict(window=(5, 2), sharding="per_document", cu_seqlens=np.array([0, 9, 9, 30, 37])),
         dict(causal=True, layout=layouts.stack([layouts.bigbird(37, 4, seed=h) for h in range(4)])),
+        dict(causal=True, index=True),
     ],
-    ids=["causal", "docs-window", "per-head-layout"],
+    ids=["causal", "docs-window", "per-head-layout", "kv_idx"],
 )
 def test_one_rank_equals_the_float64_oracle(rng, mode, options):
     q, k, v = random_qkv(rng, batch=(1,), hq=4, hk=2, lq=37, d=8, dv=6)
     dout = rng.standard_normal((1, 4, 37, 6))
+    options, tokens = dict(options), None
+    if options.pop("index", False):
+        kv_idx, kv_cnt = _random_index(rng, 1, 2, 37, 4, 2, 6)
+        options.update(kv_idx=kv_idx, kv_cnt=kv_cnt, q_block=4, kv_block=2)
+        tokens = np.repeat(_index_tokens(kv_idx, kv_cnt, 4, 2, 37, 37), 2, axis=1)  # key heads to query heads
     kw = dict(options, mode=mode, ulysses_size=1 if mode == "hybrid" else None)
     out, lse = nsa.context_parallel_attention(q, k, v, SoloComm(), return_lse=True, **kw)
     grads = nsa.context_parallel_attention_backward(dout, q, k, v, out, lse, SoloComm(), **kw)
     ref_out, ref_lse, ref_grads = _oracle_call(
         q, k, v, dout, options.get("causal", False), options.get("window"), options.get("cu_seqlens"),
-        options.get("layout"),
+        options.get("layout"), tokens,
     )  # fmt: skip
     assert rel_err(out, ref_out) < 1e-12
     assert np.array_equal(np.isneginf(lse), np.isneginf(ref_lse))
@@ -318,6 +395,40 @@ def test_float16_and_2d_inputs(rng):
             r"documents must start at multiples of 4 tokens \(cu_seqlens has 3\)",
         ),
         (dict(backend="triton"), nsa.BackendError, r"backend must be 'auto' or one of"),
+        (dict(kv_cnt=np.ones((2, 2), np.int32)), ValueError, r"kv_cnt go\(es\) with kv_idx, which is None"),
+        (
+            dict(kv_idx=np.zeros((2, 2, 1), np.int32), layout=layouts.dense(8, 4)),
+            ValueError,
+            r"pass either layout \(block-sparse\) or kv_idx \(sparse_attention's index\), not both",
+        ),
+        (dict(kv_idx=[[0]]), TypeError, r"kv_idx must be an integer array \(\*batch, Hk, nqb, K\), got list"),
+        (dict(kv_idx=np.zeros((2, 1), np.int32)), ValueError, r"kv_idx must have shape .* in the axes of k, that is"),
+        (dict(kv_idx=np.zeros((2, 2, 1)), q_block=4), TypeError, r"kv_idx must be an integer array \(int32\), got"),
+        (
+            dict(kv_idx=np.zeros((2, 2, 2), np.int32), kv_cnt=np.full((2, 2), 3, np.int32), q_block=4),
+            ValueError,
+            r"kv_cnt\[0, 0\] = 3; a count must lie in \[0, K=2\]",
+        ),
+        (
+            dict(kv_idx=np.zeros((2, 3, 1), np.int32), q_block=4, kv_block=4),
+            RankArgumentError,
+            r"kv_idx has 3 query blocks \(axis -2\) but the whole sequence of 8 positions .* = 2; build kv_idx",
+        ),
+        (
+            dict(kv_idx=np.full((2, 2, 1), 2, np.int32), q_block=4, kv_block=4),
+            RankArgumentError,
+            r"kv_idx\[0, 0, 0\] = 2 is out of range: .* \[0, 2\) \(key blocks of the whole sequence\)",
+        ),
+        (
+            dict(kv_idx=np.zeros((2, 2, 2), np.int32), q_block=4, kv_block=4),
+            RankArgumentError,
+            r"kv_idx\[0, 0, :\] selects key block 0 twice \(slots 0 and 1\)",
+        ),
+        (
+            dict(kv_idx=np.zeros((2, 2, 1), np.int32), q_block=4, kv_block=2, cu_seqlens=np.array([0, 2, 8])),
+            RankArgumentError,
+            r"with kv_idx of block \(4, 2\), documents must start at multiples of 4 tokens \(cu_seqlens has 2\)",
+        ),
     ],
 )
 def test_argument_errors(rng, kwargs, error, message):

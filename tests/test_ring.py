@@ -75,6 +75,10 @@ def warm_kernels():
         q, k, v = random_qkv(np.random.default_rng(0), hq=2, lq=40, d=8, dtype=dtype)
         out, lse = nsa.attention(q, k, v, causal=True, return_lse=True)
         nsa.attention_backward(out, q, k, v, out, lse, causal=True)
+    q, k, v = random_qkv(np.random.default_rng(0), batch=(1,), hq=4, hk=2, lq=40, d=8)  # the kv_idx case
+    kv_idx = np.zeros((1, 2, 10, 1), np.int32)
+    out, lse = nsa.sparse_attention(q, k, v, kv_idx, q_block=4, kv_block=2, causal=True, return_lse=True)
+    nsa.sparse_attention_backward(out, q, k, v, out, lse, kv_idx, q_block=4, kv_block=2, causal=True)
 
 
 @pytest.fixture(scope="module", params=WORLDS, ids=lambda n: f"n{n}")
@@ -184,10 +188,11 @@ def test_messages_and_bytes_follow_the_needed_rank_pairs(ring_results, case_id):
 
 
 @pytest.mark.mpi
-def test_the_sparse_ring_sends_nothing_for_skipped_steps(ring_results):
-    """A sliding-window layout on contiguous shards: only neighbours need each other; nothing else moves."""
+@pytest.mark.parametrize("case_id", ["ring-contiguous-sparse-window-causal", "ring-contiguous-index-causal-gqa"])
+def test_the_sparse_ring_sends_nothing_for_skipped_steps(ring_results, case_id):
+    """A sliding-window layout or kv_idx on contiguous shards: only neighbours need each other; nothing else moves."""
     world, results = ring_results
-    r = results["ring-contiguous-sparse-window-causal"]
+    r = results[case_id]
     needs = np.array(r["needs"])
     assert np.array_equal(needs, np.eye(world, dtype=bool) | np.eye(world, k=-1, dtype=bool))  # shard r-1 only
     for i, rank in enumerate(r["ranks"]):

@@ -4,11 +4,12 @@ Every rank validates its own arguments, then all ranks take part in one
 :func:`~npsparseattn.distributed.agree.agree` (an ``allreduce`` with the
 communicator's deadline) of what must be equal everywhere (shapes but the
 local length, dtype, options, mode, sharding, a fingerprint of
-``cu_seqlens`` and of the layout) and of every rank's local length.  Every
+``cu_seqlens``, of the layout and of ``kv_idx``) and of every rank's local length.  Every
 rank reaches the same verdict and raises the same error, before any data
 moves; the rules that need the total length (sharding lengths, offsets,
 layout size and alignment) are checked after the agreement, on values every
-rank shares, so they too fail everywhere at once.
+rank shares (``kv_idx``'s query blocks, range and repeats included), so
+they too fail everywhere at once.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from typing import Any
 import numpy as np
 
 from npsparseattn._arrays import array_module
-from npsparseattn._checks import check_backend, check_flag, is_int
+from npsparseattn._checks import check_backend, check_flag, check_int, is_int
 from npsparseattn._dispatch import backend_names, select
 from npsparseattn.context_parallel.engine import Kernels
 from npsparseattn.context_parallel.heads import head_rule_error
-from npsparseattn.context_parallel.selection import KeyBlockSelection, LayoutSelection
+from npsparseattn.context_parallel.selection import IndexSelection, KeyBlockSelection, LayoutSelection
 from npsparseattn.context_parallel.sharding import (
     SHARDINGS,
     Piece,
@@ -38,7 +39,9 @@ from npsparseattn.context_parallel.sharding import (
 from npsparseattn.distributed.agree import Field, RankArgumentError, agree
 from npsparseattn.distributed.base import Communicator
 from npsparseattn.layouts import BlockLayout
-from npsparseattn.problems import AttentionProblem, Gradients, attention_problem, gradient_inputs
+from npsparseattn.problems import AttentionProblem, Gradients, SparseProblem, attention_problem, gradient_inputs
+from npsparseattn.problems.sparse import canonical_index
+from npsparseattn.problems.varlen import host_indices
 
 MODES = ("ring", "ulysses", "hybrid", "allgather")
 _DTYPE_CODES = ("float16", "bfloat16", "float32", "float64")
@@ -95,6 +98,73 @@ def check_layout_argument(layout: Any, problem: AttentionProblem) -> BlockLayout
     return layout
 
 
+@dataclass(frozen=True)
+class IndexArguments:
+    """``kv_idx``/``kv_cnt`` on the host (int64, (B, Hk, nqb, K) and (B, Hk, nqb) or None) and the block sizes."""
+
+    kv_idx: np.ndarray
+    kv_cnt: np.ndarray | None
+    q_block: int
+    kv_block: int
+    shape: tuple[int, ...]  # the caller's shape of kv_idx, for the messages
+
+    def fingerprint(self) -> int:
+        cnt = "none" if self.kv_cnt is None else self.kv_cnt
+        return fingerprint(self.kv_idx, self.kv_idx.shape, cnt, self.q_block, self.kv_block)
+
+
+def check_index_arguments(
+    kv_idx: Any, kv_cnt: Any, q_block: Any, kv_block: Any, layout: Any, problem: AttentionProblem
+) -> IndexArguments | None:
+    """``None`` (no ``kv_idx``) or the index arguments, checked but for what needs the total length.
+
+    ``kv_idx`` has the axes of ``k`` with the sequence and head dimension
+    replaced by the query blocks of the whole sequence and the slots (as for
+    :func:`npsparseattn.sparse_attention`); ``kv_cnt`` its shape without the
+    slots.
+    """
+    if kv_idx is None:
+        named = (("kv_cnt", kv_cnt), ("q_block", q_block), ("kv_block", kv_block))
+        given = [name for name, x in named if x is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} go(es) with kv_idx, which is None; pass kv_idx or leave them None")
+        return None
+    if layout is not None:
+        raise ValueError("pass either layout (block-sparse) or kv_idx (sparse_attention's index), not both")
+    q_block = 64 if q_block is None else check_int(q_block, "q_block", 1)
+    kv_block = 64 if kv_block is None else check_int(kv_block, "kv_block", 1)
+    if not hasattr(kv_idx, "shape") or not hasattr(kv_idx, "dtype"):
+        raise TypeError(f"kv_idx must be an integer array (*batch, Hk, nqb, K), got {type(kv_idx).__name__}")
+    hk = problem.k.shape[1]
+    lead = () if problem.ndim == 2 else (hk,) if problem.ndim == 3 else (*problem.batch_shape, hk)
+    shape = tuple(kv_idx.shape)
+    if len(shape) != len(lead) + 2 or shape[: len(lead)] != lead:
+        raise ValueError(
+            f"kv_idx must have shape (*batch, Hk, ceil(L / q_block), K) in the axes of k, that is "
+            f"{(*lead, 'nqb', 'K')} with L the whole sequence's length, got {shape}"
+        )
+    host = host_indices(kv_idx, "kv_idx", problem.kind)
+    b = problem.k.shape[0]
+    counts = None
+    if kv_cnt is not None:
+        if not hasattr(kv_cnt, "shape") or tuple(kv_cnt.shape) != shape[:-1]:
+            got = tuple(kv_cnt.shape) if hasattr(kv_cnt, "shape") else type(kv_cnt).__name__
+            raise ValueError(f"kv_cnt must have shape {shape[:-1]} (kv_idx's shape without its last axis), got {got}")
+        counts = host_indices(kv_cnt, "kv_cnt", problem.kind)
+        bad = (counts < 0) | (counts > shape[-1])
+        if bad.any():
+            at = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"kv_cnt{list(at)} = {counts[at]}; a count must lie in [0, K={shape[-1]}]")
+        counts = counts.reshape(b, hk, shape[-2])
+    return IndexArguments(host.reshape(b, hk, *shape[-2:]), counts, q_block, kv_block, shape)
+
+
+def index_problem(problem: AttentionProblem, index: IndexArguments) -> SparseProblem:
+    """A :class:`SparseProblem` for choosing the ``sparse_attention`` backend (the index as given)."""
+    cnt = np.full(index.kv_idx.shape[:-1], index.kv_idx.shape[-1]) if index.kv_cnt is None else index.kv_cnt
+    return SparseProblem(problem, index.kv_idx, cnt, index.q_block, index.kv_block)
+
+
 @dataclass
 class Setup:
     """Everything a rank needs to run, after every rank agreed on the arguments."""
@@ -111,7 +181,7 @@ class Setup:
     block: int
     lengths: list[int]
     grads: Gradients | None = None
-    fingerprints: tuple[int, int] = (0, 0)  # of cu_seqlens and of the layout (0: none)
+    fingerprints: tuple[int, int] = (0, 0)  # of cu_seqlens and of the layout or kv_idx (0: none)
 
     @property
     def total(self) -> int:
@@ -195,6 +265,7 @@ def _fields(p: AttentionProblem | None, values: dict[str, Any]) -> list[Field]:
         Field("ulysses_size", values["ulysses_size"], lambda c: "None" if c == 0 else str(c)),
         Field("cu_seqlens", values["cu_seqlens"], show_print),
         Field("layout", values["layout"], show_print),
+        Field("kv_idx (with kv_cnt, q_block, kv_block)", values["kv_idx"], show_print),
     ]
     return fields
 
@@ -211,6 +282,10 @@ def prepare(
     sharding: Any = "zigzag",
     cu_seqlens: Any = None,
     layout: Any = None,
+    kv_idx: Any = None,
+    kv_cnt: Any = None,
+    q_block: Any = None,
+    kv_block: Any = None,
     causal: Any = False,
     window: Any = None,
     scale: Any = None,
@@ -224,6 +299,7 @@ def prepare(
             f"comm must be a npsparseattn.distributed.Communicator (MPIComm or NCCLComm), got {type(comm).__name__}"
         )
     problem, grads, dense, sparse, offsets, error, group = None, None, None, None, None, None, 1
+    index = None
     try:
         check_mode(mode)
         check_sharding(sharding)
@@ -234,8 +310,11 @@ def prepare(
         group = check_ulysses_size(ulysses_size, mode, comm.size)
         layout = check_layout_argument(layout, problem)
         dense = select("ring_attention", problem, backend)
+        index = check_index_arguments(kv_idx, kv_cnt, q_block, kv_block, layout, problem)
         if layout is not None:
             sparse = select("block_sparse_attention", problem, backend)
+        if index is not None:
+            sparse = select("sparse_attention", index_problem(problem, index), backend)
         if problem.kind not in comm.kinds:
             raise TypeError(
                 f"{type(comm).__name__} moves {' or '.join(comm.kinds)} arrays but q, k, v are {problem.kind} arrays"
@@ -264,12 +343,13 @@ def prepare(
         ulysses_size=0 if error else (ulysses_size or 0) if is_int(ulysses_size) else 0,
         cu_seqlens=0 if offsets is None else fingerprint(offsets),
         layout=0 if error else layout_fingerprint(layout),
+        kv_idx=0 if error or index is None else index.fingerprint(),
     )
     fields = _fields(problem if error is None else None, values)
     lengths = agree(comm, op, fields, 0 if problem is None else problem.seq_q, failed=error is not None)
     if error is not None:
         raise error
-    block = _check_totals(op, comm, sum(lengths), offsets, layout)
+    block = _check_totals(op, comm, sum(lengths), offsets, layout, index)
     expected = shard_lengths(sum(lengths), comm.size, sharding, cu_seqlens=offsets, block=block)
     if lengths != expected:
         how = f"sharding={sharding!r}" + (", cu_seqlens=cu_seqlens" if offsets is not None else "")
@@ -279,33 +359,67 @@ def prepare(
             f"for the total length {sum(lengths)} (expected {expected}); cut the sequence with "
             f"npsparseattn.shard(x, rank, world, {how})"
         )
-    kernels = Kernels(dense, sparse, problem.dtype, problem.scale, array_module(problem.kind))
-    selection = None if layout is None else LayoutSelection(layout)
-    prints = (values["cu_seqlens"], values["layout"])
+    xp = array_module(problem.kind)
+    selection: KeyBlockSelection | None = None if layout is None else LayoutSelection(layout)
+    if index is not None:
+        selection = IndexSelection(
+            index.kv_idx, index.kv_cnt, index.q_block, index.kv_block, heads=problem.n_heads, xp=xp
+        )
+    options = None if selection is None else selection.kernel_options
+    kernels = Kernels(dense, sparse, problem.dtype, problem.scale, xp, options)
+    prints = (values["cu_seqlens"], values["layout"] or values["kv_idx"])
     return Setup(op, comm, problem, kernels, mode, group, sharding, offsets, selection, block, lengths, grads, prints)
 
 
-def _check_totals(op: str, comm: Communicator, total: int, offsets: np.ndarray | None, layout: Any) -> int:
+def _check_totals(
+    op: str, comm: Communicator, total: int, offsets: np.ndarray | None, layout: Any, index: IndexArguments | None
+) -> int:
     """Rules that need the total length (the same on every rank); returns the sharding's block granule."""
     if offsets is not None and offsets[-1] != total:
         raise RankArgumentError(
             f"{op}: cu_seqlens must end at the total sequence length {total} (the sum of the local lengths), "
             f"got cu_seqlens[-1] = {offsets[-1]}"
         )
-    if layout is None:
-        return 1
-    if layout.seq != (total, total):
-        raise RankArgumentError(
-            f"{op}: layout is for seq (Lq, Lk) = {layout.seq} but the whole sequence has {total} positions "
-            f"(the sum of the local lengths); build the layout over the whole sequence"
+    if layout is not None:
+        if layout.seq != (total, total):
+            raise RankArgumentError(
+                f"{op}: layout is for seq (Lq, Lk) = {layout.seq} but the whole sequence has {total} positions "
+                f"(the sum of the local lengths); build the layout over the whole sequence"
+            )
+        pattern, sizes = "a layout", layout.block
+        hint = (
+            "pad the documents or express their separation in the layout (layouts.intersect with a block-diagonal "
+            "layout)"
         )
-    block = math.lcm(*layout.block)
+    elif index is not None:
+        _check_index_totals(op, total, index)
+        pattern, sizes = "kv_idx", (index.q_block, index.kv_block)
+        hint = "pad the documents to multiples of lcm(q_block, kv_block)"
+    else:
+        return 1
+    block = math.lcm(*sizes)
     if offsets is not None:
         bad = offsets[(offsets % block != 0) & (offsets != total)]
         if bad.size:
             raise RankArgumentError(
-                f"{op}: with a layout of block {layout.block}, documents must start at multiples of {block} "
-                f"tokens (cu_seqlens has {int(bad[0])}); pad the documents or express their separation in the "
-                f"layout (layouts.intersect with a block-diagonal layout)"
+                f"{op}: with {pattern} of block {sizes}, documents must start at multiples of {block} "
+                f"tokens (cu_seqlens has {int(bad[0])}); {hint}"
             )
     return block
+
+
+def _check_index_totals(op: str, total: int, index: IndexArguments) -> None:
+    """``kv_idx`` lists every query block of the whole sequence and names its key blocks, each once per list."""
+    nqb, nkb = -(-total // index.q_block), -(-total // index.kv_block)
+    if index.kv_idx.shape[2] != nqb:
+        raise RankArgumentError(
+            f"{op}: kv_idx has {index.kv_idx.shape[2]} query blocks (axis -2) but the whole sequence of {total} "
+            f"positions (the sum of the local lengths) has ceil({total} / q_block={index.q_block}) = {nqb}; build "
+            f"kv_idx over the whole sequence"
+        )
+    rows = index.kv_idx.reshape(-1, index.kv_idx.shape[-1])
+    counts = None if index.kv_cnt is None else index.kv_cnt.reshape(-1)
+    try:
+        canonical_index(rows, counts, nkb, index.shape)
+    except ValueError as err:
+        raise RankArgumentError(f"{op}: {err} (key blocks of the whole sequence)") from None

@@ -42,6 +42,10 @@ def context_parallel_attention(
     sharding: str = "zigzag",
     cu_seqlens: Any = None,
     layout: Any = None,
+    kv_idx: Any = None,
+    kv_cnt: Any = None,
+    q_block: int | None = None,
+    kv_block: int | None = None,
     causal: bool = False,
     window: Window | None = None,
     scale: float | None = None,
@@ -54,8 +58,9 @@ def context_parallel_attention(
     :func:`npsparseattn.shard`); each rank gets its shard of the output,
     equal to the matching rows of single-process attention on the whole
     sequence (:func:`npsparseattn.attention`, or
-    :func:`npsparseattn.attention_varlen` with ``cu_seqlens``, or
-    :func:`npsparseattn.block_sparse_attention` with ``layout``).
+    :func:`npsparseattn.attention_varlen` with ``cu_seqlens``,
+    :func:`npsparseattn.block_sparse_attention` with ``layout``, or
+    :func:`npsparseattn.sparse_attention` with ``kv_idx``).
 
     Parameters
     ----------
@@ -95,6 +100,16 @@ def context_parallel_attention(
         multiples of its block (``shard(..., block=b)``, ``b`` the lcm of
         ``layout.block``).  Steps in which a rank needs no block of the
         incoming shard are skipped and nothing is sent for them.
+    kv_idx : integer array (*batch, Hk, ceil(L / q_block), K), optional
+        :func:`npsparseattn.sparse_attention`'s index over the whole sequence
+        (the same on every rank; indices count key blocks of the whole
+        sequence, ``-1`` unused), instead of ``layout``; masks apply on top.
+        Shards must be cut at multiples of ``lcm(q_block, kv_block)``;
+        steps are skipped as with a layout.  Ranks compare a fingerprint.
+    kv_cnt : integer array (*batch, Hk, ceil(L / q_block)), optional
+        Slots in use at the front of each list of ``kv_idx`` (default: all).
+    q_block, kv_block : int, optional
+        ``kv_idx``'s block edges in queries and keys (default 64 each).
     causal, window, scale
         As for :func:`npsparseattn.attention`, in global positions of the
         whole sequence (query ``i`` sees key ``j <= i`` when causal).
@@ -102,7 +117,8 @@ def context_parallel_attention(
         Also return this rank's shard of ``lse`` (*batch, Hq, L_local).
     backend : str
         The per-block compute: ``"auto"`` or any backend of ``attention``
-        (and of ``block_sparse_attention`` with a layout).
+        (and of ``block_sparse_attention`` with a layout, of
+        ``sparse_attention`` with ``kv_idx``).
 
     Returns
     -------
@@ -140,8 +156,8 @@ def context_parallel_attention(
     """
     return run_forward(
         "context_parallel_attention", q, k, v, comm, mode=mode, ulysses_size=ulysses_size, sharding=sharding,
-        cu_seqlens=cu_seqlens, layout=layout, causal=causal, window=window, scale=scale, return_lse=return_lse,
-        backend=backend,
+        cu_seqlens=cu_seqlens, layout=layout, kv_idx=kv_idx, kv_cnt=kv_cnt, q_block=q_block, kv_block=kv_block,
+        causal=causal, window=window, scale=scale, return_lse=return_lse, backend=backend,
     )  # fmt: skip
 
 
@@ -160,6 +176,10 @@ def context_parallel_attention_backward(
     sharding: str = "zigzag",
     cu_seqlens: Any = None,
     layout: Any = None,
+    kv_idx: Any = None,
+    kv_cnt: Any = None,
+    q_block: int | None = None,
+    kv_block: int | None = None,
     causal: bool = False,
     window: Window | None = None,
     scale: float | None = None,
@@ -181,7 +201,7 @@ def context_parallel_attention_backward(
         This rank's shard of the gradient of the loss with respect to ``out``.
     q, k, v, comm : as for :func:`context_parallel_attention`
     out, lse : this rank's forward outputs (``return_lse=True``)
-    mode, ulysses_size, sharding, cu_seqlens, layout, causal, window, scale, backend
+    mode, ulysses_size, sharding, cu_seqlens, layout, kv_idx, kv_cnt, q_block, kv_block, causal, window, scale, backend
         As for the forward call.
 
     Returns
@@ -206,6 +226,6 @@ def context_parallel_attention_backward(
     """
     return run_backward(
         "context_parallel_attention_backward", dout, q, k, v, out, lse, comm, mode=mode, ulysses_size=ulysses_size,
-        sharding=sharding, cu_seqlens=cu_seqlens, layout=layout, causal=causal, window=window, scale=scale,
-        backend=backend,
+        sharding=sharding, cu_seqlens=cu_seqlens, layout=layout, kv_idx=kv_idx, kv_cnt=kv_cnt, q_block=q_block,
+        kv_block=kv_block, causal=causal, window=window, scale=scale, backend=backend,
     )  # fmt: skip

@@ -53,8 +53,17 @@ class Kernels:
     ``acc`` is the accumulators' dtype (float32, float64 for float64 inputs).
     """
 
-    def __init__(self, dense: Implementation, sparse: Implementation | None, dtype: Any, scale: float, xp: Any):
+    def __init__(
+        self,
+        dense: Implementation,
+        sparse: Implementation | None,
+        dtype: Any,
+        scale: float,
+        xp: Any,
+        sparse_options: dict[str, Any] | None = None,
+    ):
         self.dense, self.sparse = dense, sparse
+        self.sparse_options = sparse_options or {}
         self.dtype = dense.compute_dtype(dtype)
         self.acc = lse_dtype(dtype)
         self.scale = scale
@@ -72,19 +81,26 @@ class Kernels:
         left, right = clamp_window(call.left, call.right, q.shape[2], k.shape[2], call.offset)
         return dict(scale=self.scale, offset=call.offset, left=left, right=right)
 
+    def _sparse(self, q: Any, k: Any, call: BlockCall) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The sparse kernels' index arguments (a tuple spread, else one) and keywords for ``call``."""
+        args = call.sparse if isinstance(call.sparse, tuple) else (call.sparse,)
+        return args, {**self.sparse_options, **self._visibility(q, k, call)}
+
     def forward(self, q: Any, k: Any, v: Any, call: BlockCall) -> tuple[Any, Any]:
         """One call's ``(out, lse)``; ``k``/``v`` are the call's key rows."""
         k, v = self.array(k), self.array(v)
         if call.sparse is None:
             return self.dense.module.forward(q, k, v, **self._visibility(q, k, call))
-        return self.sparse.module.forward(q, k, v, call.sparse, **self._visibility(q, k, call))
+        args, options = self._sparse(q, k, call)
+        return self.sparse.module.forward(q, k, v, *args, **options)
 
     def backward(self, dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, call: BlockCall) -> tuple[Any, ...]:
         """One call's ``(dq, dk, dv)`` with the final ``out``/``lse`` of its query rows."""
         k, v = self.array(k), self.array(v)
         if call.sparse is None:
             return self.dense.module.backward(dout, q, k, v, out, lse, **self._visibility(q, k, call))
-        return self.sparse.module.backward(dout, q, k, v, out, lse, call.sparse, **self._visibility(q, k, call))
+        args, options = self._sparse(q, k, call)
+        return self.sparse.module.backward(dout, q, k, v, out, lse, *args, **options)
 
 
 @dataclass

@@ -60,12 +60,12 @@ class _Plans:
         self.found: dict[Any, Plan] = {}
 
     def same_inputs(self, setup: Setup) -> bool:
-        """The documents and the layout are those this was planned for (not just of the same fingerprint)."""
+        """The documents and the sparse pattern are those this was planned for (not just of the same fingerprint)."""
         offsets, selection = setup.offsets, setup.selection
         if (offsets is None) != (self.offsets is None) or (selection is None) != (self.selection is None):
             return False
         same_docs = offsets is None or np.array_equal(offsets, self.offsets)
-        return same_docs and (selection is None or selection.layout == self.selection.layout)
+        return same_docs and selection == self.selection
 
     def __call__(self, heads: range) -> Plan:
         key = (heads.start, heads.stop) if self.selection is not None and self.selection.heads > 1 else None

@@ -16,7 +16,8 @@ the kernel calls that compute the first's queries against the second's keys:
   ``i + offset - left <= j <= i + offset + right``);
 * with a sparse selection (:mod:`~npsparseattn.context_parallel.selection`),
   each pair keeps the selected blocks the mask does not empty and becomes a
-  block-sparse call over them, or nothing.
+  sparse call over them (the selection's operation: ``block_sparse_attention``
+  or ``sparse_attention``), or nothing.
 
 :attr:`Plan.needs` says which member pairs have any call at all: a step
 whose incoming shard holds no needed block is skipped, and nothing is sent
@@ -45,7 +46,8 @@ class BlockCall:
     Query ``i`` of the call is aligned with key ``i + offset`` of the call;
     ``left``/``right`` are the window bounds (``None`` = unbounded: every
     pair visible).  ``sparse`` is the sparse kernels' argument for the call
-    (a :class:`~npsparseattn.layouts.BlockLayout` over its rows and keys), or
+    (a :class:`~npsparseattn.layouts.BlockLayout` over its rows and keys, or
+    a ``(kv_idx, kv_cnt)`` pair: the selection's ``kernel_argument``), or
     ``None`` for a dense call.
     """
 
