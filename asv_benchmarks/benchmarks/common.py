@@ -25,7 +25,7 @@ from asv_runner.benchmarks.mark import SkipNotImplemented
 import npsparseattn as nsa
 from npsparseattn import _dispatch
 from npsparseattn.bench.common import BACKWARD_FLOP_RATIO, best_time
-from npsparseattn.problems import attention_problem
+from npsparseattn.problems import attention_problem, sparse_problem
 
 QUICK = os.environ.get("NPSPARSEATTN_ASV_QUICK", "0") not in ("", "0")
 MATMUL_SIZE = 512 if QUICK else 2048
@@ -57,9 +57,14 @@ def unavailable(backend: str, op: str) -> list[str]:
 
 
 def _reasons(impl: _dispatch.Implementation, dtype: str) -> list[str]:
-    """The registry's reasons against a small (1, 1, 8, 64) problem of ``dtype`` on the backend's array kind."""
-    x = np.ones((1, 1, 8, 64), dtype)
-    return impl.unsupported(dataclasses.replace(attention_problem(x, x, x), kind=_kind(impl)))
+    """The registry's reasons against a small (1, 1, 16, 64) problem of ``dtype`` on the backend's array kind (for
+    index-driven sparse attention: one 16 x 16 block selected)."""
+    x = np.ones((1, 1, 16, 64), dtype)
+    dense = dataclasses.replace(attention_problem(x, x, x), kind=_kind(impl))
+    if impl.row.op != "sparse_attention":
+        return impl.unsupported(dense)
+    sparse = sparse_problem(x, x, x, np.zeros((1, 1, 1, 1), np.int32), q_block=16, kv_block=16)
+    return impl.unsupported(dataclasses.replace(sparse, dense=dense))
 
 
 def benchmark_dtype(impl: _dispatch.Implementation) -> str:

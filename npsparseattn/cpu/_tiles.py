@@ -123,16 +123,17 @@ def key_position(geo, j):
     raise TypeError("key_position is called from numba-compiled kernels only")
 
 
+@njit
+def _gathered_position(kpos, j):
+    """:func:`key_position` for keys at positions ``kpos`` (a call: see :func:`_gathered_columns`)."""
+    return j if kpos.shape[0] == 0 else kpos[j]
+
+
 @overload(key_position, inline="always")
 def _key_position_overload(geo, j):
     if isinstance(geo.types[5], types.NoneType):
         return lambda geo, j: j
-
-    def gathered(geo, j):
-        kpos = geo[5]
-        return j if kpos.shape[0] == 0 else kpos[j]
-
-    return gathered
+    return lambda geo, j: _gathered_position(geo[5], j)
 
 
 def key_columns(geo, j0, n, p_lo, p_hi):
@@ -150,19 +151,21 @@ def _own_columns(j0, n, p_lo, p_hi):
     return lo, max(min(p_hi, j0 + n), lo)
 
 
+@njit
+def _gathered_columns(kpos, j0, n, p_lo, p_hi):
+    """:func:`key_columns` for keys at positions ``kpos`` (a call, not inlined: numba's inliner does not keep the
+    binary search's loop variables in scope when it inlines them into an overload)."""
+    if kpos.shape[0] == 0:
+        return _own_columns(j0, n, p_lo, p_hi)
+    lo = _first_at_least(kpos, j0, j0 + n, p_lo)
+    return lo, max(_first_at_least(kpos, lo, j0 + n, p_hi), lo)
+
+
 @overload(key_columns, inline="always")
 def _key_columns_overload(geo, j0, n, p_lo, p_hi):
     if isinstance(geo.types[5], types.NoneType):
         return lambda geo, j0, n, p_lo, p_hi: _own_columns(j0, n, p_lo, p_hi)
-
-    def gathered(geo, j0, n, p_lo, p_hi):
-        kpos = geo[5]
-        if kpos.shape[0] == 0:
-            return _own_columns(j0, n, p_lo, p_hi)
-        lo = _first_at_least(kpos, j0, j0 + n, p_lo)
-        return lo, max(_first_at_least(kpos, lo, j0 + n, p_hi), lo)
-
-    return gathered
+    return lambda geo, j0, n, p_lo, p_hi: _gathered_columns(geo[5], j0, n, p_lo, p_hi)
 
 
 def row_keys(geo, i):
@@ -173,16 +176,18 @@ def row_keys(geo, i):
     raise TypeError("row_keys is called from numba-compiled kernels only")
 
 
+@njit
+def _stacked_keys(geo, i):
+    """:func:`row_keys` with ``qdiv`` query heads stacked per position (a call: see :func:`_gathered_columns`)."""
+    off, left, right, n_keys, qdiv, _ = geo
+    return visible_keys(i if qdiv == 1 else i // qdiv, off, left, right, n_keys)
+
+
 @overload(row_keys, inline="always")
 def _row_keys_overload(geo, i):
     if isinstance(geo.types[4], types.NoneType):
         return lambda geo, i: visible_keys(i, geo[0], geo[1], geo[2], geo[3])
-
-    def stacked(geo, i):
-        off, left, right, n_keys, qdiv, _ = geo
-        return visible_keys(i if qdiv == 1 else i // qdiv, off, left, right, n_keys)
-
-    return stacked
+    return lambda geo, i: _stacked_keys(geo, i)
 
 
 def visible_rows(geo, p0, p1, n_rows):
@@ -193,17 +198,19 @@ def visible_rows(geo, p0, p1, n_rows):
     raise TypeError("visible_rows is called from numba-compiled kernels only")
 
 
+@njit
+def _stacked_rows(geo, p0, p1, n_rows):
+    """:func:`visible_rows` with ``qdiv`` query heads stacked per position (a call: see :func:`_gathered_columns`)."""
+    off, left, right, _, qdiv, _ = geo
+    lo, hi = visible_queries(p0, p1, off, left, right, (n_rows + qdiv - 1) // qdiv)
+    return lo * qdiv, min(hi * qdiv, n_rows)
+
+
 @overload(visible_rows, inline="always")
 def _visible_rows_overload(geo, p0, p1, n_rows):
     if isinstance(geo.types[4], types.NoneType):
         return lambda geo, p0, p1, n_rows: visible_queries(p0, p1, geo[0], geo[1], geo[2], n_rows)
-
-    def stacked(geo, p0, p1, n_rows):
-        off, left, right, _, qdiv, _ = geo
-        lo, hi = visible_queries(p0, p1, off, left, right, (n_rows + qdiv - 1) // qdiv)
-        return lo * qdiv, min(hi * qdiv, n_rows)
-
-    return stacked
+    return lambda geo, p0, p1, n_rows: _stacked_rows(geo, p0, p1, n_rows)
 
 
 @njit(inline="always")
