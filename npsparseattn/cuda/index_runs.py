@@ -143,6 +143,15 @@ def index_runs(kv_idx: Any, *, hq: int, n_key_blocks: int, q_block: int = 1, kv_
     return IndexRuns(rows, columns, heads, (q_block, kv_block), nqb, n_key_blocks)
 
 
+def runs_for(q: Any, k: Any, kv_idx: Any, q_block: int, kv_block: int) -> IndexRuns:
+    """:func:`index_runs` of ``kv_idx`` for ``q`` (B, Hq, Lq, D) and ``k`` (B, Hk, Lk, D), the index moved to
+    ``q``'s array kind (the caller selects ``q``'s device)."""
+    n_key_blocks = -(-k.shape[2] // kv_block)
+    return index_runs(
+        on_device_of(q, kv_idx), hq=q.shape[1], n_key_blocks=n_key_blocks, q_block=q_block, kv_block=kv_block
+    )
+
+
 def on_device_of(like: Any, x: Any) -> Any:
     """``x`` on the device that holds ``like``: itself, or a copy made there (call inside ``with like.device``)."""
     if isinstance(x, np.ndarray) or x.device.id == like.device.id:

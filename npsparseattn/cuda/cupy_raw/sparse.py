@@ -50,11 +50,7 @@ def unsupported(problem: Any) -> list[str]:
 
 def _layout(q: Any, k: Any, kv_idx: Any, q_block: int, kv_block: int) -> index_runs.IndexRuns:
     with driver.device_of(q):
-        n_key_blocks = -(-k.shape[2] // kv_block)
-        return index_runs.index_runs(
-            index_runs.on_device_of(q, kv_idx), hq=q.shape[1], n_key_blocks=n_key_blocks, q_block=q_block,
-            kv_block=kv_block,
-        )  # fmt: skip
+        return index_runs.runs_for(q, k, kv_idx, q_block, kv_block)
 
 
 def forward(
