@@ -114,6 +114,11 @@ class Implementation:
             reasons.append(f"takes {wanted} arrays, got {KIND_NAMES[problem.kind]}")
         if problem.dtype.name not in self.dtypes:
             reasons.append(f"dtype {problem.dtype.name} not supported (supports {', '.join(self.dtypes)})")
+        mods = getattr(problem, "mods", None)
+        if mods is not None:
+            missing = [name for name in mods.features() if name not in getattr(self.module, "SCORE_MODS", ())]
+            if missing:
+                reasons.append(f"does not apply {', '.join(missing)}")
         if not reasons:
             reasons.extend(self.module.unsupported(problem))
         return reasons

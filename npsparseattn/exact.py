@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from npsparseattn._checks import check_backend, check_flag
@@ -9,6 +10,7 @@ from npsparseattn._dispatch import select
 from npsparseattn._glue import cast_grads, cast_outputs, kernel_inputs, kernel_lse
 from npsparseattn.interop.dlpack import accepts_dlpack
 from npsparseattn.problems import attention_problem, gradient_inputs
+from npsparseattn.problems.scores import bias_grad_buffer, check_backward_mods, with_score_mods
 
 Window = tuple[int | None, int | None]
 
@@ -23,6 +25,11 @@ def attention(
     window: Window | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    alibi_slopes: Any = None,
+    softcap: float | None = None,
+    bias: Any = None,
+    score_mod: Callable[..., float] | None = None,
+    mask_mod: Callable[..., bool] | None = None,
     backend: str = "auto",
 ) -> Any:
     """Exact softmax attention, tiled with an online softmax (O(L) extra memory).
@@ -55,6 +62,19 @@ def attention(
         Also return ``lse`` (*batch, Hq, Lq): natural log of the softmax
         denominator, float32 (float64 for float64 inputs); ``-inf`` for a
         query that sees no key (its output row is 0).
+    alibi_slopes : array (Hq,) or (*batch, Hq), optional
+        ALiBi: ``-slope[h] * |i + Lk - Lq - j|`` is added to the score (flash-attn's meaning).
+    softcap : float, optional
+        The score ``x = scale * q.k`` becomes ``softcap * tanh(x / softcap)`` (before ALiBi and
+        bias; ``0`` or ``None``: off).
+    bias : array broadcastable to (*batch, Hq, Lq, Lk), optional
+        Added to the score; :func:`attention_backward` returns its gradient.
+    score_mod : numba.njit function ``(score, b, h, q_idx, kv_idx) -> score``, optional
+        Applied last to each score (FlexAttention's ``score_mod``), compiled into the CPU kernels
+        (one compilation per function, cached).
+    mask_mod : numba.njit function ``(b, h, q_idx, kv_idx) -> bool``, optional
+        Query ``q_idx`` sees key ``kv_idx`` only where it is true (and ``causal``/``window`` allow).
+        The order of the modifications and their gradients: ``docs/scores.md``.
     backend : str
         ``"auto"`` (the first registered implementation that fits), or a
         name from :func:`npsparseattn.available_backends`: ``"numba"``
@@ -81,6 +101,9 @@ def attention(
     check_backend(backend)
     return_lse = check_flag(return_lse, "return_lse")
     p = attention_problem(q, k, v, causal=causal, window=window, scale=scale)
+    p = with_score_mods(
+        p, alibi_slopes=alibi_slopes, softcap=softcap, bias=bias, score_mod=score_mod, mask_mod=mask_mod
+    )
     impl = select("attention", p, backend)
     out, lse = impl.module.forward(*kernel_inputs(impl, p.dtype, p.q, p.k, p.v), **p.visibility())
     out, lse = cast_outputs(p.dtype, out, lse)
@@ -99,8 +122,14 @@ def attention_backward(
     causal: bool = False,
     window: Window | None = None,
     scale: float | None = None,
+    alibi_slopes: Any = None,
+    softcap: float | None = None,
+    bias: Any = None,
+    score_mod: Callable[..., float] | None = None,
+    score_mod_grad: Callable[..., float] | None = None,
+    mask_mod: Callable[..., bool] | None = None,
     backend: str = "auto",
-) -> tuple[Any, Any, Any]:
+) -> tuple[Any, ...]:
     """Gradients of :func:`attention` (FlashAttention-2 backward).
 
     Recomputes the probabilities tile by tile from ``lse``:
@@ -114,12 +143,15 @@ def attention_backward(
         Gradient of the loss with respect to ``out``.
     q, k, v : arrays as for :func:`attention`
     out, lse : the forward's ``out`` and ``lse`` (``return_lse=True``)
-    causal, window, scale, backend : as for the forward call
+    causal, window, scale, alibi_slopes, softcap, bias, score_mod, mask_mod, backend : as for the forward call
+    score_mod_grad : numba.njit function ``(score, b, h, q_idx, kv_idx) -> float``
+        ``d score_mod / d score``; required with ``score_mod``.
 
     Returns
     -------
     dq : array shaped like ``q``
     dk, dv : arrays shaped like ``k`` and ``v``, summed over each GQA group
+    dbias : array shaped like ``bias``, only when a ``bias`` is given (summed over the axes it broadcasts along)
 
     Examples
     --------
@@ -134,8 +166,18 @@ def attention_backward(
     """
     check_backend(backend)
     p = attention_problem(q, k, v, causal=causal, window=window, scale=scale)
+    p = with_score_mods(
+        p, alibi_slopes=alibi_slopes, softcap=softcap, bias=bias, score_mod=score_mod,
+        score_mod_grad=score_mod_grad, mask_mod=mask_mod,
+    )  # fmt: skip
+    check_backward_mods(p.mods)
     g = gradient_inputs(p, dout, out, lse)
     impl = select("attention", p, backend)
     dout_k, q_k, k_k, v_k, out_k = kernel_inputs(impl, p.dtype, g.dout, p.q, p.k, p.v, g.out)
-    grads = impl.module.backward(dout_k, q_k, k_k, v_k, out_k, kernel_lse(impl, p.dtype, g.lse), **p.visibility())
-    return tuple(p.restore(x) for x in cast_grads(p.dtype, grads))
+    dbias = bias_grad_buffer(p, impl.compute_dtype(p.dtype))
+    extra = {} if dbias is None else {"dbias": dbias}
+    grads = impl.module.backward(
+        dout_k, q_k, k_k, v_k, out_k, kernel_lse(impl, p.dtype, g.lse), **p.visibility(), **extra
+    )
+    grads = tuple(p.restore(x) for x in cast_grads(p.dtype, grads))
+    return grads if dbias is None else grads + (p.mods.reduce_bias_grad(dbias),)

@@ -48,6 +48,7 @@ class AttentionProblem:
     causal: bool
     left: int | None
     right: int | None
+    mods: Any = None  # a ScoreMods (problems/scores.py) or None
 
     @property
     def offset(self) -> int:
@@ -66,8 +67,9 @@ class AttentionProblem:
         return self.k.shape[2]
 
     def visibility(self) -> dict[str, Any]:
-        """The keywords of the kernel contract: ``scale``, ``offset``, ``left``, ``right``."""
-        return dict(scale=self.scale, offset=self.offset, left=self.left, right=self.right)
+        """The keywords of the kernel contract: ``scale``, ``offset``, ``left``, ``right`` (and ``mods`` if any)."""
+        extra = {} if self.mods is None else {"mods": self.mods}
+        return dict(scale=self.scale, offset=self.offset, left=self.left, right=self.right, **extra)
 
     def restore(self, x: Any) -> Any:
         """Map a canonical (B, H, L, ...) result (out, lse, a gradient) back to the caller's axes."""

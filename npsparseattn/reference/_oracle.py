@@ -94,15 +94,70 @@ def visible_sum(w: Any, visible: Any, x: Any, xp: Any) -> Any:
     return out
 
 
-def forward(q: Any, k: Any, v: Any, mask: Any, scale: float, xp: Any) -> tuple[Any, Any, Any]:
-    """float64 ``(out, lse, P)``; ``mask`` broadcasts to (B, Hq, Lq, Lk)."""
-    p, lse = masked_softmax(scores(q, k, scale, xp), mask, xp)
+def _elementwise(fn: Any, xp: Any, *args: Any) -> Any:
+    """``fn`` of scalars applied to every element of the broadcast ``args`` (its plain Python body, float64)."""
+    body = np.vectorize(getattr(fn, "py_func", fn), otypes=[np.float64])
+    return xp.asarray(body(*(a.get() if hasattr(a, "get") else a for a in args)))
+
+
+def modified_scores(raw: Any, mods: Any, offset: int, xp: Any) -> tuple[Any, Any, Any, Any]:
+    """The scores after ``mods`` (:mod:`npsparseattn.problems.scores`), from ``raw = scale * q k^T``.
+
+    Returns ``(x, keep, d_bias, d_raw)``: the final (B, Hq, Lq, Lk) scores,
+    the ``mask_mod`` mask (``None`` without one), and the derivatives of the
+    final score with respect to the bias (``score_mod'``) and to ``raw``
+    (``score_mod' * softcap'``), each ``1.0`` where there is nothing to differentiate.
+    """
+    n_batch, n_heads, seq_q, seq_k = raw.shape
+    b = xp.arange(n_batch).reshape(-1, 1, 1, 1)
+    h = xp.arange(n_heads).reshape(1, -1, 1, 1)
+    i = xp.arange(seq_q).reshape(1, 1, -1, 1)
+    j = xp.arange(seq_k).reshape(1, 1, 1, -1)
+    x, d_raw, d_bias, keep = raw, 1.0, 1.0, None
+    if mods.softcap is not None:
+        t = xp.tanh(raw / mods.softcap)
+        x, d_raw = mods.softcap * t, 1.0 - t * t
+    if mods.slopes is not None:
+        x = x - mods.slopes.astype(xp.float64)[:, :, None, None] * xp.abs(i + offset - j)
+    if mods.bias is not None:
+        x = x + mods.canonical_bias(np.float64, raw.shape)
+    if mods.score_mod is not None:
+        grid = xp.broadcast_arrays(x, b, h, i, j)
+        if mods.score_mod_grad is not None:
+            d_bias = _elementwise(mods.score_mod_grad, xp, *grid)
+        x = _elementwise(mods.score_mod, xp, *grid)
+    if mods.mask_mod is not None:
+        keep = _elementwise(mods.mask_mod, xp, *xp.broadcast_arrays(b, h, i, j)) != 0
+    return x, keep, d_bias, d_raw * d_bias
+
+
+def forward(
+    q: Any, k: Any, v: Any, mask: Any, scale: float, xp: Any, mods: Any = None, offset: int = 0
+) -> tuple[Any, Any, Any]:
+    """float64 ``(out, lse, P)``; ``mask`` broadcasts to (B, Hq, Lq, Lk); ``mods`` (with the diagonal ``offset``)
+    modify the scores (:func:`modified_scores`)."""
+    s = scores(q, k, scale, xp)
+    if mods is not None:
+        s, keep, _, _ = modified_scores(s, mods, offset, xp)
+        mask = mask if keep is None else mask & keep
+    p, lse = masked_softmax(s, mask, xp)
     v64 = expand_groups(v.astype(xp.float64), q.shape[1])
     return visible_sum(p, mask, v64, xp), lse, p
 
 
 def backward(
-    dout: Any, q: Any, k: Any, v: Any, out: Any, lse: Any, mask: Any, scale: float, xp: Any
+    dout: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    mask: Any,
+    scale: float,
+    xp: Any,
+    mods: Any = None,
+    offset: int = 0,
+    dbias: Any = None,
 ) -> tuple[Any, Any, Any]:
     """float64 ``(dq, dk, dv)`` from the given ``out`` and ``lse`` (FlashAttention-2's formulas).
 
@@ -111,17 +166,27 @@ def backward(
     relies on this: a block's contribution uses the *global* ``out``/``lse``.
     A row whose ``lse`` is ``-inf`` saw no key and has no gradient; every
     product sums over visible pairs only, so a NaN reaches what the dense
-    formula's sums reach and nothing else.
+    formula's sums reach and nothing else.  With ``mods``, ``dS`` is carried
+    back through them (:func:`modified_scores`) and, given a (B, Hq, Lq, Lk)
+    ``dbias`` buffer, the gradient of the biased score is written there.
     """
     b, hk, lk = k.shape[:3]
     group = q.shape[1] // hk
     lse64 = lse.astype(xp.float64)[..., None]
+    s = scores(q, k, scale, xp)
+    d_bias = d_raw = 1.0
+    if mods is not None:
+        s, keep, d_bias, d_raw = modified_scores(s, mods, offset, xp)
+        mask = mask if keep is None else mask & keep
     visible = xp.broadcast_to(mask, q.shape[:2] + (q.shape[2], lk)) & ~xp.isneginf(lse64)
-    p = xp.where(visible, xp.exp(xp.where(visible, scores(q, k, scale, xp) - lse64, 0.0)), 0.0)
+    p = xp.where(visible, xp.exp(xp.where(visible, s - lse64, 0.0)), 0.0)
     do = dout.astype(xp.float64)
     v64 = expand_groups(v.astype(xp.float64), q.shape[1])
     dp = xp.einsum("bhid,bhjd->bhij", do, v64)
     ds = xp.where(visible, p * (dp - (do * out.astype(xp.float64)).sum(axis=-1, keepdims=True)), 0.0)
+    if dbias is not None:
+        dbias[...] = xp.where(visible, ds * d_bias, 0.0)
+    ds = xp.where(visible, ds * d_raw, 0.0)
     k64 = expand_groups(k.astype(xp.float64), q.shape[1])
     dq = scale * visible_sum(ds, visible, k64, xp)
     flipped = visible.swapaxes(-1, -2)
