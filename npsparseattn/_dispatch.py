@@ -115,10 +115,10 @@ class Implementation:
         if problem.dtype.name not in self.dtypes:
             reasons.append(f"dtype {problem.dtype.name} not supported (supports {', '.join(self.dtypes)})")
         mods = getattr(problem, "mods", None)
-        if mods is not None:
+        if not reasons and mods is not None:
             missing = [name for name in mods.features() if name not in getattr(self.module, "SCORE_MODS", ())]
             if missing:
-                reasons.append(f"does not apply {', '.join(missing)}")
+                reasons.append(f"does not apply {', '.join(missing)} (score modifications)")
         if not reasons:
             reasons.extend(self.module.unsupported(problem))
         return reasons

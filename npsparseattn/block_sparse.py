@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from npsparseattn._checks import check_backend, check_flag
@@ -10,6 +11,13 @@ from npsparseattn._glue import cast_grads, cast_outputs, kernel_inputs, kernel_l
 from npsparseattn.interop.dlpack import accepts_dlpack
 from npsparseattn.layouts import BlockLayout
 from npsparseattn.problems import attention_problem, check_layout, gradient_inputs
+from npsparseattn.problems.scores import (
+    backward_extras,
+    bias_grad_buffer,
+    check_backward_mods,
+    with_bias_grad,
+    with_score_mods,
+)
 
 Window = tuple[int | None, int | None]
 
@@ -25,6 +33,11 @@ def block_sparse_attention(
     window: Window | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    alibi_slopes: Any = None,
+    softcap: float | None = None,
+    bias: Any = None,
+    score_mod: Callable[..., float] | None = None,
+    mask_mod: Callable[..., bool] | None = None,
     backend: str = "auto",
 ) -> Any:
     """Exact attention restricted to the stored blocks of a layout; cost grows with the stored blocks.
@@ -51,6 +64,9 @@ def block_sparse_attention(
         As :func:`npsparseattn.attention`, applied inside the stored blocks.
     return_lse : bool
         Also return ``lse`` (*batch, Hq, Lq).
+    alibi_slopes, softcap, bias, score_mod, mask_mod : optional
+        Score modifications, as for :func:`npsparseattn.attention` (``docs/scores.md``); they change the scores
+        of the keys the layout selects (``bias`` is still indexed (*batch, Hq, Lq, Lk)).
     backend : str
         ``"auto"`` or a name from ``available_backends("block_sparse_attention")``:
         ``"numba"`` (CPU), ``"reference"`` (dense float64 oracle), the GPU
@@ -76,6 +92,9 @@ def block_sparse_attention(
     return_lse = check_flag(return_lse, "return_lse")
     p = attention_problem(q, k, v, causal=causal, window=window, scale=scale)
     check_layout(layout, p)
+    p = with_score_mods(
+        p, alibi_slopes=alibi_slopes, softcap=softcap, bias=bias, score_mod=score_mod, mask_mod=mask_mod
+    )
     impl = select("block_sparse_attention", p, backend)
     out, lse = impl.module.forward(*kernel_inputs(impl, p.dtype, p.q, p.k, p.v), layout, **p.visibility())
     out, lse = cast_outputs(p.dtype, out, lse)
@@ -95,8 +114,14 @@ def block_sparse_attention_backward(
     causal: bool = False,
     window: Window | None = None,
     scale: float | None = None,
+    alibi_slopes: Any = None,
+    softcap: float | None = None,
+    bias: Any = None,
+    score_mod: Callable[..., float] | None = None,
+    score_mod_grad: Callable[..., float] | None = None,
+    mask_mod: Callable[..., bool] | None = None,
     backend: str = "auto",
-) -> tuple[Any, Any, Any]:
+) -> tuple[Any, ...]:
     """Gradients ``(dq, dk, dv)`` of :func:`block_sparse_attention` (FlashAttention-2 scheme).
 
     Parameters
@@ -104,11 +129,13 @@ def block_sparse_attention_backward(
     dout : array (*batch, Hq, Lq, Dv), gradient of the loss with respect to ``out``
     q, k, v, layout : as for the forward call
     out, lse : the forward's results (``return_lse=True``)
-    causal, window, scale, backend : as for the forward call
+    causal, window, scale, alibi_slopes, softcap, bias, score_mod, mask_mod, backend : as for the forward call
+    score_mod_grad : the derivative of ``score_mod`` (required with it)
 
     Returns
     -------
-    dq shaped like ``q``; dk, dv shaped like ``k``, ``v`` (summed over each GQA group)
+    dq shaped like ``q``; dk, dv shaped like ``k``, ``v`` (summed over each GQA group); dbias shaped like
+    ``bias``, only when a ``bias`` is given
 
     Examples
     --------
@@ -125,9 +152,17 @@ def block_sparse_attention_backward(
     check_backend(backend)
     p = attention_problem(q, k, v, causal=causal, window=window, scale=scale)
     check_layout(layout, p)
+    p = with_score_mods(
+        p, alibi_slopes=alibi_slopes, softcap=softcap, bias=bias, score_mod=score_mod,
+        score_mod_grad=score_mod_grad, mask_mod=mask_mod,
+    )  # fmt: skip
+    check_backward_mods(p.mods)
     g = gradient_inputs(p, dout, out, lse)
     impl = select("block_sparse_attention", p, backend)
     dout_k, q_k, k_k, v_k, out_k = kernel_inputs(impl, p.dtype, g.dout, p.q, p.k, p.v, g.out)
     lse_k = kernel_lse(impl, p.dtype, g.lse)
-    grads = impl.module.backward(dout_k, q_k, k_k, v_k, out_k, lse_k, layout, **p.visibility())
-    return tuple(p.restore(x) for x in cast_grads(p.dtype, grads))
+    dbias = bias_grad_buffer(p, impl.compute_dtype(p.dtype))
+    grads = impl.module.backward(
+        dout_k, q_k, k_k, v_k, out_k, lse_k, layout, **p.visibility(), **backward_extras(dbias)
+    )
+    return with_bias_grad(tuple(p.restore(x) for x in cast_grads(p.dtype, grads)), p, dbias)

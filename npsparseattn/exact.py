@@ -10,7 +10,13 @@ from npsparseattn._dispatch import select
 from npsparseattn._glue import cast_grads, cast_outputs, kernel_inputs, kernel_lse
 from npsparseattn.interop.dlpack import accepts_dlpack
 from npsparseattn.problems import attention_problem, gradient_inputs
-from npsparseattn.problems.scores import bias_grad_buffer, check_backward_mods, with_score_mods
+from npsparseattn.problems.scores import (
+    backward_extras,
+    bias_grad_buffer,
+    check_backward_mods,
+    with_bias_grad,
+    with_score_mods,
+)
 
 Window = tuple[int | None, int | None]
 
@@ -175,9 +181,7 @@ def attention_backward(
     impl = select("attention", p, backend)
     dout_k, q_k, k_k, v_k, out_k = kernel_inputs(impl, p.dtype, g.dout, p.q, p.k, p.v, g.out)
     dbias = bias_grad_buffer(p, impl.compute_dtype(p.dtype))
-    extra = {} if dbias is None else {"dbias": dbias}
     grads = impl.module.backward(
-        dout_k, q_k, k_k, v_k, out_k, kernel_lse(impl, p.dtype, g.lse), **p.visibility(), **extra
+        dout_k, q_k, k_k, v_k, out_k, kernel_lse(impl, p.dtype, g.lse), **p.visibility(), **backward_extras(dbias)
     )
-    grads = tuple(p.restore(x) for x in cast_grads(p.dtype, grads))
-    return grads if dbias is None else grads + (p.mods.reduce_bias_grad(dbias),)
+    return with_bias_grad(tuple(p.restore(x) for x in cast_grads(p.dtype, grads)), p, dbias)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from npsparseattn._checks import check_backend, check_flag
@@ -9,6 +10,13 @@ from npsparseattn._dispatch import select
 from npsparseattn._glue import cast_grads, cast_outputs, kernel_inputs, kernel_lse
 from npsparseattn.interop.dlpack import accepts_dlpack
 from npsparseattn.problems import gradient_inputs, varlen_gradient_inputs
+from npsparseattn.problems.scores import (
+    backward_extras,
+    bias_grad_buffer,
+    check_backward_mods,
+    with_bias_grad,
+    with_score_mods,
+)
 from npsparseattn.problems.sparse import sparse_problem, sparse_varlen_problem
 
 Window = tuple[int | None, int | None]
@@ -35,6 +43,11 @@ def sparse_attention(
     window: Window | None = None,
     scale: float | None = None,
     return_lse: bool = False,
+    alibi_slopes: Any = None,
+    softcap: float | None = None,
+    bias: Any = None,
+    score_mod: Callable[..., float] | None = None,
+    mask_mod: Callable[..., bool] | None = None,
     backend: str = "auto",
 ) -> Any:
     """Exact attention over the key blocks each query block selects (NSA, MoBA, DSA style); cost follows the index.
@@ -72,6 +85,9 @@ def sparse_attention(
         As :func:`npsparseattn.attention`.
     return_lse : bool
         Also return ``lse`` (*batch, Hq, Lq).
+    alibi_slopes, softcap, bias, score_mod, mask_mod : optional
+        Score modifications, as for :func:`npsparseattn.attention` (``docs/scores.md``); they change the scores
+        of the keys the index selects (``bias`` is still indexed (*batch, Hq, Lq, Lk)).
     backend : str
         ``"auto"`` or a name from ``available_backends("sparse_attention")``:
         ``"numba"`` (CPU), ``"cupy"`` and ``"numba-cuda"`` (CuPy arrays; blocks of
@@ -105,6 +121,9 @@ def sparse_attention(
     p = sparse_problem(
         q, k, v, kv_idx, kv_cnt, q_block=q_block, kv_block=kv_block, causal=causal, window=window, scale=scale
     )
+    p = with_score_mods(
+        p, alibi_slopes=alibi_slopes, softcap=softcap, bias=bias, score_mod=score_mod, mask_mod=mask_mod
+    )
     impl = select("sparse_attention", p, backend)
     d = p.dense
     out, lse = impl.module.forward(*kernel_inputs(impl, d.dtype, d.q, d.k, d.v), *p.kernel_index(), **p.options())
@@ -128,8 +147,14 @@ def sparse_attention_backward(
     causal: bool = False,
     window: Window | None = None,
     scale: float | None = None,
+    alibi_slopes: Any = None,
+    softcap: float | None = None,
+    bias: Any = None,
+    score_mod: Callable[..., float] | None = None,
+    score_mod_grad: Callable[..., float] | None = None,
+    mask_mod: Callable[..., bool] | None = None,
     backend: str = "auto",
-) -> tuple[Any, Any, Any]:
+) -> tuple[Any, ...]:
     """Gradients ``(dq, dk, dv)`` of :func:`sparse_attention` (FlashAttention-2 scheme), deterministic.
 
     dK/dV are accumulated through the transposed index (the query blocks
@@ -141,11 +166,14 @@ def sparse_attention_backward(
     dout : array (*batch, Hq, Lq, Dv), gradient of the loss with respect to ``out``
     q, k, v, kv_idx, kv_cnt : as for the forward call
     out, lse : the forward's results (``return_lse=True``)
-    q_block, kv_block, causal, window, scale, backend : as for the forward call
+    q_block, kv_block, causal, window, scale, alibi_slopes, softcap, bias, score_mod, mask_mod, backend :
+        as for the forward call
+    score_mod_grad : the derivative of ``score_mod`` (required with it)
 
     Returns
     -------
-    dq shaped like ``q``; dk, dv shaped like ``k``, ``v`` (summed over each GQA group)
+    dq shaped like ``q``; dk, dv shaped like ``k``, ``v`` (summed over each GQA group); dbias shaped like
+    ``bias``, only when a ``bias`` is given
 
     Examples
     --------
@@ -164,13 +192,21 @@ def sparse_attention_backward(
     p = sparse_problem(
         q, k, v, kv_idx, kv_cnt, q_block=q_block, kv_block=kv_block, causal=causal, window=window, scale=scale
     )
+    p = with_score_mods(
+        p, alibi_slopes=alibi_slopes, softcap=softcap, bias=bias, score_mod=score_mod,
+        score_mod_grad=score_mod_grad, mask_mod=mask_mod,
+    )  # fmt: skip
+    check_backward_mods(p.mods)
     d = p.dense
     g = gradient_inputs(d, dout, out, lse)
     impl = select("sparse_attention", p, backend)
     dout_k, q_k, k_k, v_k, out_k = kernel_inputs(impl, d.dtype, g.dout, d.q, d.k, d.v, g.out)
     lse_k = kernel_lse(impl, d.dtype, g.lse)
-    grads = impl.module.backward(dout_k, q_k, k_k, v_k, out_k, lse_k, *p.kernel_index(), **p.options())
-    return tuple(d.restore(x) for x in cast_grads(d.dtype, grads))
+    dbias = bias_grad_buffer(p, impl.compute_dtype(d.dtype))
+    grads = impl.module.backward(
+        dout_k, q_k, k_k, v_k, out_k, lse_k, *p.kernel_index(), **p.options(), **backward_extras(dbias)
+    )
+    return with_bias_grad(tuple(d.restore(x) for x in cast_grads(d.dtype, grads)), p, dbias)
 
 
 @accepts_dlpack

@@ -55,7 +55,7 @@ class Kernel:
 
     def version(self, args: tuple[Any, ...]) -> Any:
         """The compiled version for the dtypes, ranks and layouts of ``args`` (compiled or loaded on first use)."""
-        arrays = [a for a in args if isinstance(a, np.ndarray)]
+        arrays = [a for a in args if isinstance(a, np.ndarray)]  # not those inside tuples: typed 'A' (_type)
         layout = "C" if all(a.flags.c_contiguous for a in arrays) else "A"
         if layout == "A" and not self.strided:
             raise TypeError(f"{self.__name__} reads C-contiguous arrays only (its public layer copies others)")
@@ -68,6 +68,15 @@ class Kernel:
     def _type(arg: Any, writes: bool, layout: str) -> Any:
         if isinstance(arg, np.ndarray):
             return types.Array(from_dtype(arg.dtype), arg.ndim, layout, readonly=not writes)
+        if isinstance(arg, tuple):  # arrays in a tuple (score modifications): any strides, read-only unless writeable
+            return types.Tuple(
+                [
+                    types.Array(from_dtype(a.dtype), a.ndim, "A", readonly=not a.flags.writeable)
+                    if isinstance(a, np.ndarray)
+                    else typeof(a)
+                    for a in arg
+                ]
+            )
         return typeof(arg)
 
 

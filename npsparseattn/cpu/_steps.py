@@ -30,8 +30,9 @@ from __future__ import annotations
 from numba import njit
 
 from npsparseattn.cpu._blas import gemm_nn, gemm_nt, gemm_tn
+from npsparseattn.cpu._scores import modify_scores, modify_scores_keeping, score_grads
 from npsparseattn.cpu._tiles import (
-    geometry,
+    geometry_with,
     key_position,
     like,
     nonfinite_rows,
@@ -110,6 +111,7 @@ def forward_step(gemm, q, k, v, b, h, hk, i0, m, j0, n, geo, c, s, acc, row_max,
     one = like(1.0, q)
     ld = s.shape[1]
     _scores(gemm, m, n, c, q, b, h, i0, k, kt, hk, j0, s)
+    modify_scores(geo, s, m, n, b, h, i0, j0)
     softmax_tile(s, m, n, i0, j0, geo, row_max, row_sum, acc)
     vp = row_address(v, b, hk, j0)
     if not whole_tile_at(geo, i0, m, j0, n) and nonfinite_rows(v, b, hk, j0, n):
@@ -121,10 +123,13 @@ def forward_step(gemm, q, k, v, b, h, hk, i0, m, j0, n, geo, c, s, acc, row_max,
 
 @njit(inline="always")
 def _probabilities_and_score_grads(gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, geo, c, s, dp, kt, vt):
-    """``s <- P`` (recomputed from lse) and ``dp <- dS = P * (dO V^T - delta)``, masked entries exactly 0."""
+    """``s <- P`` (recomputed from lse) and ``dp <- dS = P * (dO V^T - delta)``, masked entries exactly 0; with
+    score modifications, ``dS`` of the unmodified scores (``cpu/_scores.py``)."""
     _scores(gemm, m, n, like(1.0, q), dout, b, h, i0, v, vt, hk, j0, dp)
     _scores(gemm, m, n, c, q, b, h, i0, k, kt, hk, j0, s)
+    modify_scores_keeping(geo, s, dp, m, n, b, h, i0, j0)
     probabilities_and_grads_tile(s, dp, m, n, i0, j0, geo, lse2[b, h], delta[b, h])
+    score_grads(geo, dp, m, n, b, h, i0, j0)
 
 
 @njit(inline="always")
@@ -138,12 +143,12 @@ def _key_grads(gemm, dout, q, b, h, i0, m, j0, n, geo, sc, s, dp, acc_k, acc_v, 
         nq = q.shape[2]
         _masked_keys_product(gemm, m, n, acc_v.shape[1], one, s.ctypes.data, ld, op, row_stride(dout),
                              acc_v.ctypes.data, acc_v.shape[1], q, i0, j0, geo, nq)  # fmt: skip
-        _masked_keys_product(gemm, m, n, acc_k.shape[1], sc, dp.ctypes.data, ld, qp, row_stride(q),
+        _masked_keys_product(gemm, m, n, acc_k.shape[1], sc, dp.ctypes.data, dp.shape[1], qp, row_stride(q),
                              acc_k.ctypes.data, acc_k.shape[1], q, i0, j0, geo, nq)  # fmt: skip
     else:
         gemm_tn(gemm, n, acc_v.shape[1], m, one, s.ctypes.data, ld, op, row_stride(dout), one,
                 acc_v.ctypes.data, acc_v.shape[1])  # fmt: skip
-        gemm_tn(gemm, n, acc_k.shape[1], m, sc, dp.ctypes.data, ld, qp, row_stride(q), one,
+        gemm_tn(gemm, n, acc_k.shape[1], m, sc, dp.ctypes.data, dp.shape[1], qp, row_stride(q), one,
                 acc_k.ctypes.data, acc_k.shape[1])  # fmt: skip
 
 
@@ -267,19 +272,20 @@ def backward_q_pair_at(gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n,
 
 
 @njit(inline="always")
-def forward_pair(gemm, q, k, v, b, h, hk, i0, m, j0, n, off, left, right, c, s, acc, row_max, row_sum, strip, kt):
-    """:func:`forward_pair_at` on keys and rows at their own positions (the dense and varlen kernels)."""
-    geo = geometry(off, left, right, k.shape[2])
+def forward_pair(gemm, q, k, v, b, h, hk, i0, m, j0, n, off, left, right, c, s, acc, row_max, row_sum, strip, kt, mods):
+    """:func:`forward_pair_at` on keys and rows at their own positions (the dense and varlen kernels), with the
+    score modifications ``mods`` (``cpu/_scores.py``; ``None``: none)."""
+    geo = geometry_with(off, left, right, k.shape[2], mods)
     forward_pair_at(gemm, q, k, v, b, h, hk, i0, m, j0, n, geo, c, s, acc, row_max, row_sum, strip, kt)
 
 
 @njit(inline="always")
 def backward_pair(
     gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, off, left, right, c, sc, s, dp, acc_k, acc_v, dq, strip,
-    kt, vt,
+    kt, vt, mods,
 ):  # fmt: skip
-    """:func:`backward_pair_at` on keys and rows at their own positions."""
-    geo = geometry(off, left, right, k.shape[2])
+    """:func:`backward_pair_at` on keys and rows at their own positions, with the score modifications ``mods``."""
+    geo = geometry_with(off, left, right, k.shape[2], mods)
     backward_pair_at(gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, geo, c, sc, s, dp, acc_k, acc_v, dq,
                      strip, kt, vt)  # fmt: skip
 
@@ -287,19 +293,19 @@ def backward_pair(
 @njit(inline="always")
 def backward_kv_pair(
     gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, off, left, right, c, sc, s, dp, acc_k, acc_v, strip,
-    kt, vt,
+    kt, vt, mods,
 ):  # fmt: skip
-    """:func:`backward_kv_pair_at` on keys and rows at their own positions."""
-    geo = geometry(off, left, right, k.shape[2])
+    """:func:`backward_kv_pair_at` on keys and rows at their own positions, with the score modifications ``mods``."""
+    geo = geometry_with(off, left, right, k.shape[2], mods)
     backward_kv_pair_at(gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, geo, c, sc, s, dp, acc_k, acc_v,
                         strip, kt, vt)  # fmt: skip
 
 
 @njit(inline="always")
 def backward_q_pair(
-    gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, off, left, right, c, sc, s, dp, acc, strip, kt, vt
+    gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, off, left, right, c, sc, s, dp, acc, strip, kt, vt, mods
 ):
-    """:func:`backward_q_pair_at` on keys and rows at their own positions."""
-    geo = geometry(off, left, right, k.shape[2])
+    """:func:`backward_q_pair_at` on keys and rows at their own positions, with the score modifications ``mods``."""
+    geo = geometry_with(off, left, right, k.shape[2], mods)
     backward_q_pair_at(gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, geo, c, sc, s, dp, acc, strip, kt,
                        vt)  # fmt: skip

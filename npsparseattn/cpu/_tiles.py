@@ -12,7 +12,7 @@ no finite score yet) never produce ``exp(-inf - -inf)``.  Window bounds arrive a
 diagonal offset (query ``i`` is aligned with key ``i + off``).
 
 The functions that take a *geometry* ``geo = (off, left, right, n_keys,
-qdiv, kpos)`` also serve tiles whose rows or keys are not at their own
+qdiv, kpos, mods)`` also serve tiles whose rows or keys are not at their own
 positions (the sparse walk of ``cpu/_walk.py``): row ``i`` of the query
 array sits at position ``i // qdiv`` (``qdiv`` query heads stacked per
 position), and key column ``j`` of the key array at position ``kpos[j]``
@@ -24,6 +24,8 @@ interval of columns, so the masks stay intervals, found by binary search on
 (:func:`row_keys`, :func:`visible_rows`, :func:`key_position`,
 :func:`key_columns`), so the dense and varlen kernels carry no binary search
 or division (inlined at every mask test, they tripled their compile time).
+``mods`` are the score modifications the tile steps apply (``cpu/_scores.py``),
+``None`` for plain attention (then they compile to nothing).
 """
 
 from __future__ import annotations
@@ -46,13 +48,13 @@ def window_bound(value: int | None) -> int:
 
 
 def like(value, arr):
-    """``value`` converted to the dtype of ``arr`` (jitted code only)."""
-    return arr.dtype.type(value)
+    """``value`` converted to the dtype of the array (or the type of the scalar) ``arr`` (jitted code only)."""
+    return np.asarray(arr).dtype.type(value)
 
 
 @overload(like, inline="always")
 def _like_overload(value, arr):
-    dtype = arr.dtype
+    dtype = arr.dtype if isinstance(arr, types.Array) else arr
     return lambda value, arr: dtype(value)
 
 
@@ -99,8 +101,14 @@ def row_stride(arr):
 
 @njit(inline="always")
 def geometry(off, left, right, n_keys):
-    """The geometry of a plain tile: rows and keys at their own positions."""
-    return (off, left, right, n_keys, None, None)
+    """The geometry of a plain tile: rows and keys at their own positions, no score modifications."""
+    return (off, left, right, n_keys, None, None, None)
+
+
+@njit(inline="always")
+def geometry_with(off, left, right, n_keys, mods):
+    """:func:`geometry` with the score modifications ``mods`` (``cpu/_scores.py``; ``None``: none)."""
+    return (off, left, right, n_keys, None, None, mods)
 
 
 @njit(inline="always")
@@ -179,7 +187,7 @@ def row_keys(geo, i):
 @njit
 def _stacked_keys(geo, i):
     """:func:`row_keys` with ``qdiv`` query heads stacked per position (a call: see :func:`_gathered_columns`)."""
-    off, left, right, n_keys, qdiv, _ = geo
+    off, left, right, n_keys, qdiv = geo[0], geo[1], geo[2], geo[3], geo[4]
     return visible_keys(i if qdiv == 1 else i // qdiv, off, left, right, n_keys)
 
 
@@ -201,7 +209,7 @@ def visible_rows(geo, p0, p1, n_rows):
 @njit
 def _stacked_rows(geo, p0, p1, n_rows):
     """:func:`visible_rows` with ``qdiv`` query heads stacked per position (a call: see :func:`_gathered_columns`)."""
-    off, left, right, _, qdiv, _ = geo
+    off, left, right, qdiv = geo[0], geo[1], geo[2], geo[4]
     lo, hi = visible_queries(p0, p1, off, left, right, (n_rows + qdiv - 1) // qdiv)
     return lo * qdiv, min(hi * qdiv, n_rows)
 

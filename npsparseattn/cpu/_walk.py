@@ -50,6 +50,7 @@ from numba import get_num_threads, njit, prange
 
 from npsparseattn.cpu._blas import gemm_address, single_threaded_blas
 from npsparseattn.cpu._jit import kernel
+from npsparseattn.cpu._scores import scratch_width
 from npsparseattn.cpu._steps import (
     backward_kv_pair_at,
     backward_pair_at,
@@ -219,7 +220,7 @@ def _scatter_add(acc_g, n, pos, j0, acc):
 @kernel(writes=("out", "lse"))
 def _forward_kernel(
     q, k, kt, v, out, lse, tasks, run_ptr, run_start, run_stop, scale, left, right, qdiv, rows, width, strip,
-    gather_min, chunk, gemm,
+    gather_min, chunk, gemm, mods,
 ):  # fmt: skip
     n_batch, hq, _, d = q.shape
     hk_count, lk = k.shape[1], k.shape[2]
@@ -240,7 +241,7 @@ def _forward_kernel(
             acc[:m] = 0
             row_max[:m] = -np.inf
             row_sum[:m] = 0
-            geo = (off, left, right, lk, qdiv, pos[:0])
+            geo = (off, left, right, lk, qdiv, pos[:0], mods)
             klo, khi = row_keys(geo, i0)[0], row_keys(geo, i0 + m - 1)[1]
             state[0], state[1], state[2], state[3] = run_ptr[row], -1, 0, 0
             gmin = _gather_threshold(run_ptr[row + 1] - run_ptr[row], m, gather_min, width)
@@ -253,7 +254,7 @@ def _forward_kernel(
                 if kind == 1:
                     _forward_tile(gemm, q, k, v, b, h, hk, i0, m, j0, n, geo, c, s, acc, row_max, row_sum, strip, kt)
                 else:
-                    g = (off, left, right, lk, qdiv, pos[:n])
+                    g = (off, left, right, lk, qdiv, pos[:n], mods)
                     _forward_tile(
                         gemm, q, k_g, v_g, b, h, hk, i0, m, 0, n, g, c, s, acc, row_max, row_sum, strip, no_kt
                     )
@@ -263,7 +264,7 @@ def _forward_kernel(
 @kernel(writes=("dq",))
 def _backward_q_kernel(
     dout, q, k, kt, v, vt, lse2, delta, dq, tasks, run_ptr, run_start, run_stop, scale, left, right, qdiv, rows,
-    width, strip, gather_min, chunk, gemm,
+    width, strip, gather_min, chunk, gemm, mods,
 ):  # fmt: skip
     n_batch, hq, _, d = q.shape
     hk_count, lk = k.shape[1], k.shape[2]
@@ -275,14 +276,14 @@ def _backward_q_kernel(
     n_tasks = tasks.shape[0]
     for ch in prange((n_tasks + chunk - 1) // chunk):
         s = np.empty((rows, width), q.dtype)
-        dp = np.empty((rows, width), q.dtype)
+        dp = np.empty((rows, scratch_width(mods, width)), q.dtype)
         acc = np.empty((rows, d), q.dtype)
         kg, vg, k_g, v_g, pos, state = _gather_buffers(q, n_batch, hk_count, width, d, dv)
         for t in range(ch * chunk, min((ch + 1) * chunk, n_tasks)):
             b, h, i0, m, row, off = tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3], tasks[t, 4], tasks[t, 5]
             hk = h // group
             acc[:m] = 0
-            geo = (off, left, right, lk, qdiv, pos[:0])
+            geo = (off, left, right, lk, qdiv, pos[:0], mods)
             klo, khi = row_keys(geo, i0)[0], row_keys(geo, i0 + m - 1)[1]
             state[0], state[1], state[2], state[3] = run_ptr[row], -1, 0, 0
             gmin = _gather_threshold(run_ptr[row + 1] - run_ptr[row], m, gather_min, width)
@@ -296,7 +297,7 @@ def _backward_q_kernel(
                     _backward_q_tile(gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, geo, c, sc, s, dp, acc,
                                      strip, kt, vt)  # fmt: skip
                 else:
-                    g = (off, left, right, lk, qdiv, pos[:n])
+                    g = (off, left, right, lk, qdiv, pos[:n], mods)
                     _backward_q_tile(gemm, dout, q, k_g, v_g, lse2, delta, b, h, hk, i0, m, 0, n, g, c, sc, s, dp, acc,
                                      strip, no_kt, no_vt)  # fmt: skip
             store_rows(acc, dq, b, h, i0, m)
@@ -311,13 +312,13 @@ def _column(dout, q, k, v, lse2, delta, dq, entries, task, options, operands, sc
     transposes for those, ``scratch`` the task's buffers."""
     ent_ptr, ent_r0, ent_r1, ent_k0, ent_k1 = entries
     b, hk, j0, n, col_base, col_step, off = task[0], task[1], task[2], task[3], task[4], task[5], task[6]
-    left, right, qdiv, width, cols, strip, gather_min, gemm, c, sc = options
+    left, right, qdiv, width, cols, strip, gather_min, gemm, c, sc, mods = options
     kt, vt, k_g, v_g, no_kt, no_vt = operands
     s, dp, acc_k, acc_v, acc_kg, acc_vg, kg, vg, pos, state = scratch
     hq, nq = q.shape[1], q.shape[2]
     group = hq // k.shape[1]
     lk = k.shape[2]
-    geo = (off, left, right, lk, qdiv, pos[:0])
+    geo = (off, left, right, lk, qdiv, pos[:0], mods)
     for h in range(hk * group, (hk + 1) * group):
         col = col_base + (h - hk * group) * col_step
         e = ent_ptr[col]
@@ -349,7 +350,7 @@ def _column(dout, q, k, v, lse2, delta, dq, entries, task, options, operands, sc
                                 backward_kv_pair_at(gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, t0, tn, geo, c,
                                                     sc, s, dp, ak, av, strip, kt, vt)  # fmt: skip
                             continue
-                        g = (off, left, right, lk, qdiv, pos[:tn])
+                        g = (off, left, right, lk, qdiv, pos[:tn], mods)
                         acc_kg[:tn] = 0
                         acc_vg[:tn] = 0
                         if dq.size > 0:
@@ -366,7 +367,7 @@ def _column(dout, q, k, v, lse2, delta, dq, entries, task, options, operands, sc
 @kernel(writes=("dq", "dk", "dv_out"))
 def _backward_columns_kernel(
     dout, q, k, kt, v, vt, lse2, delta, dq, dk, dv_out, tasks, pairs, ent_ptr, ent_r0, ent_r1, ent_k0, ent_k1,
-    scale, left, right, qdiv, width, cols, strip, gather_min, chunk, one_pass, gemm,
+    scale, left, right, qdiv, width, cols, strip, gather_min, chunk, one_pass, gemm, mods,
 ):  # fmt: skip
     """dK/dV by columns: ``one_pass`` 0, one task per column task (``dq`` untouched, pass it empty); ``one_pass``
     1, one task per (batch, key head) pair over its column tasks, dQ accumulated in place into ``dq``."""
@@ -380,7 +381,7 @@ def _backward_columns_kernel(
     units = pairs.shape[0] if one_pass else tasks.shape[0]
     for ch in prange((units + chunk - 1) // chunk):
         s = np.empty((width, cols), q.dtype)
-        dp = np.empty((width, cols), q.dtype)
+        dp = np.empty((width, scratch_width(mods, cols)), q.dtype)
         acc_k = np.empty((cols, d), q.dtype)
         acc_v = np.empty((cols, dv), q.dtype)
         acc_kg = np.empty((cols, d), q.dtype)
@@ -399,7 +400,7 @@ def _backward_columns_kernel(
                 acc_v[:n] = 0
                 _column(
                     dout, q, k, v, lse2, delta, dq, (ent_ptr, ent_r0, ent_r1, ent_k0, ent_k1), tasks[t],
-                    (left, right, qdiv, width, cols, strip, gather_min, gemm, c, sc),
+                    (left, right, qdiv, width, cols, strip, gather_min, gemm, c, sc, mods),
                     (kt, vt, k_g, v_g, no_kt, no_vt),
                     (s, dp, acc_k, acc_v, acc_kg, acc_vg, kg, vg, pos, state),
                 )  # fmt: skip
@@ -447,8 +448,11 @@ def forward(
     qdiv: int = 1,
     out: np.ndarray | None = None,
     lse: np.ndarray | None = None,
+    mods: tuple | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run the forward of ``walk`` on canonical 4-D arrays (window bounds as kernel integers); ``(out, lse)``.
+
+    ``mods``: the kernels' tuple of score modifications (``cpu/_scores.py``: ``kernel_mods``) or ``None``.
 
     The walk's tasks must cover every query row (rows no task covers are not written).
     """
@@ -462,7 +466,7 @@ def forward(
         _forward_kernel(
             q, k, kt, v, out, lse, walk.tasks, walk.run_ptr, walk.run_start, walk.run_stop, scale, left, right, qdiv,
             walk.rows, walk.width, FORWARD_STRIP, GATHER_BELOW, _chunk_size(walk.tasks.shape[0]),
-            gemm_address(q.dtype),
+            gemm_address(q.dtype), mods,
         )  # fmt: skip
     return out, lse
 
@@ -483,8 +487,14 @@ def backward(
     qdiv: int = 1,
     grads: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     scheme: str | None = None,
+    mods: tuple | None = None,
+    mods_q: tuple | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run the backward of a walk: ``(dq, dk, dv)``; ``scheme`` as :func:`npsparseattn.cpu.exact.backward`.
+
+    ``mods``: the kernels' tuple of score modifications (its ``dbias``
+    written by the dK/dV pass), ``mods_q`` the same without ``dbias`` for
+    the two-pass scheme's dQ pass.
 
     The row tasks must cover every query row, and the column tasks every key
     row and every (batch, key head) pair (``columns.pairs``).
@@ -509,13 +519,13 @@ def backward(
         if chosen_scheme(scheme, columns.pair_costs) == "one-pass":
             units = columns.pairs.shape[0]
             _backward_columns_kernel(dout, q, *kv, lse2, delta, dq, dk, dv, columns.tasks, columns.pairs, *walk,
-                                     *by_keys, _chunk_size(units), 1, gemm)  # fmt: skip
+                                     *by_keys, _chunk_size(units), 1, gemm, mods)  # fmt: skip
             return dq, dk, dv
         no_dq = np.empty((0, 0, 0, 0), dtype)
         _backward_columns_kernel(dout, q, *kv, lse2, delta, no_dq, dk, dv, columns.tasks, columns.pairs, *walk,
-                                 *by_keys, _chunk_size(columns.tasks.shape[0]), 0, gemm)  # fmt: skip
+                                 *by_keys, _chunk_size(columns.tasks.shape[0]), 0, gemm, mods)  # fmt: skip
         _backward_q_kernel(
             dout, q, *kv, lse2, delta, dq, rows.tasks, rows.run_ptr, rows.run_start, rows.run_stop, scale, left, right,
-            qdiv, rows.rows, rows.width, BACKWARD_STRIP, GATHER_BELOW, _chunk_size(rows.tasks.shape[0]), gemm,
+            qdiv, rows.rows, rows.width, BACKWARD_STRIP, GATHER_BELOW, _chunk_size(rows.tasks.shape[0]), gemm, mods_q,
         )  # fmt: skip
     return dq, dk, dv

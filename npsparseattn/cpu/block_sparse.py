@@ -26,24 +26,41 @@ zigzag order so numba's contiguous thread chunks get similar work.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from npsparseattn._dtypes import compute_dtype
 from npsparseattn.cpu import DTYPES, KINDS, _walk
+from npsparseattn.cpu._scores import backward_mods, jit_functions_only, kernel_mods
 from npsparseattn.cpu._tiles import window_bound
 from npsparseattn.cpu._walk import ColumnWalk, RowWalk, balanced_order
 from npsparseattn.cpu.exact import GEMM_VOLUME
-from npsparseattn.layouts import BlockLayout
+from npsparseattn.layouts import BlockLayout, MaskModLayout
+from npsparseattn.merge import merge_states
+from npsparseattn.problems.scores import FEATURES, ScoreMods
 
-__all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]
+__all__ = [
+    "DTYPES",
+    "KINDS",
+    "SCORE_MODS",
+    "STRIDED_ROWS",
+    "TOLERANCE",
+    "backward",
+    "compute_dtype",
+    "forward",
+    "unsupported",
+]
 
+SCORE_MODS = FEATURES
 STRIDED_ROWS = False  # as cpu/exact.py: one compiled kernel per dtype, non-contiguous inputs copied
 TOLERANCE = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-5, "float64": 1e-10}
 
 
 def unsupported(problem) -> list[str]:
-    """Every block-sparse problem on NumPy arrays is supported."""
-    return []
+    """Every block-sparse problem on NumPy arrays is supported; a ``score_mod``/``mask_mod`` must be compiled by
+    numba."""
+    return jit_functions_only(problem.mods)
 
 
 def chunk_width(block: int, dim: int) -> int:
@@ -151,6 +168,7 @@ def forward(
     right: int | None,
     out: np.ndarray | None = None,
     lse: np.ndarray | None = None,
+    mods: ScoreMods | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Block-sparse attention forward on canonical 4-D arrays.
 
@@ -166,15 +184,26 @@ def forward(
         (``offset`` is ``Lk - Lq``, as the layout's geometry).
     out, lse : arrays, optional
         Buffers (B, Hq, Lq, Dv) and (B, Hq, Lq) in the input dtype.
+    mods : ScoreMods, optional
+        Score modifications applied inside the stored blocks (``cpu/_scores.py``).
 
     Returns
     -------
     out : (B, Hq, Lq, Dv), lse : (B, Hq, Lq); rows with no visible stored key get 0 and ``-inf``.
     """
-    n_batch, hq, _, _ = q.shape
-    walk = row_walk(layout, n_batch, hq, k.shape[1], max(q.shape[3], v.shape[3]), offset)
+    n_batch, hq, lq, _ = q.shape
     bounds = {"left": window_bound(left), "right": window_bound(right)}
-    return _walk.forward(q, k, v, walk, scale=scale, out=out, lse=lse, **bounds)
+    parts = mask_mod_parts(layout, mods)
+    buffers = {"out": out, "lse": lse} if len(parts) == 1 else {}
+    results = []
+    for part, part_mods in parts:
+        walk = row_walk(part, n_batch, hq, k.shape[1], max(q.shape[3], v.shape[3]), offset)
+        kmods = kernel_mods(part_mods, q.dtype, (n_batch, hq, lq, k.shape[2]))
+        results.append(_walk.forward(q, k, v, walk, scale=scale, mods=kmods, **buffers, **bounds))
+    if len(results) == 1:
+        return results[0]
+    merged = merge_states(*results[0], *results[1])
+    return _store(merged[0], out), _store(merged[1].astype(q.dtype, copy=False), lse)
 
 
 def backward(
@@ -192,6 +221,8 @@ def backward(
     right: int | None,
     grads: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     scheme: str | None = None,
+    mods: ScoreMods | None = None,
+    dbias: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Block-sparse attention backward on canonical 4-D arrays.
 
@@ -201,11 +232,56 @@ def backward(
     ``q``, ``k``, ``v``; ``dk``/``dv`` are summed over each GQA group.
     ``scheme`` (``"one-pass"`` or ``"two-pass"``) overrides the choice of
     :func:`~npsparseattn.cpu.exact.backward_scheme`; both are deterministic.
+    ``mods``/``dbias`` as :func:`npsparseattn.cpu.exact.backward`.
     """
-    n_batch, hq, _, _ = q.shape
+    n_batch, hq, lq, _ = q.shape
     hk = k.shape[1]
     dim = max(q.shape[3], v.shape[3])
-    rows = row_walk(layout, n_batch, hq, hk, dim, offset)
-    columns = column_walk(layout, n_batch, hq, hk, dim, offset)
     bounds = {"left": window_bound(left), "right": window_bound(right)}
-    return _walk.backward(dout, q, k, v, out, lse, rows, columns, scale=scale, grads=grads, scheme=scheme, **bounds)
+    total = None
+    for part, part_mods in mask_mod_parts(layout, mods):  # the parts split the keys: their gradients add up
+        rows = row_walk(part, n_batch, hq, hk, dim, offset)
+        columns = column_walk(part, n_batch, hq, hk, dim, offset)
+        kmods, kmods_q = backward_mods(part_mods, q.dtype, (n_batch, hq, lq, k.shape[2]), dbias)
+        result = _walk.backward(dout, q, k, v, out, lse, rows, columns, scale=scale, scheme=scheme, mods=kmods,
+                                mods_q=kmods_q, grads=grads if total is None else None, **bounds)  # fmt: skip
+        if total is None:
+            total = result
+        else:
+            for acc, part_grad in zip(total, result, strict=True):
+                acc += part_grad
+    return total
+
+
+def mask_mod_parts(layout: BlockLayout, mods: ScoreMods | None) -> list[tuple[BlockLayout, ScoreMods | None]]:
+    """The layouts to run, each with its modifications: FlexAttention's split of a :class:`MaskModLayout`.
+
+    With a ``mask_mod`` and a layout from :func:`~npsparseattn.layouts.from_mask_mod`, the
+    stored blocks the predicate fills (``layout.full``) run without it, and only the partial
+    ones evaluate it per score; the two results are merged exactly (``merge_states``; in the
+    backward the gradients of the two key sets add up).  The full flags are trusted, as a
+    FlexAttention block mask's are: build the layout from the same ``mask_mod``.  Otherwise
+    the layout runs whole.
+    """
+    if mods is None or mods.mask_mod is None or not isinstance(layout, MaskModLayout) or not layout.full.any():
+        return [(layout, mods)]
+    unmasked = replace(mods, mask_mod=None)
+    full = _sub_layout(layout, layout.full)
+    if layout.full.all():
+        return [(full, unmasked if unmasked.features() else None)]
+    return [(full, unmasked if unmasked.features() else None), (_sub_layout(layout, ~layout.full), mods)]
+
+
+def _sub_layout(layout: BlockLayout, keep: np.ndarray) -> BlockLayout:
+    """The stored blocks of ``layout`` where ``keep`` (one bool per stored block) holds."""
+    rows = np.repeat(np.arange(layout.indptr.shape[0] - 1), np.diff(layout.indptr))
+    counts = np.bincount(rows[keep], minlength=layout.indptr.shape[0] - 1)
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    return BlockLayout(indptr, layout.indices[keep], layout.block, layout.seq, layout.heads)
+
+
+def _store(x: np.ndarray, buffer: np.ndarray | None) -> np.ndarray:
+    if buffer is None:
+        return x
+    buffer[...] = x
+    return buffer

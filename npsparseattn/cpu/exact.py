@@ -41,6 +41,7 @@ from npsparseattn._dtypes import compute_dtype
 from npsparseattn.cpu import DTYPES, KINDS, kvcache
 from npsparseattn.cpu._blas import gemm_address, single_threaded_blas, small_matrix_kernels
 from npsparseattn.cpu._jit import kernel
+from npsparseattn.cpu._scores import backward_mods, jit_functions_only, kernel_mods, scratch_width
 from npsparseattn.cpu._steps import backward_kv_pair, backward_pair, backward_q_pair, forward_pair, store_rows
 from npsparseattn.cpu._tiles import (
     LOG2E,
@@ -51,10 +52,12 @@ from npsparseattn.cpu._tiles import (
     window_bound,
     zigzag,
 )
+from npsparseattn.problems.scores import FEATURES, ScoreMods
 
 __all__ = [
     "DTYPES",
     "KINDS",
+    "SCORE_MODS",
     "STRIDED_ROWS",
     "TOLERANCE",
     "backward",
@@ -64,6 +67,7 @@ __all__ = [
     "unsupported",
 ]
 
+SCORE_MODS = FEATURES
 STRIDED_ROWS = False  # one compiled kernel per dtype: the public layer copies non-contiguous inputs (O(L))
 TOLERANCE = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-5, "float64": 1e-10}
 GEMM_VOLUME = 900_000  # most multiply-adds of one tile product (OpenBLAS's small-matrix kernels: m*n*k <= 10**6)
@@ -75,12 +79,12 @@ TRANSPOSE_REUSE = 64  # query rows per key from which K and V are transposed onc
 
 
 def unsupported(problem) -> list[str]:
-    """Every attention problem on NumPy arrays is supported."""
-    return []
+    """Every attention problem on NumPy arrays is supported; a ``score_mod``/``mask_mod`` must be compiled by numba."""
+    return jit_functions_only(problem.mods)
 
 
 @kernel(writes=("out", "lse"))
-def _forward_kernel(q, k, kt, v, out, lse, scale, off, left, right, bq, bk, strip, gemm):
+def _forward_kernel(q, k, kt, v, out, lse, scale, off, left, right, bq, bk, strip, gemm, mods):
     n_batch, hq, lq, _ = q.shape
     group = hq // k.shape[1]
     lk = k.shape[2]
@@ -102,7 +106,7 @@ def _forward_kernel(q, k, kt, v, out, lse, scale, off, left, right, bq, bk, stri
             n = min(bk, khi - j0)
             forward_pair(
                 gemm, q, k, v, b, h, h // group, i0, m, j0, n, off, left, right, c, s, acc, row_max, row_sum, strip,
-                kt,
+                kt, mods,
             )  # fmt: skip
         finish_rows(acc, row_max, row_sum, m, out, lse, b, h, i0)
 
@@ -138,7 +142,7 @@ def transpose_kernel(x, xt):
 
 
 @kernel(writes=("dk", "dv"))
-def _backward_kv_kernel(dout, q, k, kt, v, vt, lse2, delta, dk, dv, scale, off, left, right, bq, bk, strip, gemm):
+def _backward_kv_kernel(dout, q, k, kt, v, vt, lse2, delta, dk, dv, scale, off, left, right, bq, bk, strip, gemm, mods):
     n_batch, hq, lq, d = q.shape
     hk_count = k.shape[1]
     group = hq // hk_count
@@ -153,7 +157,7 @@ def _backward_kv_kernel(dout, q, k, kt, v, vt, lse2, delta, dk, dv, scale, off, 
         j0 = t * bk
         n = min(bk, lk - j0)
         s = np.empty((bq, bk), q.dtype)
-        dp = np.empty((bq, bk), q.dtype)
+        dp = np.empty((bq, scratch_width(mods, bk)), q.dtype)
         acc_k = np.zeros((bk, d), q.dtype)
         acc_v = np.zeros((bk, v.shape[3]), q.dtype)
         ilo, ihi = visible_queries(j0, j0 + n, off, left, right, lq)
@@ -162,14 +166,14 @@ def _backward_kv_kernel(dout, q, k, kt, v, vt, lse2, delta, dk, dv, scale, off, 
                 m = min(bq, ihi - i0)
                 backward_kv_pair(
                     gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, off, left, right, c, sc, s, dp,
-                    acc_k, acc_v, strip, kt, vt,
+                    acc_k, acc_v, strip, kt, vt, mods,
                 )  # fmt: skip
         store_rows(acc_k, dk, b, hk, j0, n)
         store_rows(acc_v, dv, b, hk, j0, n)
 
 
 @kernel(writes=("dq",))
-def _backward_q_kernel(dout, q, k, kt, v, vt, lse2, delta, dq, scale, off, left, right, bq, bk, strip, gemm):
+def _backward_q_kernel(dout, q, k, kt, v, vt, lse2, delta, dq, scale, off, left, right, bq, bk, strip, gemm, mods):
     n_batch, hq, lq, d = q.shape
     group = hq // k.shape[1]
     lk = k.shape[2]
@@ -183,7 +187,7 @@ def _backward_q_kernel(dout, q, k, kt, v, vt, lse2, delta, dq, scale, off, left,
         i0 = t * bq
         m = min(bq, lq - i0)
         s = np.empty((bq, bk), q.dtype)
-        dp = np.empty((bq, bk), q.dtype)
+        dp = np.empty((bq, scratch_width(mods, bk)), q.dtype)
         acc = np.zeros((bq, d), q.dtype)
         klo = visible_keys(i0, off, left, right, lk)[0]
         khi = visible_keys(i0 + m - 1, off, left, right, lk)[1]
@@ -191,13 +195,15 @@ def _backward_q_kernel(dout, q, k, kt, v, vt, lse2, delta, dq, scale, off, left,
             n = min(bk, khi - j0)
             backward_q_pair(
                 gemm, dout, q, k, v, lse2, delta, b, h, h // group, i0, m, j0, n, off, left, right, c, sc, s, dp, acc,
-                strip, kt, vt,
+                strip, kt, vt, mods,
             )  # fmt: skip
         store_rows(acc, dq, b, h, i0, m)
 
 
 @kernel(writes=("dq", "dk", "dv"))
-def _backward_kernel(dout, q, k, kt, v, vt, lse2, delta, dq, dk, dv, scale, off, left, right, bq, bk, strip, gemm):
+def _backward_kernel(
+    dout, q, k, kt, v, vt, lse2, delta, dq, dk, dv, scale, off, left, right, bq, bk, strip, gemm, mods
+):
     n_batch, hq, lq, d = q.shape
     hk_count = k.shape[1]
     group = hq // hk_count
@@ -210,7 +216,7 @@ def _backward_kernel(dout, q, k, kt, v, vt, lse2, delta, dq, dk, dv, scale, off,
         hk = task % hk_count
         b = task // hk_count
         s = np.empty((bq, bk), q.dtype)
-        dp = np.empty((bq, bk), q.dtype)
+        dp = np.empty((bq, scratch_width(mods, bk)), q.dtype)
         acc_k = np.empty((bk, d), q.dtype)
         acc_v = np.empty((bk, v.shape[3]), q.dtype)
         for h in range(hk * group, (hk + 1) * group):
@@ -229,7 +235,7 @@ def _backward_kernel(dout, q, k, kt, v, vt, lse2, delta, dq, dk, dv, scale, off,
                     m = min(bq, ihi - i0)
                     backward_pair(
                         gemm, dout, q, k, v, lse2, delta, b, h, hk, i0, m, j0, n, off, left, right, c, sc, s, dp,
-                        acc_k, acc_v, dq, strip, kt, vt,
+                        acc_k, acc_v, dq, strip, kt, vt, mods,
                     )  # fmt: skip
             store_rows(acc_k, dk, b, hk, j0, n)
             store_rows(acc_v, dv, b, hk, j0, n)
@@ -357,6 +363,7 @@ def forward(
     right: int | None,
     out: np.ndarray | None = None,
     lse: np.ndarray | None = None,
+    mods: ScoreMods | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Tiled attention forward on canonical 4-D arrays.
 
@@ -374,6 +381,9 @@ def forward(
         ``None`` is unbounded.
     out, lse : arrays, optional
         Buffers to write into: (B, Hq, Lq, Dv) and (B, Hq, Lq), input dtype.
+    mods : ScoreMods, optional
+        Score modifications (:mod:`npsparseattn.problems.scores`), applied
+        to every score tile (``cpu/_scores.py``).
 
     Returns
     -------
@@ -385,7 +395,7 @@ def forward(
     lse = np.empty((n_batch, hq, lq), q.dtype) if lse is None else lse
     if lq == 0:
         return out, lse
-    if decode_shaped(q, k, offset):
+    if mods is None and decode_shaped(q, k, offset):
         return _decode_forward(q, k, v, scale, left, right, out, lse)
     rows, keys = tile_shape(max(q.shape[3], v.shape[3]))
     bq = _tile(lq, rows, n_batch * hq)
@@ -394,7 +404,7 @@ def forward(
     with single_threaded_blas():
         _forward_kernel(
             q, k, kt, v, out, lse, scale, offset, window_bound(left), window_bound(right), bq, bk, FORWARD_STRIP,
-            gemm_address(q.dtype),
+            gemm_address(q.dtype), kernel_mods(mods, q.dtype, q.shape[:3] + (lk,)),
         )  # fmt: skip
     return out, lse
 
@@ -413,6 +423,8 @@ def backward(
     right: int | None,
     grads: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     scheme: str | None = None,
+    mods: ScoreMods | None = None,
+    dbias: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tiled attention backward on canonical 4-D arrays.
 
@@ -421,7 +433,9 @@ def backward(
     ``(dq, dk, dv)`` buffers to write.  Returns ``(dq, dk, dv)`` shaped like
     ``q``, ``k``, ``v``; ``dk``/``dv`` are summed over each GQA group.
     ``scheme`` (``"one-pass"`` or ``"two-pass"``) overrides
-    :func:`backward_scheme`'s choice; both are deterministic.
+    :func:`backward_scheme`'s choice; both are deterministic.  ``mods``:
+    the forward's score modifications; ``dbias``, a zero (B, Hq, Lq, Lk)
+    buffer, receives the gradient of the biased score of every visible pair.
     """
     n_batch, hq, lq, _ = q.shape
     hk, lk = k.shape[1], k.shape[2]
@@ -437,6 +451,8 @@ def backward(
     lse2 = np.ascontiguousarray(lse, dtype=dtype) * dtype.type(LOG2E)
     mask = (scale, offset, window_bound(left), window_bound(right))
     gemm = gemm_address(dtype)
+    shape = (n_batch, hq, lq, lk)
+    mods_kv, mods_q = backward_mods(mods, dtype, shape, dbias)
     rows, keys = tile_shape(max(q.shape[3], v.shape[3]), backward=True)
     with single_threaded_blas():
         row_dot_kernel(dout, out, delta)
@@ -444,12 +460,12 @@ def backward(
         kv = (k, transposed(k, reuse), v, transposed(v, reuse))
         if chosen_scheme(scheme, n_batch * hk) == "one-pass":
             bq, bk = min(rows, lq), min(keys, lk)
-            _backward_kernel(dout, q, *kv, lse2, delta, dq, dk, dv, *mask, bq, bk, BACKWARD_STRIP, gemm)
+            _backward_kernel(dout, q, *kv, lse2, delta, dq, dk, dv, *mask, bq, bk, BACKWARD_STRIP, gemm, mods_kv)
             return dq, dk, dv
         bk = _tile(lk, keys, n_batch * hk)
         bq = max(1, min(rows, lq))
-        _backward_kv_kernel(dout, q, *kv, lse2, delta, dk, dv, *mask, bq, bk, BACKWARD_STRIP, gemm)
+        _backward_kv_kernel(dout, q, *kv, lse2, delta, dk, dv, *mask, bq, bk, BACKWARD_STRIP, gemm, mods_kv)
         bq = _tile(lq, rows, n_batch * hq)
         bk = max(1, min(keys, lk))
-        _backward_q_kernel(dout, q, *kv, lse2, delta, dq, *mask, bq, bk, BACKWARD_STRIP, gemm)
+        _backward_q_kernel(dout, q, *kv, lse2, delta, dq, *mask, bq, bk, BACKWARD_STRIP, gemm, mods_q)
     return dq, dk, dv

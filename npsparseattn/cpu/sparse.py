@@ -34,12 +34,25 @@ from numba import njit
 
 from npsparseattn._dtypes import compute_dtype
 from npsparseattn.cpu import DTYPES, KINDS, _walk
+from npsparseattn.cpu._scores import backward_mods, jit_functions_only, kernel_mods
 from npsparseattn.cpu._tiles import window_bound
 from npsparseattn.cpu._walk import GATHER_BELOW, ColumnWalk, RowWalk, balanced_order
 from npsparseattn.cpu.block_sparse import chunk_width
+from npsparseattn.problems.scores import FEATURES, ScoreMods
 
-__all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]
+__all__ = [
+    "DTYPES",
+    "KINDS",
+    "SCORE_MODS",
+    "STRIDED_ROWS",
+    "TOLERANCE",
+    "backward",
+    "compute_dtype",
+    "forward",
+    "unsupported",
+]
 
+SCORE_MODS = FEATURES
 STRIDED_ROWS = False  # one compiled kernel per dtype: the public layer copies non-contiguous inputs
 TOLERANCE = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-5, "float64": 1e-10}
 STACK_BELOW = 64  # query blocks shorter than this stack the heads of a GQA group
@@ -47,8 +60,8 @@ KEY_TILE = 64  # keys per dK/dV task at least: blocks shorter than GATHER_BELOW 
 
 
 def unsupported(problem) -> list[str]:
-    """Every sparse problem on NumPy arrays is supported."""
-    return []
+    """Every sparse problem on NumPy arrays is supported; a ``score_mod``/``mask_mod`` must be compiled by numba."""
+    return jit_functions_only(getattr(problem, "mods", None))
 
 
 @njit(cache=True)
@@ -262,6 +275,7 @@ def forward(
     right: int | None,
     out: np.ndarray | None = None,
     lse: np.ndarray | None = None,
+    mods: ScoreMods | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sparse attention forward on canonical arrays.
 
@@ -278,6 +292,8 @@ def forward(
         ``i+offset-left <= j <= i+offset+right`` (``None``: unbounded).
     out, lse : arrays, optional
         Buffers (B, Hq, Lq, Dv) and (B, Hq, Lq) in the input dtype.
+    mods : ScoreMods, optional
+        Score modifications applied to the selected keys' scores (``cpu/_scores.py``).
 
     Returns
     -------
@@ -288,6 +304,7 @@ def forward(
     g = stacks(hq, hk, q_block)
     walk = _row_walk(kv_idx, kv_cnt, hq, lq, lk, q_block, kv_block, g, max(q.shape[3], v.shape[3]), offset)
     bounds = {"scale": scale, "left": window_bound(left), "right": window_bound(right), "qdiv": g}
+    bounds["mods"] = kernel_mods(mods, q.dtype, (q.shape[0], hq, lq, lk))
     if g == 1:
         return _walk.forward(q, k, v, walk, out=out, lse=lse, **bounds)
     out_s, lse_s = _walk.forward(stack(q, hk), k, v, walk, **bounds)
@@ -312,6 +329,8 @@ def backward(
     right: int | None,
     grads: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     scheme: str | None = None,
+    mods: ScoreMods | None = None,
+    dbias: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sparse attention backward: ``(dq, dk, dv)`` shaped like ``q``, ``k``, ``v`` (dk/dv summed over GQA groups).
 
@@ -319,7 +338,8 @@ def backward(
     :func:`forward` with the same index and options; ``grads`` optionally
     gives the buffers.  ``scheme`` (``"one-pass"`` or ``"two-pass"``)
     overrides the choice of :func:`~npsparseattn.cpu.exact.backward_scheme`;
-    both are deterministic (bitwise equal results run after run).
+    both are deterministic (bitwise equal results run after run).  ``mods``/``dbias`` as
+    :func:`npsparseattn.cpu.exact.backward`.
     """
     _, hq, lq, _ = q.shape
     hk, lk = k.shape[1], k.shape[2]
@@ -328,6 +348,7 @@ def backward(
     walk = (kv_idx, kv_cnt, hq, lq, lk, q_block, kv_block, g, dim, offset)
     rows, columns = _row_walk(*walk), _column_walk(*walk)
     bounds = {"scale": scale, "left": window_bound(left), "right": window_bound(right), "qdiv": g, "scheme": scheme}
+    bounds["mods"], bounds["mods_q"] = backward_mods(mods, q.dtype, (q.shape[0], hq, lq, lk), dbias)
     if g == 1:
         return _walk.backward(dout, q, k, v, out, lse, rows, columns, grads=grads, **bounds)
     q_s = stack(q, hk)

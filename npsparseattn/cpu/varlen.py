@@ -66,7 +66,7 @@ def _forward_kernel(q, k, v, out, lse, cu_q, cu_k, tasks, order, starts, scale, 
             for j0 in range(klo, khi, bk):
                 n = min(bk, khi - j0)
                 forward_pair(gemm, qs, ks, vs, 0, h, h // group, i0, m, j0, n, off, left, right, c, s, acc, row_max,
-                             row_sum, FORWARD_STRIP, no_kt)  # fmt: skip
+                             row_sum, FORWARD_STRIP, no_kt, None)  # fmt: skip
             finish_rows(acc, row_max, row_sum, m, out[:, :, q0:q1], lse[:, :, q0:q1], 0, h, i0)
 
 
@@ -99,7 +99,7 @@ def _backward_kv_kernel(
                     m = min(bq, ihi - i0)
                     backward_kv_pair(
                         gemm, dos, qs, ks, vs, lse2s, deltas, 0, h, hk, i0, m, j0, n, off, left, right, c, sc, s, dp,
-                        acc_k, acc_v, BACKWARD_STRIP, no_kt, no_kt,
+                        acc_k, acc_v, BACKWARD_STRIP, no_kt, no_kt, None,
                     )  # fmt: skip
             store_rows(acc_k, dk[:, :, k0:k1], 0, hk, j0, n)
             store_rows(acc_v, dv[:, :, k0:k1], 0, hk, j0, n)
@@ -132,7 +132,7 @@ def _backward_q_kernel(
                 n = min(bk, khi - j0)
                 backward_q_pair(
                     gemm, dos, qs, ks, vs, lse2s, deltas, 0, h, h // group, i0, m, j0, n, off, left, right, c, sc, s,
-                    dp, acc, BACKWARD_STRIP, no_kt, no_kt,
+                    dp, acc, BACKWARD_STRIP, no_kt, no_kt, None,
                 )  # fmt: skip
             store_rows(acc, dq[:, :, q0:q1], 0, h, i0, m)
 

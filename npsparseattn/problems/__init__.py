@@ -20,6 +20,10 @@ next to its kernels:
 ``compute_dtype(dtype) -> numpy.dtype``
     the dtype its kernels read for inputs of ``dtype``
     (:func:`~npsparseattn._dtypes.compute_dtype` is the usual rule);
+``SCORE_MODS`` (optional)
+    the score modifications its ``attention`` kernels apply, named as in
+    :data:`npsparseattn.problems.scores.FEATURES`; the registry never gives
+    a module a problem with a modification it does not list;
 ``STRIDED_ROWS``
     ``True`` if it reads arrays whose last axis has unit stride and whose
     other strides are arbitrary (non-negative, non-overlapping rows);
@@ -37,6 +41,11 @@ operation                   kernels
 ``attention``               ``forward(q, k, v, *, scale, offset, left, right, out=None, lse=None)
                             -> (out, lse)``; ``backward(dout, q, k, v, out, lse, *, scale, offset,
                             left, right, grads=None) -> (dq, dk, dv)``
+                            With score modifications (``SCORE_MODS`` below) ``forward`` and
+                            ``backward`` also get ``mods`` (a
+                            :class:`~npsparseattn.problems.scores.ScoreMods`), and ``backward``
+                            with a bias a zero (B, Hq, Lq, Lk) ``dbias`` buffer that it fills with
+                            the gradient of the biased score of every visible pair
 ``block_sparse_attention``  the same with ``layout`` (a :class:`~npsparseattn.layouts.BlockLayout`)
                             after ``v``
 ``lsh_buckets``             ``buckets(x, rotations, factors) -> int32 (M, n_hashes, L)``

@@ -37,7 +37,16 @@ import numpy as np
 from npsparseattn._arrays import array_module, common_kind
 from npsparseattn._dtypes import FLOAT_DTYPES
 
-__all__ = ["FEATURES", "ScoreMods", "bias_grad_buffer", "check_backward_mods", "score_mods", "with_score_mods"]
+__all__ = [
+    "FEATURES",
+    "ScoreMods",
+    "backward_extras",
+    "bias_grad_buffer",
+    "check_backward_mods",
+    "score_mods",
+    "with_bias_grad",
+    "with_score_mods",
+]
 
 FEATURES = ("alibi_slopes", "softcap", "bias", "score_mod", "mask_mod")
 
@@ -186,13 +195,31 @@ def check_backward_mods(mods: ScoreMods | None) -> None:
 
 
 def with_score_mods(problem: Any, **mods: Any) -> Any:
-    """``problem`` with its validated :class:`ScoreMods` (keywords of :func:`score_mods`; ``None`` when none)."""
+    """``problem`` with its validated :class:`ScoreMods` (keywords of :func:`score_mods`; ``None`` when none).
+
+    A sparse problem (one with a ``dense`` attention problem) gets them on its dense problem.
+    """
+    if hasattr(problem, "dense"):
+        return replace(problem, dense=with_score_mods(problem.dense, **mods))
     return replace(problem, mods=score_mods(problem, **mods))
 
 
 def bias_grad_buffer(problem: Any, dtype: Any) -> Any:
     """A zero (B, Hq, Lq, Lk) ``dtype`` buffer for the kernels' ``dbias`` when ``problem`` has a bias, else ``None``."""
-    if problem.mods is None or problem.mods.bias is None:
+    dense = getattr(problem, "dense", problem)
+    if dense.mods is None or dense.mods.bias is None:
         return None
-    xp = array_module(problem.kind)
-    return xp.zeros(problem.q.shape[:3] + (problem.k.shape[2],), dtype)
+    xp = array_module(dense.kind)
+    return xp.zeros(dense.q.shape[:3] + (dense.k.shape[2],), dtype)
+
+
+def backward_extras(dbias: Any) -> dict[str, Any]:
+    """The backward kernels' extra keywords: ``dbias`` when there is a bias."""
+    return {} if dbias is None else {"dbias": dbias}
+
+
+def with_bias_grad(grads: tuple[Any, ...], problem: Any, dbias: Any) -> tuple[Any, ...]:
+    """``grads`` (already in the caller's shapes), followed by the bias's gradient when there is a bias."""
+    if dbias is None:
+        return grads
+    return grads + (getattr(problem, "dense", problem).mods.reduce_bias_grad(dbias),)

@@ -157,6 +157,11 @@ class SparseProblem:
         return self.dense.dtype
 
     @property
+    def mods(self) -> Any:
+        """The dense problem's score modifications (:mod:`npsparseattn.problems.scores`), or ``None``."""
+        return self.dense.mods
+
+    @property
     def n_query_blocks(self) -> int:
         return self.kv_idx.shape[2]
 

@@ -11,9 +11,27 @@ from typing import Any
 from npsparseattn._arrays import array_module, common_kind
 from npsparseattn.layouts import BlockLayout
 from npsparseattn.reference import _oracle
-from npsparseattn.reference.exact import DTYPES, KINDS, STRIDED_ROWS, TOLERANCE, compute_dtype, unsupported
+from npsparseattn.reference.exact import (
+    DTYPES,
+    KINDS,
+    SCORE_MODS,
+    STRIDED_ROWS,
+    TOLERANCE,
+    compute_dtype,
+    unsupported,
+)
 
-__all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]
+__all__ = [
+    "DTYPES",
+    "KINDS",
+    "SCORE_MODS",
+    "STRIDED_ROWS",
+    "TOLERANCE",
+    "backward",
+    "compute_dtype",
+    "forward",
+    "unsupported",
+]
 
 
 def token_mask(layout: BlockLayout, seq_q: int, seq_k: int, offset: int, left: Any, right: Any, xp: Any) -> Any:
@@ -23,17 +41,17 @@ def token_mask(layout: BlockLayout, seq_q: int, seq_k: int, offset: int, left: A
     return (blocks & visible)[None]
 
 
-def forward(q, k, v, layout, *, scale, offset, left, right, out=None, lse=None):
+def forward(q, k, v, layout, *, scale, offset, left, right, out=None, lse=None, mods=None):
     """float64 ``(out, lse)``: dense attention masked by ``expand(layout) & visibility``."""
     xp = array_module(common_kind(q=q, k=k, v=v))
     mask = token_mask(layout, q.shape[2], k.shape[2], offset, left, right, xp)
-    result, log_sum, _ = _oracle.forward(q, k, v, mask, scale, xp)
+    result, log_sum, _ = _oracle.forward(q, k, v, mask, scale, xp, mods, offset)
     return _oracle.store(result, out), _oracle.store(log_sum, lse)
 
 
-def backward(dout, q, k, v, out, lse, layout, *, scale, offset, left, right, grads=None):
+def backward(dout, q, k, v, out, lse, layout, *, scale, offset, left, right, grads=None, mods=None, dbias=None):
     """float64 ``(dq, dk, dv)`` under the same mask, from the given ``out`` and ``lse``."""
     xp = array_module(common_kind(q=q, k=k, v=v))
     mask = token_mask(layout, q.shape[2], k.shape[2], offset, left, right, xp)
-    result = _oracle.backward(dout, q, k, v, out, lse, mask, scale, xp)
+    result = _oracle.backward(dout, q, k, v, out, lse, mask, scale, xp, mods, offset, dbias)
     return tuple(_oracle.store(g, buf) for g, buf in zip(result, grads or (None, None, None)))

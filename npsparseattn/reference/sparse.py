@@ -13,11 +13,20 @@ from typing import Any
 
 from npsparseattn._arrays import array_module, common_kind
 from npsparseattn.reference import _oracle
-from npsparseattn.reference.exact import DTYPES, KINDS, STRIDED_ROWS, TOLERANCE, compute_dtype, unsupported
+from npsparseattn.reference.exact import (
+    DTYPES,
+    KINDS,
+    SCORE_MODS,
+    STRIDED_ROWS,
+    TOLERANCE,
+    compute_dtype,
+    unsupported,
+)
 
 __all__ = [
     "DTYPES",
     "KINDS",
+    "SCORE_MODS",
     "STRIDED_ROWS",
     "TOLERANCE",
     "backward",
@@ -55,19 +64,20 @@ def token_mask(kv_idx, kv_cnt, n_heads, seq_q, seq_k, q_block, kv_block, offset,
     return tokens & visible
 
 
-def forward(q, k, v, kv_idx, kv_cnt, *, q_block, kv_block, scale, offset, left, right, out=None, lse=None):
+def forward(q, k, v, kv_idx, kv_cnt, *, q_block, kv_block, scale, offset, left, right, out=None, lse=None, mods=None):
     """float64 ``(out, lse)``: dense attention masked by ``expand(kv_idx) & visibility``."""
     xp = array_module(common_kind(q=q, k=k, v=v))
     mask = token_mask(kv_idx, kv_cnt, q.shape[1], q.shape[2], k.shape[2], q_block, kv_block, offset, left, right, xp)
-    result, log_sum, _ = _oracle.forward(q, k, v, mask, scale, xp)
+    result, log_sum, _ = _oracle.forward(q, k, v, mask, scale, xp, mods, offset)
     return _oracle.store(result, out), _oracle.store(log_sum, lse)
 
 
 def backward(
-    dout, q, k, v, out, lse, kv_idx, kv_cnt, *, q_block, kv_block, scale, offset, left, right, grads=None
+    dout, q, k, v, out, lse, kv_idx, kv_cnt, *, q_block, kv_block, scale, offset, left, right, grads=None,
+    mods=None, dbias=None,
 ):  # fmt: skip
     """float64 ``(dq, dk, dv)`` under the same mask, from the given ``out`` and ``lse``."""
     xp = array_module(common_kind(q=q, k=k, v=v))
     mask = token_mask(kv_idx, kv_cnt, q.shape[1], q.shape[2], k.shape[2], q_block, kv_block, offset, left, right, xp)
-    result = _oracle.backward(dout, q, k, v, out, lse, mask, scale, xp)
+    result = _oracle.backward(dout, q, k, v, out, lse, mask, scale, xp, mods, offset, dbias)
     return tuple(_oracle.store(g, buf) for g, buf in zip(result, grads or (None, None, None)))
