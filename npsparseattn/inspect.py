@@ -45,6 +45,7 @@ from npsparseattn.layouts import BlockLayout, Pair, _pair
 from npsparseattn.lsh import lsh_buckets, lsh_rotations
 from npsparseattn.problems import AttentionProblem, attention_problem, check_layout, lse_dtype
 from npsparseattn.problems.lsh import bucket_factors
+from npsparseattn.sparse import sparse_attention
 
 Window = tuple[int | None, int | None]
 
@@ -190,11 +191,13 @@ def _problem(q: Any, k: Any, causal: Any, window: Any, scale: Any = None) -> Att
 def coverage(
     q: Any,
     k: Any,
-    selection: BlockLayout | LSHSelection,
+    selection: BlockLayout | LSHSelection | Any,
     *,
     causal: bool = False,
     window: Window | None = None,
     scale: float | None = None,
+    q_block: int = 64,
+    kv_block: int = 64,
     backend: str = "auto",
 ) -> Any:
     """Per query, the fraction of its dense softmax mass that a sparse selection keeps.
@@ -204,7 +207,8 @@ def coverage(
     under ``causal``/``window`` (from :func:`npsparseattn.attention` with a
     value width of 1), ``lse_sparse`` the same over the keys the selection
     also keeps (from :func:`npsparseattn.block_sparse_attention` for a
-    layout).  Memory is O(L): the probabilities are never stored.
+    layout, :func:`npsparseattn.sparse_attention` for an index).  Memory is
+    O(L): the probabilities are never stored.
 
     * A query whose selected keys hold all its mass gets 1, one whose
       selection keeps none of its visible keys gets 0.
@@ -217,18 +221,23 @@ def coverage(
     ----------
     q : array (*batch, Hq, Lq, D), (Hq, Lq, D) or (Lq, D); NumPy, or CuPy for layouts
     k : array (*batch, Hk, Lk, D), ``Hq % Hk == 0`` (grouped-query attention)
-    selection : BlockLayout or LSHSelection
+    selection : BlockLayout, LSHSelection, kv_idx or (kv_idx, kv_cnt)
         A layout with ``seq == (Lq, Lk)`` and 1 or Hq heads
-        (:mod:`npsparseattn.layouts`), or :func:`lsh_selection`'s result
+        (:mod:`npsparseattn.layouts`); :func:`lsh_selection`'s result
         for these ``q``/``k`` (NumPy; computed in NumPy tiles of
-        ``O(tile x Lk)`` memory, dense and sparse sums in one pass).
+        ``O(tile x Lk)`` memory, dense and sparse sums in one pass); or the
+        index of :func:`npsparseattn.sparse_attention`, an integer
+        ``kv_idx`` array or a router's ``(kv_idx, kv_cnt)`` pair
+        (:mod:`npsparseattn.routing`), with ``q_block``/``kv_block``.
     causal, window, scale :
         As :func:`npsparseattn.attention`; they define the dense mass and
         apply inside the selection.
+    q_block, kv_block : int
+        The block edges of an index selection (as for ``sparse_attention``).
     backend : str
         ``"auto"`` or a name from ``available_backends("attention")``: the
-        backend of the attention calls (layouts; an LSH selection is
-        computed in NumPy whatever it says).
+        backend of the attention calls (layouts and indices; an LSH selection
+        is computed in NumPy whatever it says).
 
     Returns
     -------
@@ -262,15 +271,30 @@ def coverage(
     elif isinstance(selection, LSHSelection):
         _check_lsh(selection, p)
         lse_dense, lse_sparse = (p.restore(x) for x in _lsh_lse(p, selection))
+    elif _is_index(selection):
+        kv_idx, kv_cnt = selection if isinstance(selection, tuple) else (selection, None)
+        v = p.restore(p.v)
+        _, lse_dense = attention(q, k, v, causal=causal, window=window, scale=scale, return_lse=True, backend=backend)
+        _, lse_sparse = sparse_attention(
+            q, k, v, kv_idx, kv_cnt=kv_cnt, q_block=q_block, kv_block=kv_block, causal=causal, window=window,
+            scale=scale, return_lse=True, backend=backend,
+        )  # fmt: skip
     else:
         raise TypeError(
-            "selection must be an npsparseattn.layouts.BlockLayout or an LSHSelection from lsh_selection; "
-            f"got {type(selection).__name__} (kv_idx index arrays are not accepted yet)"
+            "selection must be an npsparseattn.layouts.BlockLayout, an LSHSelection from lsh_selection, or a "
+            "sparse_attention index (a kv_idx integer array or a (kv_idx, kv_cnt) pair); "
+            f"got {type(selection).__name__}"
         )
     xp = array_module(p.kind)
     with np.errstate(invalid="ignore"):
         kept = xp.minimum(xp.exp(lse_sparse - lse_dense), 1.0)
     return xp.where(lse_dense == -xp.inf, 1.0, kept).astype(lse_dtype(p.dtype))
+
+
+def _is_index(selection: Any) -> bool:
+    """A ``kv_idx`` integer array (NumPy or CuPy) or a ``(kv_idx, kv_cnt)`` pair of them."""
+    parts = selection if isinstance(selection, tuple) and len(selection) == 2 else (selection,)
+    return all(getattr(getattr(x, "dtype", None), "kind", None) in "iu" for x in parts if x is not None)
 
 
 def _check_lsh(selection: LSHSelection, p: AttentionProblem) -> None:

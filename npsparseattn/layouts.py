@@ -803,11 +803,12 @@ def from_mask_mod(
       over the blocks (any Python that numba compiles; arrays it reads from
       globals or closures are frozen at compilation).
 
-    Only the **block** pattern comes from here: today's kernels apply the
-    layout plus ``causal``/``window``, not the ``mask_mod`` inside partial
-    blocks.  Pass the same rule as ``causal``/``window`` where it is one of
-    those; element-level masking by ``mask_mod`` inside partial blocks
-    comes with the ``score_mod``/``mask_mod`` kernels.
+    Only the **block** pattern comes from here.  To mask inside the blocks
+    too, pass the same predicate as a ``numba.njit`` function to
+    :func:`~npsparseattn.block_sparse_attention` (``mask_mod=``): the CPU
+    kernels run the full blocks without it and evaluate it on the partial
+    ones (``docs/scores.md``).  Where the rule is a causal mask or a window,
+    ``causal``/``window`` do that without a call per score.
 
     Parameters
     ----------

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import random_array
 
-from npsparseattn import inspect, layouts
+from npsparseattn import inspect, layouts, routing
 from npsparseattn.reference import masked_softmax, visibility_mask
 
 
@@ -73,6 +73,30 @@ def test_coverage_equals_dense_float64(rng, batch, hq, hk, lq, lk, causal, windo
             assert rows.size and (got[..., rows] == 0).all()  # visible keys, none selected: exactly 0
         if causal and lq > lk:
             assert (got[..., : lq - lk] == 1.0).all()  # no visible key: nothing lost
+
+
+@pytest.mark.parametrize(("batch", "hq", "hk", "lq", "lk", "causal", "window", "block"), CASES[:3])
+def test_coverage_of_a_sparse_index(rng, batch, hq, hk, lq, lk, causal, window, block):
+    """A kv_idx (and a router's (kv_idx, kv_cnt)) selection: equal to the dense computation with the index
+    expanded to a token mask, GQA lists shared by their query heads, -1 slots selecting nothing."""
+    from npsparseattn.reference.sparse import token_mask
+
+    q, k = _qk(rng, batch, hq, hk, lq, lk)
+    bq, bk = (block, block) if isinstance(block, int) else block
+    nqb, nkb = -(-lq // bq), -(-lk // bk)
+    kv_idx = np.argsort(rng.random((*batch, hk, nqb, nkb)), axis=-1)[..., : max(1, nkb // 2)].astype(np.int32)
+    kv_idx[..., 0, :] = -1  # query block 0 selects nothing
+    got = inspect.coverage(q, k, kv_idx, causal=causal, window=window, q_block=bq, kv_block=bk)
+    flat = kv_idx.reshape((-1, hk, nqb, kv_idx.shape[-1]))
+    keep = token_mask(flat, np.full(flat.shape[:3], flat.shape[3]), hq, lq, lk, bq, bk, 0, None, None, np)
+    expected = _dense_coverage(q, k, keep.reshape((*batch, hq, lq, lk)), causal=causal, window=window)
+    assert got.shape == q.shape[:-1] and np.abs(got - expected).max() < 1e-12
+    kv_idx2, kv_cnt = routing.select_topk_blocks(q, k, q_block=bq, kv_block=bk, topk=2, causal=causal)
+    pair = inspect.coverage(q, k, (kv_idx2, kv_cnt), causal=causal, q_block=bq, kv_block=bk)
+    flat = kv_idx2.reshape((-1, hk, nqb, kv_idx2.shape[-1]))
+    keep = token_mask(flat, kv_cnt.reshape(flat.shape[:3]), hq, lq, lk, bq, bk, 0, None, None, np)
+    expected = _dense_coverage(q, k, keep.reshape((*batch, hq, lq, lk)), causal=causal)
+    assert np.abs(pair - expected).max() < 1e-12
 
 
 def test_coverage_float32_and_a_scale(rng):
@@ -173,8 +197,8 @@ def test_lsh_buckets_are_those_of_lsh_buckets(rng):
 def test_refusals(rng):
     q, k = _qk(rng, (), 2, 2, 64, 64)
     lay = layouts.dense(64, 16)
-    with pytest.raises(TypeError, match=r"BlockLayout or an LSHSelection.*kv_idx index arrays are not accepted yet"):
-        inspect.coverage(q, k, np.zeros((1, 2, 4, 3), np.int32))
+    with pytest.raises(TypeError, match=r"BlockLayout, an LSHSelection .* or a sparse_attention index"):
+        inspect.coverage(q, k, np.zeros((1, 2, 4, 3), np.float32))
     with pytest.raises(ValueError, match="layout is for seq"):
         inspect.coverage(q, k, layouts.dense(65, 16))
     with pytest.raises(ValueError, match="query heads"):
