@@ -33,8 +33,9 @@ __global__ void __launch_bounds__(NTHREADS, 1)
   const Mask mask{off, left, right};
   const int j0 = blockIdx.x * BK, group = hq / hk;
   const KeyRows r = key_rows<MASKED>(j0, min(BK, lk - j0), lq, lk, hq, hk, mask);
+  float* const dq_rows_acc = dq_acc != nullptr ? dq_acc + r.qbase * lq * D : nullptr;  // null stays null
   backward_keys<T, D, MASKED>(q + r.qbase * lq * D, k + r.krow * D, v + r.krow * D, dout + r.qbase * lq * D,
-                              lse2 + r.qbase * lq, delta + r.qbase * lq, dq_acc + r.qbase * lq * D, dk + r.krow * D,
+                              lse2 + r.qbase * lq, delta + r.qbase * lq, dq_rows_acc, dk + r.krow * D,
                               dv + r.krow * D, j0, r.kvalid, lq, mask, c, scale,
                               HeadWalk<SpanWalk>(SpanWalk(r.lo, r.hi, BwdShape<D>::BQ), blockIdx.y * group,
                                                  (blockIdx.y + 1) * group));
