@@ -207,7 +207,7 @@ def test_the_race_detector_finds_a_missing_barrier_in_one_run(rng, monkeypatch):
     def run(library, schedule=None):
         out, lse = np.full((1, 1, 64, 32), np.nan, np.float16), np.full((1, 1, 64), np.nan, np.float32)
         library.launch(name, (1, 1, 1), (128,), driver.fwd_shared_bytes(32), [q, k, v, out, lse, *ints,
-                       np.float32(0.25)], schedule=schedule)  # fmt: skip
+                       np.float32(0.25), None, np.float32(0)], schedule=schedule)  # fmt: skip
         return out, lse
 
     expected = run(host.library())
