@@ -90,6 +90,27 @@ def test_attention_matches_reference(rng, shape, mask):
     check_attention(q, k, v, mask, np.float32)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["float32", "float16"])
+def test_attention_with_alibi_softcap_and_bias(rng, dtype):
+    """ALiBi, softcap and a bias broadcast over the batch, forward and backward (dbias too), against the reference."""
+    q, k, v = random_qkv(rng, batch=(2,), hq=4, hk=2, lq=500, lk=600, d=64, dtype=dtype)
+    mods = dict(alibi_slopes=rng.uniform(0.01, 0.2, 4), softcap=20.0, bias=random_array(rng, (1, 4, 500, 600), dtype))
+    kw = dict(causal=True, window=(300, None))
+    tol = TOL[np.dtype(dtype).name]
+    wide = {name: x.astype(np.float64) if isinstance(x, np.ndarray) else x for name, x in mods.items()}
+    q64, k64, v64 = (x.astype(np.float64) for x in (q, k, v))
+    on = {name: cupy.asarray(x) if isinstance(x, np.ndarray) else x for name, x in mods.items()}
+    out, lse = nsa.attention(*on_gpu(q, k, v), return_lse=True, backend="numba-cuda", **kw, **on)
+    ref_out, ref_lse = nsa.attention(q64, k64, v64, return_lse=True, backend="reference", **kw, **wide)
+    assert rel_err(cupy.asnumpy(out), ref_out) < tol
+    dout = random_array(np.random.default_rng(1), out.shape, dtype)
+    grads = nsa.attention_backward(*on_gpu(dout, q, k, v), out, lse, backend="numba-cuda", **kw, **on)
+    ref = nsa.attention_backward(dout.astype(np.float64), q64, k64, v64, ref_out, ref_lse, backend="reference",
+                                 **kw, **wide)  # fmt: skip
+    for name, g, r in zip(("dq", "dk", "dv", "dbias"), on_host(*grads), ref, strict=True):
+        assert rel_err(g, r, floor=1.0) < 4 * tol, name
+
+
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=DTYPE_IDS[1:])
 def test_attention_half_precision(rng, dtype):
     q, k, v = random_qkv(rng, hq=4, hk=2, lq=600, lk=700, d=64, dtype=dtype)

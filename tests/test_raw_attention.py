@@ -207,7 +207,7 @@ def test_the_race_detector_finds_a_missing_barrier_in_one_run(rng, monkeypatch):
     def run(library, schedule=None):
         out, lse = np.full((1, 1, 64, 32), np.nan, np.float16), np.full((1, 1, 64), np.nan, np.float32)
         library.launch(name, (1, 1, 1), (128,), driver.fwd_shared_bytes(32), [q, k, v, out, lse, *ints,
-                       np.float32(0.25)], schedule=schedule)  # fmt: skip
+                       np.float32(0.25), None, np.float32(0)], schedule=schedule)  # fmt: skip
         return out, lse
 
     expected = run(host.library())
@@ -294,6 +294,9 @@ DETERMINISTIC_CASES = [
     pytest.param(False, dict(hq=3, hk=3, lq=65, lk=129, d=96), dict(), id="dense-full-d96"),
     pytest.param(True, dict(hq=2, hk=1, lq=150, lk=190, d=32), dict(causal=True), id="sparse-causal-d32"),
     pytest.param(True, dict(hq=4, hk=2, lq=130, lk=130, d=128), dict(window=(40, 10)), id="sparse-window-d128"),
+    # batch 2: the key-side pass of the deterministic backward gets no dQ accumulator in any batch
+    pytest.param(False, dict(batch=2, hq=2, hk=1, lq=40, lk=50, d=32), dict(causal=True), id="dense-batch2-d32"),
+    pytest.param(True, dict(batch=2, hq=2, hk=1, lq=64, lk=64, d=32), dict(), id="sparse-batch2-d32"),
 ]
 
 

@@ -229,6 +229,20 @@ def walk_args(step: str, layout: Any, q: Any, k: Any, tile: int, window: tuple[i
     return sparse, (n_blocks * chunks, heads, n_batch), runs, ints
 
 
+def score_args(mods: Any, like: Any) -> list[Any]:
+    """The dense kernels' last arguments ``slopes, cap2`` for ``mods`` (a ScoreMods of ALiBi and softcap, or
+    None): the (B, Hq) slopes times ``log2 e`` as float32 on ``like``'s device or None (a null pointer), and
+    the softcap times ``log2 e`` (0: off)."""
+    slopes = None
+    cap2 = 0.0
+    if mods is not None:
+        if mods.slopes is not None:
+            slopes = _xp(like).ascontiguousarray((mods.slopes * LOG2E).astype(np.float32))
+        if mods.softcap is not None:
+            cap2 = mods.softcap * LOG2E
+    return [slopes, np.float32(cap2)]
+
+
 def _launch(kernel: str, dtype: str, d: int | None, masked: bool | None, grid, shared: int, args: list) -> None:
     """Launch an instance of ``kernel`` on ``grid`` CTAs of :data:`NTHREADS`; an empty grid launches nothing."""
     if min(grid) > 0:
@@ -240,13 +254,13 @@ def forward(
 ) -> tuple[Any, Any]:
     """Attention forward on canonical 4-D arrays (tensor cores): dense if ``layout`` is None, else over its
     stored blocks; ``mask`` holds ``scale, offset, left, right``.  Arguments and results:
-    :func:`npsparseattn.cuda.cupy_raw.exact.forward`."""
+    :func:`npsparseattn.cuda.cupy_raw.exact.forward`; ``mask`` may also hold ``mods`` (dense only: ALiBi, softcap)."""
     element = check_arrays(q.dtype, q=q, k=k, v=v, element=element)
     with device_of(q):
         return _forward(q, k, v, layout, **mask, out=out, lse=lse, element=element)
 
 
-def _forward(q, k, v, layout, *, scale, offset, left, right, out, lse, element) -> tuple[Any, Any]:
+def _forward(q, k, v, layout, *, scale, offset, left, right, out, lse, element, mods=None) -> tuple[Any, Any]:
     xp = _xp(q)
     q, k, v = (kernel_input(x) for x in (q, k, v))
     n_batch, hq, lq, d = q.shape
@@ -258,6 +272,7 @@ def _forward(q, k, v, layout, *, scale, offset, left, right, out, lse, element) 
         tile = fwd_rows(d, sparse=layout is not None)
         kernel, grid, runs, ints = walk_args("forward", layout, q, k, tile, (offset, left_b, right_b))
         args = [q, k, v, out_k, lse_k, *runs, *map(np.int32, ints), np.float32(scale * LOG2E)]
+        args += score_args(mods, q) if layout is None else []
         _launch(kernel, element, d, masked, grid, fwd_shared_bytes(d, sparse=layout is not None), args)
     return finish(out_t, out_k), finish(lse_t, lse_k)
 
@@ -287,14 +302,17 @@ def backward(
 ) -> tuple[Any, Any, Any]:
     """Attention backward on canonical 4-D arrays (tensor cores): ``arrays`` are ``(dout, q, k, v, out, lse)``,
     dense if ``layout`` is None, else over its stored blocks; ``mask`` holds ``scale, offset, left, right``.
-    Arguments and results: :func:`npsparseattn.cuda.cupy_raw.exact.backward`."""
+    Arguments and results: :func:`npsparseattn.cuda.cupy_raw.exact.backward`; ``mask`` may also hold ``mods``
+    (dense only: ALiBi, softcap)."""
     dout, q, k, v, out, lse = arrays
     element = check_arrays(q.dtype, lse, q=q, k=k, v=v, dout=dout, out=out, element=element)
     with device_of(q):
         return _backward(*arrays, layout, **mask, grads=grads, element=element, deterministic=deterministic)
 
 
-def _backward(dout, q, k, v, out, lse, layout, *, scale, offset, left, right, grads, element, deterministic) -> tuple:
+def _backward(
+    dout, q, k, v, out, lse, layout, *, scale, offset, left, right, grads, element, deterministic, mods=None
+) -> tuple:
     xp = _xp(q)
     dout, q, k, v, out, lse = (kernel_input(x) for x in (dout, q, k, v, out, lse))
     lq, d, lk = q.shape[2], q.shape[3], k.shape[2]
@@ -309,12 +327,13 @@ def _backward(dout, q, k, v, out, lse, layout, *, scale, offset, left, right, gr
         lse2, delta, dq_acc = backward_prepare(dout, out, lse, dtype, d, accumulate=not deterministic)
         masked, left_b, right_b = window_args(left, right, lq, lk)
         window, scales = (offset, left_b, right_b), (np.float32(scale * LOG2E), np.float32(scale))
+        extra = score_args(mods, q) if layout is None else []
         kernel, grid, runs, ints = walk_args("keys", layout, q, k, BWD_KEYS, window)
-        args = [q, k, v, dout, lse2, delta, dq_acc, dk, dv, *runs, *map(np.int32, ints), *scales]
+        args = [q, k, v, dout, lse2, delta, dq_acc, dk, dv, *runs, *map(np.int32, ints), *scales, *extra]
         _launch(kernel, dtype, d, masked, grid, bwd_shared_bytes(d), args)
         if deterministic:  # dQ without atomics: CTAs of 64 query rows walk their key tiles
             kernel, grid, runs, ints = walk_args("dq", layout, q, k, DQ_ROWS, window)
-            args = [q, k, v, dout, lse2, delta, dq, *runs, *map(np.int32, ints), *scales]
+            args = [q, k, v, dout, lse2, delta, dq, *runs, *map(np.int32, ints), *scales, *extra]
             _launch(kernel, dtype, d, masked, grid, dq_shared_bytes(d), args)
         else:
             store_dq(dq_acc, dq, dtype, scale)

@@ -13,6 +13,10 @@ Backward (FlashAttention-2): the steps of :mod:`~npsparseattn.cuda.cupy_raw.driv
 dQ is summed with atomics, in an order that may vary between runs (not
 bitwise deterministic), unless ``deterministic=True`` (a separate dQ pass).
 
+ALiBi and softcap (:data:`SCORE_MODS`) are runtime arguments of the same
+instances (a null slopes pointer and a softcap of 0 turn them off); an
+additive bias is refused (the registry names it).
+
 What it takes and refuses, and its tolerances: :mod:`npsparseattn.cuda.cupy_raw`
 (float16 and bfloat16 with ``D == Dv`` in 32, 64, 96, 128).
 """
@@ -31,7 +35,9 @@ from npsparseattn.cuda.cupy_raw import (
     unsupported,
 )
 
-__all__ = ["DTYPES", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]
+__all__ = ["DTYPES", "SCORE_MODS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]
+
+SCORE_MODS = ("alibi_slopes", "softcap")  # the modifications of problems/scores.py these kernels apply
 
 
 def forward(
@@ -46,6 +52,7 @@ def forward(
     out: Any = None,
     lse: Any = None,
     element: str | None = None,
+    mods: Any = None,
 ) -> tuple[Any, Any]:
     """Tiled attention forward on canonical 4-D arrays (tensor cores).
 
@@ -62,12 +69,15 @@ def forward(
         For uint16 arrays: the element type whose bits they hold (bfloat16 kernels
         run on uint16 buffers where CuPy has no bfloat16 dtype); results are
         uint16 bits too.
+    mods : ScoreMods, optional
+        ALiBi slopes and softcap (:data:`SCORE_MODS`; no bias), in the order of
+        :mod:`npsparseattn.problems.scores`; ``lse`` is that of the modified scores.
 
     Returns
     -------
     out : (B, Hq, Lq, D) input dtype, lse : (B, Hq, Lq) float32; a row with no visible key gets 0 and ``-inf``.
     """
-    mask = dict(scale=scale, offset=offset, left=left, right=right)
+    mask = dict(scale=scale, offset=offset, left=left, right=right, mods=mods)
     return driver.forward(q, k, v, None, mask, out, lse, element)
 
 
@@ -86,6 +96,7 @@ def backward(
     grads: tuple[Any, Any, Any] | None = None,
     element: str | None = None,
     deterministic: bool = False,
+    mods: Any = None,
 ) -> tuple[Any, Any, Any]:
     """Tiled attention backward on canonical 4-D arrays (tensor cores).
 
@@ -96,7 +107,7 @@ def backward(
     ``element``: as for :func:`forward`.  ``deterministic=True``: dQ without atomics, in a separate pass
     whose blocks own query rows (the same bits on every run, about a third more work); by default dQ is
     summed with float32 atomics in an order that may vary between runs.  dK and dV are deterministic either
-    way.
+    way.  ``mods``: as for :func:`forward`.
     """
-    mask = dict(scale=scale, offset=offset, left=left, right=right)
+    mask = dict(scale=scale, offset=offset, left=left, right=right, mods=mods)
     return driver.backward((dout, q, k, v, out, lse), None, mask, grads, element, deterministic)

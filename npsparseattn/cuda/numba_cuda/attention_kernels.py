@@ -47,6 +47,7 @@ from npsparseattn.cuda.numba_cuda.runtime import (
     storage,
     window_bound,
 )
+from npsparseattn.cuda.numba_cuda.score_terms import ALIBI, BIAS, bias_grad_arg, modifier, score_args
 from npsparseattn.cuda.numba_cuda.tiles import PAD, Tiles, ops, tiles
 
 # numba.cuda, bound by the kernel factories on first use.  Kernels must reach it as a module global:
@@ -61,10 +62,12 @@ def forward_kernel(t: Tiles, bf16: bool) -> Any:
     """The forward kernel of tiles ``t`` (see the module docstring).
 
     Arguments: ``q, k, v, out, lse, run_ptr, run_start, run_stop, lheads,
-    bq, bk, n_sub, scale2, off, left, right``: runs of key blocks of ``bk``
-    keys per layout row ``lh * nqb + r`` (``lheads`` 1 or Hq); each query
-    block of ``bq`` rows is cut into ``n_sub`` tiles; ``scale2`` is the score
-    scale in base-2 units.
+    bq, bk, n_sub, scale2, off, left, right``, then the score modifications
+    ``flags, cap2, slopes, bias, sb, sh, si, sj``
+    (:mod:`~npsparseattn.cuda.numba_cuda.score_terms`): runs of key blocks
+    of ``bk`` keys per layout row ``lh * nqb + r`` (``lheads`` 1 or Hq); each
+    query block of ``bq`` rows is cut into ``n_sub`` tiles; ``scale2`` is
+    the score scale in base-2 units.
     """
     global cu
     cu = cuda()
@@ -72,6 +75,7 @@ def forward_kernel(t: Tiles, bf16: bool) -> Any:
 
     o = ops(t, bf16)
     narrow = storage(bf16)[1]
+    modify = modifier()
     clear, scores, accumulate_t = o.clear, o.scores, o.accumulate_t
     load_by_row, load_by_col, load_rows = o.load_by_row, o.load_by_col, o.load_rows
     tr_n, tc_n, rm, cn, dn, dp = t.tr, t.tc, t.rm, t.cn, t.dn, t.dp
@@ -80,7 +84,10 @@ def forward_kernel(t: Tiles, bf16: bool) -> Any:
     pst = rows + PAD  # row stride of P^T
     n_rows_t, n_kt, n_pt, n_red = dp * rows, dp * ks, cols * pst, rows * tc_n  # shared-memory words
 
-    def forward(q, k, v, out, lse, run_ptr, run_start, run_stop, lheads, bq, bk, n_sub, scale2, off, left, right):
+    def forward(
+        q, k, v, out, lse, run_ptr, run_start, run_stop, lheads, bq, bk, n_sub, scale2, off, left, right, flags,
+        cap2, slopes, bias, sb, sh, si, sj,
+    ):  # fmt: skip
         qs = cu.shared.array(n_rows_t, float32)
         kv = cu.shared.array(n_kt, float32)
         ps = cu.shared.array(n_pt, float32)
@@ -127,6 +134,9 @@ def forward_kernel(t: Tiles, bf16: bool) -> Any:
         khi = min(i1 - 1 + off + right + 1, lk)
         lrow = (h if lheads > 1 else 0) * nqb + r
         sc = float32(scale2)
+        c2 = float32(cap2)
+        slope2 = slopes[b * hq + h] if flags & ALIBI else zero
+        bbase = b * sb + h * sh if flags & BIAS else -1
         for p in range(run_ptr[lrow], run_ptr[lrow + 1]):
             lo = max(run_start[p] * bk, klo)
             hi = min(run_stop[p] * bk, khi)
@@ -137,10 +147,16 @@ def forward_kernel(t: Tiles, bf16: bool) -> Any:
                 cu.syncthreads()
                 scores(qs, rows, kv, ks, d, tr, tc, s)
                 for i in range(rm):
+                    row = i0 + tr + tr_n * i
                     part = neg_inf
                     for j in range(cn):
                         col = j0 + tc + tc_n * j
-                        x = s[i, j] * sc if lo_r[i] <= col < hi_r[i] and col < j0 + n else neg_inf
+                        x = neg_inf
+                        if lo_r[i] <= col < hi_r[i] and col < j0 + n:
+                            x = s[i, j] * sc
+                            if flags:
+                                at = bbase + row * si + col * sj if bbase >= 0 else -1
+                                x = modify(x, c2, slope2, bias, at, abs(row + off - col))[0]
                         s[i, j] = x
                         part = max(part, x)
                     red[(tr + tr_n * i) * tc_n + tc] = part
@@ -214,10 +230,12 @@ def row_dot_kernel(bf16: bool) -> Any:
 def dq_kernel(t: Tiles, bf16: bool) -> Any:
     """The dQ pass of tiles ``t``: one block per (query tile, query head, batch), the forward's grid.
 
-    Arguments: ``dout, q, k, v, lse, delta, dq``, then the forward's run and
-    visibility arguments with ``scale`` after ``scale2``.  Per key tile: V^T
-    staged for ``dP = dO V^T``, then K^T in the same buffer for the scores
-    and for ``dQ += dS K``.
+    Arguments: ``dout, q, k, v, lse, delta, dq``, then the forward's run,
+    visibility and score-modification arguments with ``scale`` after
+    ``scale2``, then ``dbias`` (B, Hq, Lq, Lk), where the gradient of each
+    visible pair's biased score goes when ``flags`` has a bias.  Per key
+    tile: V^T staged for ``dP = dO V^T``, then K^T in the same buffer for the
+    scores and for ``dQ += dS K``.
     """
     global cu
     cu = cuda()
@@ -225,6 +243,7 @@ def dq_kernel(t: Tiles, bf16: bool) -> Any:
 
     o = ops(t, bf16)
     narrow = storage(bf16)[1]
+    modify = modifier()
     clear, scores, accumulate_n = o.clear, o.scores, o.accumulate_n
     load_by_row, load_by_col = o.load_by_row, o.load_by_col
     tr_n, tc_n, rm, cn, dn, dp = t.tr, t.tc, t.rm, t.cn, t.dn, t.dp
@@ -235,7 +254,7 @@ def dq_kernel(t: Tiles, bf16: bool) -> Any:
 
     def dq_pass(
         dout, q, k, v, lse, delta, dq, run_ptr, run_start, run_stop, lheads, bq, bk, n_sub, scale2, scale, off,
-        left, right,
+        left, right, flags, cap2, slopes, bias, sb, sh, si, sj, dbias,
     ):  # fmt: skip
         qs = cu.shared.array(n_rows_t, float32)
         dos = cu.shared.array(n_rows_t, float32)
@@ -284,6 +303,9 @@ def dq_kernel(t: Tiles, bf16: bool) -> Any:
         khi = min(i1 - 1 + off + right + 1, lk)
         lrow = (h if lheads > 1 else 0) * nqb + r
         sc = float32(scale2)
+        c2 = float32(cap2)
+        slope2 = slopes[b * hq + h] if flags & ALIBI else zero
+        bbase = b * sb + h * sh if flags & BIAS else -1
         for p in range(run_ptr[lrow], run_ptr[lrow + 1]):
             lo = max(run_start[p] * bk, klo)
             hi = min(run_stop[p] * bk, khi)
@@ -298,11 +320,20 @@ def dq_kernel(t: Tiles, bf16: bool) -> Any:
                 cu.syncthreads()
                 scores(qs, rows, kv, ks, d, tr, tc, s)
                 for i in range(rm):
+                    row = i0 + tr + tr_n * i
                     for j in range(cn):
                         col = j0 + tc + tc_n * j
                         ds = zero
                         if lo_r[i] <= col < hi_r[i] and col < j0 + n:
-                            ds = float32(math.exp2(s[i, j] * sc - lse2[i])) * (dpv[i, j] - dl[i])
+                            x = s[i, j] * sc
+                            dmod = float32(1.0)
+                            if flags:
+                                at = bbase + row * si + col * sj if bbase >= 0 else -1
+                                x, dmod = modify(x, c2, slope2, bias, at, abs(row + off - col))
+                            ds = float32(math.exp2(x - lse2[i])) * (dpv[i, j] - dl[i])
+                            if flags & BIAS:
+                                dbias[b, h, row, col] = narrow(ds)
+                            ds *= dmod
                         dss[(tc + tc_n * j) * pst + tr + tr_n * i] = ds
                 cu.syncthreads()
                 accumulate_n(dss, pst, kv, ks, n, tr, tc, acc)
@@ -323,7 +354,8 @@ def dkdv_kernel(t: Tiles, bf16: bool) -> Any:
     """The dK/dV pass of tiles ``t`` (rows are keys, columns queries): one block per (key tile, key head, batch).
 
     Arguments: ``dout, q, k, v, lse, delta, dk, dv, col_ptr, col_start,
-    col_stop, lheads, bq, bk, n_sub, scale2, scale, off, left, right``: the
+    col_stop, lheads, bq, bk, n_sub, scale2, scale, off, left, right``, then
+    the score modifications as for the forward: the
     runs are the layout's transpose (CSC), rows ``lh * nkb + c`` listing
     query blocks of ``bq`` rows; each key block of ``bk`` keys is cut into
     ``n_sub`` tiles.  K^T and V^T stay in shared memory; per query tile the
@@ -336,6 +368,7 @@ def dkdv_kernel(t: Tiles, bf16: bool) -> Any:
 
     o = ops(t, bf16)
     narrow = storage(bf16)[1]
+    modify = modifier()
     clear, scores, accumulate_n = o.clear, o.scores, o.accumulate_n
     load_by_row, load_by_col = o.load_by_row, o.load_by_col
     tr_n, tc_n, rm, cn, dn, dp = t.tr, t.tc, t.rm, t.cn, t.dn, t.dp
@@ -346,7 +379,7 @@ def dkdv_kernel(t: Tiles, bf16: bool) -> Any:
 
     def dkdv_pass(
         dout, q, k, v, lse, delta, dk, dv_out, col_ptr, col_start, col_stop, lheads, bq, bk, n_sub, scale2, scale,
-        off, left, right,
+        off, left, right, flags, cap2, slopes, bias, sb, sh, si, sj,
     ):  # fmt: skip
         ks_t = cu.shared.array(n_rows_t, float32)
         vs_t = cu.shared.array(n_rows_t, float32)
@@ -391,7 +424,10 @@ def dkdv_kernel(t: Tiles, bf16: bool) -> Any:
         ilo = max(j0 - off - right, 0)
         ihi = min(j1 - 1 - off + left + 1, lq)
         sc = float32(scale2)
+        c2 = float32(cap2)
         for h in range(g * group, (g + 1) * group):
+            slope2 = slopes[b * hq + h] if flags & ALIBI else zero
+            bbase = b * sb + h * sh if flags & BIAS else -1
             lrow = (h if lheads > 1 else 0) * nkb + c
             for p in range(col_ptr[lrow], col_ptr[lrow + 1]):
                 lo = max(col_start[p] * bq, ilo)
@@ -415,8 +451,13 @@ def dkdv_kernel(t: Tiles, bf16: bool) -> Any:
                             pj = zero
                             ds = zero
                             if key < j1 and qj < m and row + off - left <= key <= row + off + right:
-                                pj = float32(math.exp2(s[i, j] * sc - lse2[qj]))
-                                ds = pj * (dpv[i, j] - dl[qj])
+                                x = s[i, j] * sc
+                                dmod = float32(1.0)
+                                if flags:
+                                    at = bbase + row * si + key * sj if bbase >= 0 else -1
+                                    x, dmod = modify(x, c2, slope2, bias, at, abs(row + off - key))
+                                pj = float32(math.exp2(x - lse2[qj]))
+                                ds = pj * (dpv[i, j] - dl[qj]) * dmod
                             pt[qj * pst + tr + tr_n * i] = pj
                             dst[qj * pst + tr + tr_n * i] = ds
                     cu.syncthreads()
@@ -452,7 +493,8 @@ def forward_runs(
         1 (rows shared by every head) or Hq.
     block : (bq, bk)
         Query and key block edges of the runs.
-    mask : ``scale, offset, left, right``, the visibility rule of the kernel contract.
+    mask : ``scale, offset, left, right``, the visibility rule of the kernel contract, and optionally
+        ``mods``: a :class:`~npsparseattn.problems.scores.ScoreMods` (ALiBi, softcap, bias) or None.
     out, lse : buffers (B, Hq, Lq, Dv) in the storage dtype and (B, Hq, Lq) float32, or None.
 
     Returns
@@ -476,19 +518,29 @@ def forward_runs(
         n_sub = blocks(bq, t.rows)
         grid = blocks(lq, bq) * n_sub * n_batch * hq
         storage_args = (kernel_view(x) for x in (q, k, v, out))
+        mods = score_args(mask.get("mods"), q, (n_batch, hq, lq, lk))
         launch(
             forward_kernel(t, is_bf16(q)), grid, t.threads, *storage_args, lse, *runs, lheads, bq, bk, n_sub,
-            scale * LOG2E, offset, window_bound(left), window_bound(right),
+            scale * LOG2E, offset, window_bound(left), window_bound(right), *mods,
         )  # fmt: skip
     return out, lse
 
 
 def backward_runs(
-    arrays: tuple, runs: Runs, columns: Runs, lheads: int, block: tuple[int, int], mask: dict[str, Any], grads: Any
+    arrays: tuple,
+    runs: Runs,
+    columns: Runs,
+    lheads: int,
+    block: tuple[int, int],
+    mask: dict[str, Any],
+    grads: Any,
+    dbias: Any = None,
 ) -> tuple[Any, Any, Any]:
     """Attention backward over runs (dQ) and the transpose's runs ``columns`` (dK/dV); see :func:`forward_runs`.
 
-    ``arrays`` are ``(dout, q, k, v, out, lse)``; ``grads`` the ``(dq, dk, dv)`` buffers or None.
+    ``arrays`` are ``(dout, q, k, v, out, lse)``; ``grads`` the ``(dq, dk, dv)`` buffers or None;
+    ``dbias``: with a bias in ``mask["mods"]``, a zeroed (B, Hq, Lq, Lk) buffer in the storage dtype that
+    receives the gradient of each visible pair's biased score.
 
     ``dout``/``out`` (B, Hq, Lq, Dv) in the storage dtype, ``lse`` (B, Hq, Lq)
     float32; ``columns`` row ``lh * nkb + c`` lists ranges of query blocks
@@ -509,7 +561,8 @@ def backward_runs(
             return dq, dk, dv_out
         bq, bk = block
         bf16 = is_bf16(q)
-        mask = (scale * LOG2E, scale, offset, window_bound(left), window_bound(right))
+        mods = score_args(mask.get("mods"), q, (n_batch, hq, lq, lk))
+        mask = (scale * LOG2E, scale, offset, window_bound(left), window_bound(right), *mods)
         dout_s, q_s, k_s, v_s, out_s, dq_s, dk_s, dv_s = (kernel_view(x) for x in (dout, q, k, v, out, *grads))
         tq = tiles("dq", max(d, dv))
         delta = empty(q, (n_batch, hq, lq), "float32")
@@ -517,7 +570,7 @@ def backward_runs(
         n_sub = blocks(bq, tq.rows)
         launch(
             dq_kernel(tq, bf16), blocks(lq, bq) * n_sub * n_batch * hq, tq.threads, dout_s, q_s, k_s, v_s, lse,
-            delta, dq_s, *runs, lheads, bq, bk, n_sub, *mask,
+            delta, dq_s, *runs, lheads, bq, bk, n_sub, *mask, bias_grad_arg(dbias, q),
         )  # fmt: skip
         tk = tiles("dkdv", max(d, dv))
         n_sub = blocks(bk, tk.rows)

@@ -6,6 +6,10 @@ query head, batch), K/V tiles staged in shared memory, online softmax in
 float32 registers, causal and windowed masks clipped to the visible key range
 before any tile is loaded; the backward in two deterministic passes (dQ, then
 dK/dV with the GQA group summed by the block that owns the key head).
+ALiBi, softcap and an additive bias (:data:`SCORE_MODS`) are applied to each
+score in the kernels, as runtime arguments of the same kernel instances
+(:mod:`~npsparseattn.cuda.numba_cuda.score_terms`); the backward writes the
+bias gradient of every visible pair into the caller's ``dbias`` buffer.
 What it takes, refuses and its tolerances: :mod:`npsparseattn.cuda.numba_cuda`.
 """
 
@@ -16,8 +20,14 @@ from typing import Any
 from npsparseattn.cuda.layout_runs import single_run
 from npsparseattn.cuda.numba_cuda import DTYPES, KINDS, STRIDED_ROWS, TOLERANCE, compute_dtype, unsupported
 from npsparseattn.cuda.numba_cuda.attention_kernels import backward_runs, forward_runs
+from npsparseattn.problems.scores import ScoreMods
 
-__all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]
+__all__ = [
+    "DTYPES", "KINDS", "SCORE_MODS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward",
+    "unsupported",
+]  # fmt: skip
+
+SCORE_MODS = ("alibi_slopes", "softcap", "bias")  # the modifications of problems/scores.py these kernels apply
 
 
 def _whole(q: Any, k: Any) -> tuple[int, int]:
@@ -36,6 +46,7 @@ def forward(
     right: int | None,
     out: Any = None,
     lse: Any = None,
+    mods: ScoreMods | None = None,
 ) -> tuple[Any, Any]:
     """Tiled attention forward on canonical 4-D arrays.
 
@@ -49,12 +60,22 @@ def forward(
         (``None``: unbounded); scores are ``scale * q . k``.
     out, lse : arrays, optional
         Buffers (B, Hq, Lq, Dv) in the input dtype and (B, Hq, Lq) float32.
+    mods : ScoreMods, optional
+        ALiBi slopes, softcap and bias (:data:`SCORE_MODS`), applied in the
+        order of :mod:`npsparseattn.problems.scores`; ``lse`` is that of the
+        modified scores.
 
     Returns
     -------
     out : (B, Hq, Lq, Dv) in the input dtype, lse : (B, Hq, Lq) float32.
+
+    Examples
+    --------
+    Under the simulator (``NUMBA_ENABLE_CUDASIM=1``) on NumPy arrays, on a GPU on CuPy arrays::
+
+        out, lse = forward(q, k, v, scale=0.125, offset=0, left=None, right=0)  # causal
     """
-    mask = dict(scale=scale, offset=offset, left=left, right=right)
+    mask = dict(scale=scale, offset=offset, left=left, right=right, mods=mods)
     return forward_runs(q, k, v, single_run(q), 1, _whole(q, k), mask, out, lse)
 
 
@@ -71,15 +92,19 @@ def backward(
     left: int | None,
     right: int | None,
     grads: tuple[Any, Any, Any] | None = None,
+    mods: ScoreMods | None = None,
+    dbias: Any = None,
 ) -> tuple[Any, Any, Any]:
     """Tiled attention backward on canonical 4-D arrays.
 
     ``dout``/``out`` (B, Hq, Lq, Dv) in the input dtype and ``lse``
     (B, Hq, Lq) float32 from :func:`forward`; the other arguments as there;
-    ``grads`` optionally gives the ``(dq, dk, dv)`` buffers.  Returns
-    ``(dq, dk, dv)`` shaped like ``q``, ``k``, ``v``; ``dk``/``dv`` are summed
-    over each GQA group.
+    ``grads`` optionally gives the ``(dq, dk, dv)`` buffers; ``mods`` as
+    for :func:`forward`, and with a bias ``dbias``: a zeroed (B, Hq, Lq, Lk)
+    buffer in the input dtype that receives the gradient of each visible
+    pair's biased score (masked pairs stay 0).  Returns ``(dq, dk, dv)``
+    shaped like ``q``, ``k``, ``v``; ``dk``/``dv`` are summed over each GQA group.
     """
     runs = single_run(q)
-    mask = dict(scale=scale, offset=offset, left=left, right=right)
-    return backward_runs((dout, q, k, v, out, lse), runs, runs, 1, _whole(q, k), mask, grads)
+    mask = dict(scale=scale, offset=offset, left=left, right=right, mods=mods)
+    return backward_runs((dout, q, k, v, out, lse), runs, runs, 1, _whole(q, k), mask, grads, dbias)

@@ -3,7 +3,9 @@
 //
 // Arrays are C-contiguous: q (B, Hq, Lq, D), k and v (B, Hk, Lk, D), out (B, Hq, Lq, D),
 // lse (B, Hq, Lq) float.  T is npsa::f16 or npsa::bf16 (storage u16).  `c` is scale * log2(e).
-// MASKED = false ignores off/left/right (no causal mask, no window): only partial tiles are masked.
+// MASKED = false ignores left/right (no causal mask, no window): only partial tiles are masked.
+// slopes (B, Hq) float, the ALiBi slopes times log2(e), or null; cap2 = softcap * log2(e), 0: off
+// (npsa_attn.cuh's ScoreMods).
 #include "npsa_attn.cuh"
 
 using namespace npsa;
@@ -13,12 +15,13 @@ template <class T, int D, bool MASKED>
 __global__ void __launch_bounds__(NTHREADS, 1)
     npsa_attn_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
                   u16* __restrict__ out, float* __restrict__ lse, int lq, int lk, int hq, int hk, int off, int left,
-                  int right, float c) {
+                  int right, float c, const float* __restrict__ slopes, float cap2) {
   using S = DenseFwdShape<D>;
   const Mask mask{off, left, right};
   const QueryRows r = dense_rows<S::BQ, D, MASKED>(lq, lk, hq, hk, mask);
+  const ScoreMods mods{slopes != nullptr ? slopes + static_cast<long long>(blockIdx.z) * hq + blockIdx.y : nullptr, cap2};
   forward_rows<T, S, MASKED>(q + r.qrow * D, k + r.kbase, v + r.kbase, out + r.qrow * D, lse + r.qrow, r.i0, r.rows,
-                             lk, mask, c, SpanWalk(r.lo, r.hi, S::BK));
+                             lk, mask, c, SpanWalk(r.lo, r.hi, S::BK), mods);
 }
 
 // grid (ceil(Lk / BK), Hk, B), NTHREADS threads, BwdShape<D>::SMEM bytes.  Run npsa_bwd_prep first.
@@ -28,16 +31,19 @@ __global__ void __launch_bounds__(NTHREADS, 1)
     npsa_attn_bwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
                   const u16* __restrict__ dout, const float* __restrict__ lse2, const float* __restrict__ delta,
                   float* __restrict__ dq_acc, u16* __restrict__ dk, u16* __restrict__ dv, int lq, int lk, int hq,
-                  int hk, int off, int left, int right, float c, float scale) {
+                  int hk, int off, int left, int right, float c, float scale, const float* __restrict__ slopes,
+                  float cap2) {
   constexpr int BK = BwdShape<D>::BK;
   const Mask mask{off, left, right};
   const int j0 = blockIdx.x * BK, group = hq / hk;
   const KeyRows r = key_rows<MASKED>(j0, min(BK, lk - j0), lq, lk, hq, hk, mask);
+  float* const dq_rows_acc = dq_acc != nullptr ? dq_acc + r.qbase * lq * D : nullptr;  // null stays null
   backward_keys<T, D, MASKED>(q + r.qbase * lq * D, k + r.krow * D, v + r.krow * D, dout + r.qbase * lq * D,
-                              lse2 + r.qbase * lq, delta + r.qbase * lq, dq_acc + r.qbase * lq * D, dk + r.krow * D,
+                              lse2 + r.qbase * lq, delta + r.qbase * lq, dq_rows_acc, dk + r.krow * D,
                               dv + r.krow * D, j0, r.kvalid, lq, mask, c, scale,
                               HeadWalk<SpanWalk>(SpanWalk(r.lo, r.hi, BwdShape<D>::BQ), blockIdx.y * group,
-                                                 (blockIdx.y + 1) * group));
+                                                 (blockIdx.y + 1) * group),
+                              ScoreMods{slopes != nullptr ? slopes + r.qbase : nullptr, cap2});
 }
 
 // grid (ceil(Lq / 64), Hq, B), NTHREADS threads, DqShape<D>::SMEM bytes: dq = T(scale * dS K) without
@@ -47,11 +53,12 @@ __global__ void __launch_bounds__(NTHREADS, 1)
     npsa_attn_dq(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
                  const u16* __restrict__ dout, const float* __restrict__ lse2, const float* __restrict__ delta,
                  u16* __restrict__ dq, int lq, int lk, int hq, int hk, int off, int left, int right, float c,
-                 float scale) {
+                 float scale, const float* __restrict__ slopes, float cap2) {
   const Mask mask{off, left, right};
   const QueryRows r = dense_rows<DqShape<D>::BQ, D, MASKED>(lq, lk, hq, hk, mask);
+  const ScoreMods mods{slopes != nullptr ? slopes + static_cast<long long>(blockIdx.z) * hq + blockIdx.y : nullptr, cap2};
   dq_rows<T, D, MASKED>(q + r.qrow * D, k + r.kbase, v + r.kbase, dout + r.qrow * D, lse2 + r.qrow, delta + r.qrow,
-                        dq + r.qrow * D, r.i0, r.rows, lk, mask, c, scale, SpanWalk(r.lo, r.hi, DqShape<D>::BK));
+                        dq + r.qrow * D, r.i0, r.rows, lk, mask, c, scale, SpanWalk(r.lo, r.hi, DqShape<D>::BK), mods);
 }
 
 // Per query row (`rows` = B * Hq * Lq of them): delta = sum(dout * out), lse2 = lse * log2(e)

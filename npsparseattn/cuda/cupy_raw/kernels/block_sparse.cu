@@ -45,8 +45,9 @@ __global__ void __launch_bounds__(NTHREADS, 1)
   const KeyRows r = key_rows<MASKED>(j0, min(BK, min((block + 1) * bk, lk) - j0), lq, lk, hq, hk, mask);
   if (r.kvalid <= 0) return;  // the last chunk of a partial last block
   RunWalk walk{ptr, run_start, run_stop, bq, r.lo, r.hi, BwdShape<D>::BQ, nkb, lheads, block};
+  float* const dq_rows_acc = dq_acc != nullptr ? dq_acc + r.qbase * lq * D : nullptr;  // null stays null
   backward_keys<T, D, MASKED>(q + r.qbase * lq * D, k + r.krow * D, v + r.krow * D, dout + r.qbase * lq * D,
-                              lse2 + r.qbase * lq, delta + r.qbase * lq, dq_acc + r.qbase * lq * D, dk + r.krow * D,
+                              lse2 + r.qbase * lq, delta + r.qbase * lq, dq_rows_acc, dk + r.krow * D,
                               dv + r.krow * D, j0, r.kvalid, lq, mask, c, scale,
                               HeadWalk<RunWalk>(walk, blockIdx.y * group, (blockIdx.y + 1) * group));
 }

@@ -26,6 +26,37 @@ struct Mask {
   int off, left, right;
 };
 
+// ALiBi and softcap, runtime arguments of the dense kernels (`attention`): the base-2 score x of a
+// visible pair (i, j) becomes cap2 tanh(x / cap2) (cap2 = softcap * log2 e; 0: off), then
+// x - slope2 |i + off - j| (slope2: the query head's ALiBi slope * log2 e).  `slopes` points at the
+// slope of head 0 of the heads the loop counts (the CTA's own head in the forward and dQ loops, head 0
+// of the batch in the key-side loop) or is null (no ALiBi).  The block-sparse kernels take
+// NoScoreMods, for which the code compiles away.
+struct ScoreMods {
+  const float* slopes;
+  float cap2;
+  __device__ __forceinline__ bool on() const { return slopes != nullptr || cap2 > 0.f; }
+  __device__ __forceinline__ float slope(int head) const { return slopes != nullptr ? ldg(slopes + head) : 0.f; }
+};
+struct NoScoreMods {
+  float cap2 = 0.f;
+  __device__ __forceinline__ static constexpr bool on() { return false; }
+  __device__ __forceinline__ static constexpr float slope(int) { return 0.f; }
+};
+
+// The modified score of a base-2 score x at |i + off - j| = dist, and dx = d x' / d x (1 - tanh^2 under a
+// softcap, else 1).  tanh through one exp2: e = 2^(-2 log2(e) |y|), tanh y = sign(y) (1 - e) / (1 + e).
+__device__ __forceinline__ float modify_score(float x, float cap2, float slope2, int dist, float& dx) {
+  dx = 1.f;
+  if (cap2 > 0.f) {
+    const float e = exp2_approx(-2.f * LOG2E * fabsf(x) / cap2);
+    const float t = copysignf((1.f - e) / (1.f + e), x);
+    x = cap2 * t;
+    dx = 1.f - t * t;
+  }
+  return x - slope2 * static_cast<float>(dist);
+}
+
 // One tile of a walk: rows/columns [start, start + B) of the walked axis, of which [lo, hi) are
 // visible; `head` is the query head (backward walks over the heads of a GQA group).
 struct Cursor {
@@ -164,10 +195,11 @@ using SparseFwdShape = FwdShape<D, 1, true>;
 
 // Softmax attention of `rows` query rows (q, out, lse point at the first) over the key tiles of
 // `walk` (k, v point at key 0 of the key head); `lk` keys exist.  S is a FwdShape; warp w owns rows
-// 16 MT w .. 16 MT (w + 1) - 1 of the CTA.
-template <class T, class S, bool MASKED, class W>
+// 16 MT w .. 16 MT (w + 1) - 1 of the CTA.  `mods`: ScoreMods (slope of head 0: these rows') or none.
+template <class T, class S, bool MASKED, class W, class M = NoScoreMods>
 __device__ __forceinline__ void forward_rows(const u16* q, const u16* k, const u16* v, u16* out, float* lse,
-                                             int i0, int rows, int lk, Mask mask, float c, W walk) {
+                                             int i0, int rows, int lk, Mask mask, float c, W walk,
+                                             M mods = M()) {
   constexpr int D = S::HEAD_DIM, MT = S::M_TILES, BQ = S::BQ, BK = S::BK, KC = S::KC;
   constexpr bool PIPE = S::PIPE;
   constexpr bool QREG = S::Q_IN_REGISTERS;
@@ -175,6 +207,8 @@ __device__ __forceinline__ void forward_rows(const u16* q, const u16* k, const u
   const int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP, g = lane / 4, t = lane % 4;
   const u32 sk = smem_u32(smem), sv = sk + 2 * S::KV_BYTES, sq = QREG ? sk : sv + 2 * S::KV_BYTES;
   const int i_last = i0 + rows - 1, row0 = warp * 16 * MT;
+  const bool modded = mods.on();
+  const float slope2 = mods.slope(0);
 
   auto load_kv = [&](const Cursor& cur, int buf) {
     const int valid = min(BK, lk - cur.start);
@@ -260,8 +294,9 @@ __device__ __forceinline__ void forward_rows(const u16* q, const u16* k, const u
         }
       }
 
-      // scale to base 2, mask what is not visible: a key column in [lo, hi) and, with MASKED, a
-      // diagonal col - row in [off - left, off + right] (one live value per lane: its first diagonal)
+      // scale to base 2, modify (ALiBi, softcap), mask what is not visible: a key column in [lo, hi)
+      // and, with MASKED, a diagonal col - row in [off - left, off + right] (one live value per lane:
+      // its first diagonal)
       const int col0 = cur.start + kc + 2 * t, diag0 = col0 - (i0 + row0 + g);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
@@ -270,6 +305,11 @@ __device__ __forceinline__ void forward_rows(const u16* q, const u16* k, const u
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             float x = s[mt][nb][e] * c;
+            if (modded) {
+              float dx;
+              const int diag = diag0 + nb * 8 + (e % 2) - mt * 16 - 8 * (e / 2);
+              x = modify_score(x, mods.cap2, slope2, abs(mask.off - diag), dx);
+            }
             if (!interior) {
               const int col = col0 + nb * 8 + (e % 2), diag = diag0 + nb * 8 + (e % 2) - mt * 16 - 8 * (e / 2);
               bool vis = col >= cur.lo && col < cur.hi;
@@ -405,11 +445,12 @@ struct BwdShape {
 // Gradients of `kvalid` keys (k, v, dk, dv point at the first) from every query tile of `walk`.
 // Per query head h (cursor.head): q + h * lq * D, dout likewise, lse2 + h * lq, delta likewise,
 // dq_acc + h * lq * D (float, atomically accumulated, unscaled).  A null dq_acc (the same in every
-// thread) leaves dQ to dq_rows: dK and dV only.
-template <class T, int D, bool MASKED, class W>
+// thread) leaves dQ to dq_rows: dK and dV only.  `mods`: ScoreMods (slope of head 0 of the batch) or none.
+template <class T, int D, bool MASKED, class W, class M = NoScoreMods>
 __device__ __forceinline__ void backward_keys(const u16* q, const u16* k, const u16* v, const u16* dout,
                                               const float* lse2, const float* delta, float* dq_acc, u16* dk, u16* dv,
-                                              int j0, int kvalid, int lq, Mask mask, float c, float scale, W walk) {
+                                              int j0, int kvalid, int lq, Mask mask, float c, float scale, W walk,
+                                              M mods = M()) {
   using S = BwdShape<D>;
   constexpr int BK = S::BK, BQ = S::BQ;
   NPSA_DECLARE_SMEM(smem);
@@ -419,6 +460,7 @@ __device__ __forceinline__ void backward_keys(const u16* q, const u16* k, const 
   float* rowvals = reinterpret_cast<float*>(smem + 2 * S::KV_BYTES + 4 * S::Q_BYTES + S::DS_BYTES);
   const long long lq_d = static_cast<long long>(lq) * D;
   const bool with_dq = dq_acc != nullptr;
+  const bool modded = mods.on();
 
   auto load_queries = [&](const Cursor& cur, int buf) {
     const int valid = min(BQ, lq - cur.start);
@@ -482,16 +524,19 @@ __device__ __forceinline__ void backward_keys(const u16* q, const u16* k, const 
       }
     }
 
-    // P^T = 2^(c S^T - lse2), dS^T = P^T (dP^T - delta); masked entries are 0
+    // P^T = 2^(x - lse2) with x = c S^T (modified), dS^T = P^T (dP^T - delta) dx/dS; masked entries are 0
     const bool interior = kvalid == BK && cur.start >= cur.lo && cur.start + BQ <= cur.hi &&
                           (!MASKED || (j0 >= cur.start + BQ - 1 + mask.off - mask.left &&
                                        j0 + BK - 1 <= cur.start + mask.off + mask.right));
+    const float slope2 = mods.slope(cur.head);
 #pragma unroll
     for (int nb = 0; nb < BQ / 8; ++nb)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = nb * 8 + 2 * t + (e % 2);
-        float pe = exp2_approx(p[nb][e] * c - lds<float>(l2 + col));
+        float x = p[nb][e] * c, dx = 1.f;
+        if (modded) x = modify_score(x, mods.cap2, slope2, abs(cur.start + col + mask.off - key_row - 8 * (e / 2)), dx);
+        float pe = exp2_approx(x - lds<float>(l2 + col));
         if (!interior) {
           const int key = key_row + 8 * (e / 2), query = cur.start + col;
           bool vis = key < j0 + kvalid && query >= cur.lo && query < cur.hi;
@@ -500,6 +545,7 @@ __device__ __forceinline__ void backward_keys(const u16* q, const u16* k, const 
         }
         p[nb][e] = pe;
         ds[nb][e] = pe * (ds[nb][e] - lds<float>(dl + col));
+        if (modded) ds[nb][e] *= dx;
       }
 
     // dV += P^T dO, dK += dS^T Q
@@ -604,16 +650,19 @@ struct DqShape {
 
 // dQ of `rows` query rows of one head (q, dout, dq, lse2, delta point at the first) over the key
 // tiles of `walk` (k, v point at key 0 of the key head); `lk` keys exist.  dq = T(scale * dS K).
-template <class T, int D, bool MASKED, class W>
+// `mods`: ScoreMods (slope of head 0: these rows') or none.
+template <class T, int D, bool MASKED, class W, class M = NoScoreMods>
 __device__ __forceinline__ void dq_rows(const u16* q, const u16* k, const u16* v, const u16* dout, const float* lse2,
                                         const float* delta, u16* dq, int i0, int rows, int lk, Mask mask, float c,
-                                        float scale, W walk) {
+                                        float scale, W walk, M mods = M()) {
   using S = DqShape<D>;
   constexpr int BQ = S::BQ, BK = S::BK;
   NPSA_DECLARE_SMEM(smem);
   const int tid = threadIdx.x, warp = tid / WARP, lane = tid % WARP, g = lane / 4, t = lane % 4;
   const u32 sk = smem_u32(smem), sv = sk + 2 * S::KV_BYTES, sq = sv + 2 * S::KV_BYTES, sdo = sq + S::Q_BYTES;
   const int i_last = i0 + rows - 1, row0 = warp * 16;
+  const bool modded = mods.on();
+  const float slope2 = mods.slope(0);
 
   auto load_kv = [&](const Cursor& cur, int buf) {
     const int valid = min(BK, lk - cur.start);
@@ -682,7 +731,9 @@ __device__ __forceinline__ void dq_rows(const u16* q, const u16* k, const u16* v
     for (int nb = 0; nb < BK / 8; ++nb)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float pe = exp2_approx(s[nb][e] * c - l2[e / 2]);
+        float x = s[nb][e] * c, dx = 1.f;
+        if (modded) x = modify_score(x, mods.cap2, slope2, abs(mask.off - (diag0 + nb * 8 + (e % 2) - 8 * (e / 2))), dx);
+        float pe = exp2_approx(x - l2[e / 2]);
         if (!interior) {
           const int col = col0 + nb * 8 + (e % 2), diag = diag0 + nb * 8 + (e % 2) - 8 * (e / 2);
           bool vis = col >= cur.lo && col < cur.hi;
@@ -690,6 +741,7 @@ __device__ __forceinline__ void dq_rows(const u16* q, const u16* k, const u16* v
           if (!vis) pe = 0.f;
         }
         s[nb][e] = pe * (dp[nb][e] - dl[e / 2]);
+        if (modded) s[nb][e] *= dx;
       }
 
     // dQ += dS K, dS rounded to T as the key-side kernel rounds it
