@@ -36,6 +36,15 @@ def every_other_head_local(b, h, q_idx, kv_idx):
     return h % 2 == 0 or q_idx - kv_idx < 512
 
 
+DOC_LENGTHS = (700, 300, 1100, 500, 900, 250, 346)  # 4096 tokens in 7 packed documents
+DOCS = np.repeat(np.arange(len(DOC_LENGTHS)), DOC_LENGTHS)
+
+
+@numba.njit
+def document_causal(b, h, q_idx, kv_idx):
+    return DOCS[q_idx] == DOCS[kv_idx] and kv_idx <= q_idx
+
+
 def best(fn, rounds: int) -> float:
     fn()
     times = []
@@ -48,7 +57,7 @@ def best(fn, rounds: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--seq", type=int, default=len(DOCS))
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
@@ -77,6 +86,35 @@ def main() -> None:
             best(lambda fwd=fwd: nsa.attention(q, k, v, causal=True, **fwd), args.rounds),
             best(
                 lambda kw=kw, o=out, s=lse: nsa.attention_backward(dout, q, k, v, o, s, causal=True, **kw), args.rounds
+            ),
+        )
+        base = times if base is None else base
+        print(f"| {name} | {times[0] / base[0]:.2f} | {times[1] / base[1]:.2f} |")
+    if args.seq == len(DOCS):
+        mask_mod_layout(q, k, v, dout, args.rounds)
+
+
+def mask_mod_layout(q, k, v, dout, rounds: int) -> None:
+    """A from_mask_mod layout run with its mask_mod against the same blocks as a plain layout, causal."""
+    lay = nsa.layouts.from_mask_mod(document_causal, len(DOCS), 64)
+    plain = nsa.layouts.BlockLayout(lay.indptr, lay.indices, lay.block, lay.seq, lay.heads)
+    runs = {
+        "plain CSR, causal=True": (plain, {"causal": True}),
+        "mask_mod layout + mask_mod": (lay, {"mask_mod": document_causal}),
+    }
+    print(f"\nblock-sparse, {lay!r}, time / plain CSR")
+    print("| layout | forward | backward |")
+    print("|---|---|---|")
+    base = None
+    for name, (layout, kw) in runs.items():
+        out, lse = nsa.block_sparse_attention(q, k, v, layout, return_lse=True, **kw)
+        times = (
+            best(lambda la=layout, kw=kw: nsa.block_sparse_attention(q, k, v, la, **kw), rounds),
+            best(
+                lambda la=layout, kw=kw, o=out, s=lse: nsa.block_sparse_attention_backward(
+                    dout, q, k, v, o, s, la, **kw
+                ),
+                rounds,
             ),
         )
         base = times if base is None else base
