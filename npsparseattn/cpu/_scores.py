@@ -35,7 +35,7 @@ from numba import njit, types
 from numba.core.dispatcher import Dispatcher
 from numba.extending import overload
 
-from npsparseattn.cpu._tiles import FASTMATH, LN2, LOG2E, like
+from npsparseattn.cpu._tiles import FASTMATH, LN2, LOG2E, key_position, like
 from npsparseattn.cpu._vecmath import exp2
 
 __all__ = ["backward_mods", "jit_functions_only", "kernel_mods", "modify_scores", "score_grads", "scratch_width"]
@@ -89,7 +89,7 @@ def _key(geo, j):
 def _key_overload(geo, j):
     if isinstance(geo.types[5], types.NoneType):
         return lambda geo, j: j
-    return lambda geo, j: geo[5][j] if geo[5].shape[0] > 0 else j
+    return lambda geo, j: key_position(geo, j)  # a call (inlined, the conditional lost its phi: numba warns)
 
 
 def _row_position(geo, h, i):
