@@ -47,7 +47,7 @@ from npsparseattn.cuda.numba_cuda.runtime import (
     storage,
     window_bound,
 )
-from npsparseattn.cuda.numba_cuda.score_terms import ALIBI, BIAS, bias_grad_arg, modifier, score_args
+from npsparseattn.cuda.numba_cuda.score_terms import ALIBI, BIAS, bias_grad_arg, bias_offset, modifier, score_args
 from npsparseattn.cuda.numba_cuda.tiles import PAD, Tiles, ops, tiles
 
 # numba.cuda, bound by the kernel factories on first use.  Kernels must reach it as a module global:
@@ -63,7 +63,7 @@ def forward_kernel(t: Tiles, bf16: bool) -> Any:
 
     Arguments: ``q, k, v, out, lse, run_ptr, run_start, run_stop, lheads,
     bq, bk, n_sub, scale2, off, left, right``, then the score modifications
-    ``flags, cap2, slopes, bias, sb, sh, si, sj``
+    ``flags, cap2, slopes, bias, sb, sh, si, sj, hm``
     (:mod:`~npsparseattn.cuda.numba_cuda.score_terms`): runs of key blocks
     of ``bk`` keys per layout row ``lh * nqb + r`` (``lheads`` 1 or Hq); each
     query block of ``bq`` rows is cut into ``n_sub`` tiles; ``scale2`` is
@@ -75,7 +75,7 @@ def forward_kernel(t: Tiles, bf16: bool) -> Any:
 
     o = ops(t, bf16)
     narrow = storage(bf16)[1]
-    modify = modifier()
+    modify, bias_base = modifier(), bias_offset()
     clear, scores, accumulate_t = o.clear, o.scores, o.accumulate_t
     load_by_row, load_by_col, load_rows = o.load_by_row, o.load_by_col, o.load_rows
     tr_n, tc_n, rm, cn, dn, dp = t.tr, t.tc, t.rm, t.cn, t.dn, t.dp
@@ -86,7 +86,7 @@ def forward_kernel(t: Tiles, bf16: bool) -> Any:
 
     def forward(
         q, k, v, out, lse, run_ptr, run_start, run_stop, lheads, bq, bk, n_sub, scale2, off, left, right, flags,
-        cap2, slopes, bias, sb, sh, si, sj,
+        cap2, slopes, bias, sb, sh, si, sj, hm,
     ):  # fmt: skip
         qs = cu.shared.array(n_rows_t, float32)
         kv = cu.shared.array(n_kt, float32)
@@ -136,7 +136,7 @@ def forward_kernel(t: Tiles, bf16: bool) -> Any:
         sc = float32(scale2)
         c2 = float32(cap2)
         slope2 = slopes[b * hq + h] if flags & ALIBI else zero
-        bbase = b * sb + h * sh if flags & BIAS else -1
+        bbase = bias_base(b * hq + h, hm, sb, sh) if flags & BIAS else -1
         for p in range(run_ptr[lrow], run_ptr[lrow + 1]):
             lo = max(run_start[p] * bk, klo)
             hi = min(run_stop[p] * bk, khi)
@@ -243,7 +243,7 @@ def dq_kernel(t: Tiles, bf16: bool) -> Any:
 
     o = ops(t, bf16)
     narrow = storage(bf16)[1]
-    modify = modifier()
+    modify, bias_base = modifier(), bias_offset()
     clear, scores, accumulate_n = o.clear, o.scores, o.accumulate_n
     load_by_row, load_by_col = o.load_by_row, o.load_by_col
     tr_n, tc_n, rm, cn, dn, dp = t.tr, t.tc, t.rm, t.cn, t.dn, t.dp
@@ -254,7 +254,7 @@ def dq_kernel(t: Tiles, bf16: bool) -> Any:
 
     def dq_pass(
         dout, q, k, v, lse, delta, dq, run_ptr, run_start, run_stop, lheads, bq, bk, n_sub, scale2, scale, off,
-        left, right, flags, cap2, slopes, bias, sb, sh, si, sj, dbias,
+        left, right, flags, cap2, slopes, bias, sb, sh, si, sj, hm, dbias,
     ):  # fmt: skip
         qs = cu.shared.array(n_rows_t, float32)
         dos = cu.shared.array(n_rows_t, float32)
@@ -305,7 +305,7 @@ def dq_kernel(t: Tiles, bf16: bool) -> Any:
         sc = float32(scale2)
         c2 = float32(cap2)
         slope2 = slopes[b * hq + h] if flags & ALIBI else zero
-        bbase = b * sb + h * sh if flags & BIAS else -1
+        bbase = bias_base(b * hq + h, hm, sb, sh) if flags & BIAS else -1
         for p in range(run_ptr[lrow], run_ptr[lrow + 1]):
             lo = max(run_start[p] * bk, klo)
             hi = min(run_stop[p] * bk, khi)
@@ -368,7 +368,7 @@ def dkdv_kernel(t: Tiles, bf16: bool) -> Any:
 
     o = ops(t, bf16)
     narrow = storage(bf16)[1]
-    modify = modifier()
+    modify, bias_base = modifier(), bias_offset()
     clear, scores, accumulate_n = o.clear, o.scores, o.accumulate_n
     load_by_row, load_by_col = o.load_by_row, o.load_by_col
     tr_n, tc_n, rm, cn, dn, dp = t.tr, t.tc, t.rm, t.cn, t.dn, t.dp
@@ -379,7 +379,7 @@ def dkdv_kernel(t: Tiles, bf16: bool) -> Any:
 
     def dkdv_pass(
         dout, q, k, v, lse, delta, dk, dv_out, col_ptr, col_start, col_stop, lheads, bq, bk, n_sub, scale2, scale,
-        off, left, right, flags, cap2, slopes, bias, sb, sh, si, sj,
+        off, left, right, flags, cap2, slopes, bias, sb, sh, si, sj, hm,
     ):  # fmt: skip
         ks_t = cu.shared.array(n_rows_t, float32)
         vs_t = cu.shared.array(n_rows_t, float32)
@@ -427,7 +427,7 @@ def dkdv_kernel(t: Tiles, bf16: bool) -> Any:
         c2 = float32(cap2)
         for h in range(g * group, (g + 1) * group):
             slope2 = slopes[b * hq + h] if flags & ALIBI else zero
-            bbase = b * sb + h * sh if flags & BIAS else -1
+            bbase = bias_base(b * hq + h, hm, sb, sh) if flags & BIAS else -1
             lrow = (h if lheads > 1 else 0) * nkb + c
             for p in range(col_ptr[lrow], col_ptr[lrow + 1]):
                 lo = max(col_start[p] * bq, ilo)
@@ -477,6 +477,13 @@ def dkdv_kernel(t: Tiles, bf16: bool) -> Any:
     return kernel(dkdv_pass)
 
 
+def _mods_shape(mask: dict[str, Any], shape: tuple[int, ...], lk: int) -> tuple[int, int, int, int]:
+    """The (B, Hq, Lq, Lk) of the modifications: ``q``'s ``shape`` unfolded by ``mask["heads"]`` if given."""
+    n_batch, hq, lq = shape[:3]
+    hm = mask.get("heads") or hq
+    return n_batch * hq // hm, hm, lq, lk
+
+
 def forward_runs(
     q: Any, k: Any, v: Any, runs: Runs, lheads: int, block: tuple[int, int], mask: dict[str, Any], out: Any, lse: Any
 ) -> tuple[Any, Any]:
@@ -494,7 +501,9 @@ def forward_runs(
     block : (bq, bk)
         Query and key block edges of the runs.
     mask : ``scale, offset, left, right``, the visibility rule of the kernel contract, and optionally
-        ``mods``: a :class:`~npsparseattn.problems.scores.ScoreMods` (ALiBi, softcap, bias) or None.
+        ``mods``: a :class:`~npsparseattn.problems.scores.ScoreMods` (ALiBi, softcap, bias) or None,
+        and ``heads``: the Hq of the unfolded problem when ``q`` folds the batch into its heads
+        (``(1, B*Hq, Lq, D)``; the modifications are numbered by the unfolded ``(b, h)``).
     out, lse : buffers (B, Hq, Lq, Dv) in the storage dtype and (B, Hq, Lq) float32, or None.
 
     Returns
@@ -518,7 +527,7 @@ def forward_runs(
         n_sub = blocks(bq, t.rows)
         grid = blocks(lq, bq) * n_sub * n_batch * hq
         storage_args = (kernel_view(x) for x in (q, k, v, out))
-        mods = score_args(mask.get("mods"), q, (n_batch, hq, lq, lk))
+        mods = score_args(mask.get("mods"), q, _mods_shape(mask, q.shape, lk))
         launch(
             forward_kernel(t, is_bf16(q)), grid, t.threads, *storage_args, lse, *runs, lheads, bq, bk, n_sub,
             scale * LOG2E, offset, window_bound(left), window_bound(right), *mods,
@@ -561,7 +570,7 @@ def backward_runs(
             return dq, dk, dv_out
         bq, bk = block
         bf16 = is_bf16(q)
-        mods = score_args(mask.get("mods"), q, (n_batch, hq, lq, lk))
+        mods = score_args(mask.get("mods"), q, _mods_shape(mask, q.shape, lk))
         mask = (scale * LOG2E, scale, offset, window_bound(left), window_bound(right), *mods)
         dout_s, q_s, k_s, v_s, out_s, dq_s, dk_s, dv_s = (kernel_view(x) for x in (dout, q, k, v, out, *grads))
         tq = tiles("dq", max(d, dv))
