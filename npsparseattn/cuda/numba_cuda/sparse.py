@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 from npsparseattn.cuda import index_runs
-from npsparseattn.cuda.numba_cuda import DTYPES, KINDS, STRIDED_ROWS, TOLERANCE, compute_dtype
+from npsparseattn.cuda.numba_cuda import DTYPES, KINDS, STRIDED_ROWS, TOLERANCE, compute_dtype, user_functions
 from npsparseattn.cuda.numba_cuda import unsupported as backend_reasons
 from npsparseattn.cuda.numba_cuda.attention_kernels import backward_runs, forward_runs
 from npsparseattn.cuda.numba_cuda.runtime import on_device
@@ -38,12 +38,13 @@ __all__ = [
     "unsupported",
 ]  # fmt: skip
 
-SCORE_MODS = ("alibi_slopes", "softcap", "bias")  # the modifications of problems/scores.py these kernels apply
+SCORE_MODS = ("alibi_slopes", "softcap", "bias", "score_mod", "mask_mod")  # of problems/scores.py
 
 
 def unsupported(problem: Any) -> list[str]:
     """Reasons this backend cannot take the :class:`~npsparseattn.problems.sparse.SparseProblem` ``problem``."""
-    return backend_reasons(problem) + index_runs.block_reasons(problem)
+    found = backend_reasons(problem) + index_runs.block_reasons(problem)
+    return found or user_functions.reasons(problem.dense.mods)
 
 
 def _layout(q: Any, k: Any, kv_idx: Any, q_block: int, kv_block: int) -> index_runs.IndexRuns:
