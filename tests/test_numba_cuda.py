@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import ml_dtypes
+import numba
 import numpy as np
 import pytest
 from conftest import FakeCupyArray, random_qkv
@@ -23,8 +24,12 @@ import npsparseattn as nsa
 from npsparseattn import _dispatch, layouts
 from npsparseattn.cuda import _env
 from npsparseattn.cuda.numba_cuda import compile as numba_compile
+from npsparseattn.cuda.numba_cuda import exact as numba_exact
 from npsparseattn.cuda.numba_cuda import runtime as numba_runtime
 from npsparseattn.cuda.numba_cuda import tiles as numba_tiles
+from npsparseattn.cuda.numba_cuda import user_functions
+from npsparseattn.problems import attention_problem
+from npsparseattn.problems.scores import with_score_mods
 
 MODULES = {
     "attention": "npsparseattn.cuda.numba_cuda.exact",
@@ -225,6 +230,70 @@ def test_ptx_reader_finds_what_it_checks():
     assert numba_compile.read_ptx(ptx) == (16384 + 8448, 288, 1)
     report = numba_compile.PTXReport("forward", "float32", (9, 0), 50000, 288, 1, 0.0)
     assert len(report.problems()) == 3
+
+
+# --------------------------------------------------------------------------- a user's score_mod and mask_mod
+
+
+@numba.njit
+def tempered(score, b, h, q_idx, kv_idx):
+    f32 = numba.float32
+    return score * (f32(0.75) + f32(0.125) * f32(h)) - f32(0.01) * f32(q_idx - kv_idx)
+
+
+@numba.njit
+def tempered_grad(score, b, h, q_idx, kv_idx):
+    return numba.float32(0.75) + numba.float32(0.125) * numba.float32(h)
+
+
+@numba.njit
+def striped(b, h, q_idx, kv_idx):
+    return (q_idx + kv_idx + h) % 3 != 0
+
+
+@numba.njit
+def listed(score, b, h, q_idx, kv_idx):
+    """Runs on the CPU, not on the GPU: a list needs numba's runtime, which device code lacks."""
+    return [score][0]
+
+
+@numba.njit
+def halves(b, h, q_idx, kv_idx):
+    return 0.5
+
+
+def _user_problem(q, **user):
+    return with_score_mods(attention_problem(q, q, q, causal=True), **user)
+
+
+def test_user_functions_the_gpu_cannot_compile_are_refused_with_numbas_reason():
+    q = np.zeros((1, 2, 8, 16), np.float32)
+    found = user_functions.reasons(_user_problem(q, score_mod=listed, mask_mod=halves).mods)
+    assert len(found) == 2
+    assert "score_mod" in found[0] and "cannot be compiled for the GPU" in found[0] and "NRT" in found[0]
+    assert "mask_mod" in found[1] and "must return a bool" in found[1]
+    fine = _user_problem(q, score_mod=tempered, score_mod_grad=tempered_grad, mask_mod=striped).mods
+    assert user_functions.reasons(fine) == []
+
+
+@pytest.mark.slow
+def test_kernels_with_user_functions_compile_without_local_memory(rng):
+    """The kernels built for a score_mod/mask_mod keep their register tiles in registers (sm_80).
+
+    Head dimension 40 (the 64-column tiles): with that capacity's usual
+    register tiles these kernels spilled; they take smaller ones (tiles.tiles(user=True)).
+    """
+    q = rng.standard_normal((1, 2, 64, 40)).astype(np.float16)
+    p = _user_problem(q, score_mod=tempered, score_mod_grad=tempered_grad, mask_mod=striped, softcap=2.0)
+    lse = np.zeros(q.shape[:3], np.float32)
+    with numba_runtime.record_launches() as launches:
+        numba_exact.forward(q, q, q, **p.visibility())
+        numba_exact.backward(q, q, q, q, q, lse, **p.visibility())
+    kernels = [launch for launch in launches if launch.kernel.py_func.__name__ != "row_dot"]
+    assert [launch.kernel.py_func.__name__ for launch in kernels] == ["forward", "dq_pass", "dkdv_pass"]
+    for launch in kernels:
+        (report,) = numba_compile.compile_report(launch, ((8, 0),))
+        assert report.problems() == [], report
 
 
 # --------------------------------------------------------------------------- MPI host staging (ring on GPUs)

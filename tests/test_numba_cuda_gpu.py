@@ -22,6 +22,7 @@ import textwrap
 from pathlib import Path
 
 import ml_dtypes
+import numba
 import numpy as np
 import pytest
 from conftest import random_array, random_qkv, rel_err
@@ -109,6 +110,55 @@ def test_attention_with_alibi_softcap_and_bias(rng, dtype):
                                  **kw, **wide)  # fmt: skip
     for name, g, r in zip(("dq", "dk", "dv", "dbias"), on_host(*grads), ref, strict=True):
         assert rel_err(g, r, floor=1.0) < 4 * tol, name
+
+
+@numba.njit
+def tempered(score, b, h, q_idx, kv_idx):
+    """A score_mod of every argument (float32 arithmetic): per-head temperature, batch and relative-position terms."""
+    f32 = numba.float32
+    return score * (f32(0.75) + f32(0.125) * f32(h)) + f32(0.25) * f32(b) - f32(0.01) * f32(q_idx - kv_idx)
+
+
+@numba.njit
+def tempered_grad(score, b, h, q_idx, kv_idx):
+    return numba.float32(0.75) + numba.float32(0.125) * numba.float32(h)
+
+
+@numba.njit
+def striped(b, h, q_idx, kv_idx):
+    """A mask_mod that empties query 5's row in batch 1 and cuts every third pair."""
+    return not (b == 1 and q_idx == 5) and (q_idx + kv_idx + h) % 3 != 0
+
+
+@pytest.mark.parametrize("operation", ["attention", "sparse"])
+def test_score_mod_and_mask_mod_compiled_into_the_kernels(rng, operation):
+    """A user's score_mod (with its derivative) and mask_mod, with ALiBi and a bias, forward and backward."""
+    q, k, v = random_qkv(rng, batch=(2,), hq=4, hk=2, lq=300, lk=400, d=64, dtype=np.float32)
+    mods = dict(alibi_slopes=rng.uniform(0.01, 0.2, 4), bias=random_array(rng, (2, 1, 300, 400), np.float32))
+    user = dict(score_mod=tempered, mask_mod=striped)
+    kw, index = dict(causal=True), ()
+    forward, backward = nsa.attention, nsa.attention_backward
+    if operation == "sparse":
+        forward, backward = nsa.sparse_attention, nsa.sparse_attention_backward
+        index = (np.argsort(rng.random((2, 2, 5, 7)), axis=-1)[..., :4].astype(np.int32),)  # 64-blocks, 4 of 7
+        kw.update(q_block=64, kv_block=64)
+    wide = {name: x.astype(np.float64) for name, x in mods.items()}
+    q64, k64, v64 = (x.astype(np.float64) for x in (q, k, v))
+    on = {name: cupy.asarray(x) for name, x in mods.items()}
+    out, lse = forward(*on_gpu(q, k, v), *on_gpu(*index), return_lse=True, backend="numba-cuda", **kw, **on, **user)
+    ref_out, ref_lse = forward(q64, k64, v64, *index, return_lse=True, backend="reference", **kw, **wide, **user)
+    out_h, lse_h = on_host(out, lse)
+    empty = ~np.isfinite(ref_lse)
+    assert empty[1, :, 5].all() and np.array_equal(np.isneginf(lse_h), empty) and np.all(out_h[empty] == 0)
+    assert rel_err(out_h, ref_out) < 1e-5
+    np.testing.assert_allclose(lse_h[~empty], ref_lse[~empty], rtol=0, atol=5e-4)
+    dout = random_array(np.random.default_rng(1), out.shape, np.float32)
+    user["score_mod_grad"] = tempered_grad
+    grads = backward(*on_gpu(dout, q, k, v), out, lse, *on_gpu(*index), backend="numba-cuda", **kw, **on, **user)
+    ref = backward(dout.astype(np.float64), q64, k64, v64, ref_out, ref_lse, *index, backend="reference", **kw,
+                   **wide, **user)  # fmt: skip
+    for name, g, r in zip(("dq", "dk", "dv", "dbias"), on_host(*grads), ref, strict=True):
+        assert rel_err(g, r, floor=1.0) < 4e-5, name
 
 
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=DTYPE_IDS[1:])

@@ -24,8 +24,12 @@ base-2 units (``scale * log2(e)``) so the softmax needs ``exp2`` only.
 Rows with no visible key get output 0 and ``lse = -inf``, and contribute no
 gradient: their ``P`` is never evaluated.
 
-Each factory takes the tiles and ``bf16``: whether the storage arrays are
-bfloat16 viewed as uint16 (:func:`~npsparseattn.cuda.numba_cuda.runtime.storage`).
+Each factory takes the tiles, ``bf16``: whether the storage arrays are
+bfloat16 viewed as uint16 (:func:`~npsparseattn.cuda.numba_cuda.runtime.storage`),
+and ``user``: the caller's ``score_mod``/``mask_mod``
+(:mod:`~npsparseattn.cuda.numba_cuda.user_functions`), compiled into a kernel
+of their own; with ``None`` (the plain kernels) the branches that call them
+are removed before typing, so the plain kernels are what they were.
 """
 
 from __future__ import annotations
@@ -47,8 +51,10 @@ from npsparseattn.cuda.numba_cuda.runtime import (
     storage,
     window_bound,
 )
-from npsparseattn.cuda.numba_cuda.score_terms import ALIBI, BIAS, bias_grad_arg, modifier, score_args
+from npsparseattn.cuda.numba_cuda.score_terms import ALIBI, BIAS, bias_grad_arg, bias_offset, modifier, score_args
 from npsparseattn.cuda.numba_cuda.tiles import PAD, Tiles, ops, tiles
+from npsparseattn.cuda.numba_cuda.user_functions import UserFunctions, user_functions, user_step
+from npsparseattn.problems.scores import check_backward_mods
 
 # numba.cuda, bound by the kernel factories on first use.  Kernels must reach it as a module global:
 # the simulator swaps the module globals that hold numba.cuda for its own while a kernel runs.
@@ -58,12 +64,12 @@ Runs = tuple[Any, Any, Any]  # (ptr, start, stop) on the device: CSR rows of [st
 
 
 @cache
-def forward_kernel(t: Tiles, bf16: bool) -> Any:
+def forward_kernel(t: Tiles, bf16: bool, user: UserFunctions | None = None) -> Any:
     """The forward kernel of tiles ``t`` (see the module docstring).
 
     Arguments: ``q, k, v, out, lse, run_ptr, run_start, run_stop, lheads,
     bq, bk, n_sub, scale2, off, left, right``, then the score modifications
-    ``flags, cap2, slopes, bias, sb, sh, si, sj``
+    ``flags, cap2, slopes, bias, sb, sh, si, sj, hm``
     (:mod:`~npsparseattn.cuda.numba_cuda.score_terms`): runs of key blocks
     of ``bk`` keys per layout row ``lh * nqb + r`` (``lheads`` 1 or Hq); each
     query block of ``bq`` rows is cut into ``n_sub`` tiles; ``scale2`` is
@@ -75,7 +81,8 @@ def forward_kernel(t: Tiles, bf16: bool) -> Any:
 
     o = ops(t, bf16)
     narrow = storage(bf16)[1]
-    modify = modifier()
+    modify, bias_base = modifier(), bias_offset()
+    user_score, has_user = user_step(user), user is not None
     clear, scores, accumulate_t = o.clear, o.scores, o.accumulate_t
     load_by_row, load_by_col, load_rows = o.load_by_row, o.load_by_col, o.load_rows
     tr_n, tc_n, rm, cn, dn, dp = t.tr, t.tc, t.rm, t.cn, t.dn, t.dp
@@ -86,7 +93,7 @@ def forward_kernel(t: Tiles, bf16: bool) -> Any:
 
     def forward(
         q, k, v, out, lse, run_ptr, run_start, run_stop, lheads, bq, bk, n_sub, scale2, off, left, right, flags,
-        cap2, slopes, bias, sb, sh, si, sj,
+        cap2, slopes, bias, sb, sh, si, sj, hm,
     ):  # fmt: skip
         qs = cu.shared.array(n_rows_t, float32)
         kv = cu.shared.array(n_kt, float32)
@@ -136,7 +143,10 @@ def forward_kernel(t: Tiles, bf16: bool) -> Any:
         sc = float32(scale2)
         c2 = float32(cap2)
         slope2 = slopes[b * hq + h] if flags & ALIBI else zero
-        bbase = b * sb + h * sh if flags & BIAS else -1
+        bbase = bias_base(b * hq + h, hm, sb, sh) if flags & BIAS else -1
+        if has_user:  # the caller's (b, h) for the user's functions
+            mb = (b * hq + h) // hm
+            mh = b * hq + h - mb * hm
         for p in range(run_ptr[lrow], run_ptr[lrow + 1]):
             lo = max(run_start[p] * bk, klo)
             hi = min(run_stop[p] * bk, khi)
@@ -157,6 +167,10 @@ def forward_kernel(t: Tiles, bf16: bool) -> Any:
                             if flags:
                                 at = bbase + row * si + col * sj if bbase >= 0 else -1
                                 x = modify(x, c2, slope2, bias, at, abs(row + off - col))[0]
+                            if has_user:
+                                x, _, keep = user_score(x, mb, mh, row, col)
+                                if not keep:
+                                    x = neg_inf
                         s[i, j] = x
                         part = max(part, x)
                     red[(tr + tr_n * i) * tc_n + tc] = part
@@ -227,7 +241,7 @@ def row_dot_kernel(bf16: bool) -> Any:
 
 
 @cache
-def dq_kernel(t: Tiles, bf16: bool) -> Any:
+def dq_kernel(t: Tiles, bf16: bool, user: UserFunctions | None = None) -> Any:
     """The dQ pass of tiles ``t``: one block per (query tile, query head, batch), the forward's grid.
 
     Arguments: ``dout, q, k, v, lse, delta, dq``, then the forward's run,
@@ -243,7 +257,8 @@ def dq_kernel(t: Tiles, bf16: bool) -> Any:
 
     o = ops(t, bf16)
     narrow = storage(bf16)[1]
-    modify = modifier()
+    modify, bias_base = modifier(), bias_offset()
+    user_score, has_user = user_step(user), user is not None
     clear, scores, accumulate_n = o.clear, o.scores, o.accumulate_n
     load_by_row, load_by_col = o.load_by_row, o.load_by_col
     tr_n, tc_n, rm, cn, dn, dp = t.tr, t.tc, t.rm, t.cn, t.dn, t.dp
@@ -254,7 +269,7 @@ def dq_kernel(t: Tiles, bf16: bool) -> Any:
 
     def dq_pass(
         dout, q, k, v, lse, delta, dq, run_ptr, run_start, run_stop, lheads, bq, bk, n_sub, scale2, scale, off,
-        left, right, flags, cap2, slopes, bias, sb, sh, si, sj, dbias,
+        left, right, flags, cap2, slopes, bias, sb, sh, si, sj, hm, dbias,
     ):  # fmt: skip
         qs = cu.shared.array(n_rows_t, float32)
         dos = cu.shared.array(n_rows_t, float32)
@@ -305,7 +320,10 @@ def dq_kernel(t: Tiles, bf16: bool) -> Any:
         sc = float32(scale2)
         c2 = float32(cap2)
         slope2 = slopes[b * hq + h] if flags & ALIBI else zero
-        bbase = b * sb + h * sh if flags & BIAS else -1
+        bbase = bias_base(b * hq + h, hm, sb, sh) if flags & BIAS else -1
+        if has_user:  # the caller's (b, h) for the user's functions
+            mb = (b * hq + h) // hm
+            mh = b * hq + h - mb * hm
         for p in range(run_ptr[lrow], run_ptr[lrow + 1]):
             lo = max(run_start[p] * bk, klo)
             hi = min(run_stop[p] * bk, khi)
@@ -330,7 +348,12 @@ def dq_kernel(t: Tiles, bf16: bool) -> Any:
                             if flags:
                                 at = bbase + row * si + col * sj if bbase >= 0 else -1
                                 x, dmod = modify(x, c2, slope2, bias, at, abs(row + off - col))
-                            ds = float32(math.exp2(x - lse2[i])) * (dpv[i, j] - dl[i])
+                            if has_user:
+                                x, gsm, keep = user_score(x, mb, mh, row, col)
+                                if keep:
+                                    ds = float32(math.exp2(x - lse2[i])) * (dpv[i, j] - dl[i]) * gsm
+                            else:
+                                ds = float32(math.exp2(x - lse2[i])) * (dpv[i, j] - dl[i])
                             if flags & BIAS:
                                 dbias[b, h, row, col] = narrow(ds)
                             ds *= dmod
@@ -350,7 +373,7 @@ def dq_kernel(t: Tiles, bf16: bool) -> Any:
 
 
 @cache
-def dkdv_kernel(t: Tiles, bf16: bool) -> Any:
+def dkdv_kernel(t: Tiles, bf16: bool, user: UserFunctions | None = None) -> Any:
     """The dK/dV pass of tiles ``t`` (rows are keys, columns queries): one block per (key tile, key head, batch).
 
     Arguments: ``dout, q, k, v, lse, delta, dk, dv, col_ptr, col_start,
@@ -368,7 +391,8 @@ def dkdv_kernel(t: Tiles, bf16: bool) -> Any:
 
     o = ops(t, bf16)
     narrow = storage(bf16)[1]
-    modify = modifier()
+    modify, bias_base = modifier(), bias_offset()
+    user_score, has_user = user_step(user), user is not None
     clear, scores, accumulate_n = o.clear, o.scores, o.accumulate_n
     load_by_row, load_by_col = o.load_by_row, o.load_by_col
     tr_n, tc_n, rm, cn, dn, dp = t.tr, t.tc, t.rm, t.cn, t.dn, t.dp
@@ -379,7 +403,7 @@ def dkdv_kernel(t: Tiles, bf16: bool) -> Any:
 
     def dkdv_pass(
         dout, q, k, v, lse, delta, dk, dv_out, col_ptr, col_start, col_stop, lheads, bq, bk, n_sub, scale2, scale,
-        off, left, right, flags, cap2, slopes, bias, sb, sh, si, sj,
+        off, left, right, flags, cap2, slopes, bias, sb, sh, si, sj, hm,
     ):  # fmt: skip
         ks_t = cu.shared.array(n_rows_t, float32)
         vs_t = cu.shared.array(n_rows_t, float32)
@@ -427,7 +451,10 @@ def dkdv_kernel(t: Tiles, bf16: bool) -> Any:
         c2 = float32(cap2)
         for h in range(g * group, (g + 1) * group):
             slope2 = slopes[b * hq + h] if flags & ALIBI else zero
-            bbase = b * sb + h * sh if flags & BIAS else -1
+            bbase = bias_base(b * hq + h, hm, sb, sh) if flags & BIAS else -1
+            if has_user:
+                mb = (b * hq + h) // hm
+                mh = b * hq + h - mb * hm
             lrow = (h if lheads > 1 else 0) * nkb + c
             for p in range(col_ptr[lrow], col_ptr[lrow + 1]):
                 lo = max(col_start[p] * bq, ilo)
@@ -456,8 +483,14 @@ def dkdv_kernel(t: Tiles, bf16: bool) -> Any:
                                 if flags:
                                     at = bbase + row * si + key * sj if bbase >= 0 else -1
                                     x, dmod = modify(x, c2, slope2, bias, at, abs(row + off - key))
-                                pj = float32(math.exp2(x - lse2[qj]))
-                                ds = pj * (dpv[i, j] - dl[qj]) * dmod
+                                if has_user:
+                                    x, gsm, keep = user_score(x, mb, mh, row, key)
+                                    if keep:
+                                        pj = float32(math.exp2(x - lse2[qj]))
+                                        ds = pj * (dpv[i, j] - dl[qj]) * gsm * dmod
+                                else:
+                                    pj = float32(math.exp2(x - lse2[qj]))
+                                    ds = pj * (dpv[i, j] - dl[qj]) * dmod
                             pt[qj * pst + tr + tr_n * i] = pj
                             dst[qj * pst + tr + tr_n * i] = ds
                     cu.syncthreads()
@@ -477,6 +510,13 @@ def dkdv_kernel(t: Tiles, bf16: bool) -> Any:
     return kernel(dkdv_pass)
 
 
+def _mods_shape(mask: dict[str, Any], shape: tuple[int, ...], lk: int) -> tuple[int, int, int, int]:
+    """The (B, Hq, Lq, Lk) of the modifications: ``q``'s ``shape`` unfolded by ``mask["heads"]`` if given."""
+    n_batch, hq, lq = shape[:3]
+    hm = mask.get("heads") or hq
+    return n_batch * hq // hm, hm, lq, lk
+
+
 def forward_runs(
     q: Any, k: Any, v: Any, runs: Runs, lheads: int, block: tuple[int, int], mask: dict[str, Any], out: Any, lse: Any
 ) -> tuple[Any, Any]:
@@ -494,7 +534,11 @@ def forward_runs(
     block : (bq, bk)
         Query and key block edges of the runs.
     mask : ``scale, offset, left, right``, the visibility rule of the kernel contract, and optionally
-        ``mods``: a :class:`~npsparseattn.problems.scores.ScoreMods` (ALiBi, softcap, bias) or None.
+        ``mods``: a :class:`~npsparseattn.problems.scores.ScoreMods` or None (ALiBi, softcap, bias as
+        runtime arguments; ``score_mod``/``mask_mod`` compiled into kernels built for them,
+        :mod:`~npsparseattn.cuda.numba_cuda.user_functions`),
+        and ``heads``: the Hq of the unfolded problem when ``q`` folds the batch into its heads
+        (``(1, B*Hq, Lq, D)``; the modifications are numbered by the unfolded ``(b, h)``).
     out, lse : buffers (B, Hq, Lq, Dv) in the storage dtype and (B, Hq, Lq) float32, or None.
 
     Returns
@@ -513,14 +557,16 @@ def forward_runs(
             out.fill(0)
             lse.fill(-math.inf)
             return out, lse
-        t = tiles("forward", max(d, dv))
+        user = user_functions(mask.get("mods"))
+        t = tiles("forward", max(d, dv), user=user is not None)
         bq, bk = block
         n_sub = blocks(bq, t.rows)
         grid = blocks(lq, bq) * n_sub * n_batch * hq
         storage_args = (kernel_view(x) for x in (q, k, v, out))
-        mods = score_args(mask.get("mods"), q, (n_batch, hq, lq, lk))
+        mods = score_args(mask.get("mods"), q, _mods_shape(mask, q.shape, lk))
+        fn = forward_kernel(t, is_bf16(q), user)
         launch(
-            forward_kernel(t, is_bf16(q)), grid, t.threads, *storage_args, lse, *runs, lheads, bq, bk, n_sub,
+            fn, grid, t.threads, *storage_args, lse, *runs, lheads, bq, bk, n_sub,
             scale * LOG2E, offset, window_bound(left), window_bound(right), *mods,
         )  # fmt: skip
     return out, lse
@@ -548,6 +594,7 @@ def backward_runs(
     dtype, ``dk``/``dv`` summed over each GQA group.
     """
     dout, q, k, v, out, lse = arrays
+    check_backward_mods(mask.get("mods"))
     scale, offset, left, right = (mask[key] for key in ("scale", "offset", "left", "right"))
     n_batch, hq, lq, d = q.shape
     hk, lk, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -561,21 +608,22 @@ def backward_runs(
             return dq, dk, dv_out
         bq, bk = block
         bf16 = is_bf16(q)
-        mods = score_args(mask.get("mods"), q, (n_batch, hq, lq, lk))
+        user = user_functions(mask.get("mods"))
+        mods = score_args(mask.get("mods"), q, _mods_shape(mask, q.shape, lk))
         mask = (scale * LOG2E, scale, offset, window_bound(left), window_bound(right), *mods)
         dout_s, q_s, k_s, v_s, out_s, dq_s, dk_s, dv_s = (kernel_view(x) for x in (dout, q, k, v, out, *grads))
-        tq = tiles("dq", max(d, dv))
+        tq = tiles("dq", max(d, dv), user=user is not None)
         delta = empty(q, (n_batch, hq, lq), "float32")
         launch(row_dot_kernel(bf16), blocks(n_batch * hq * lq, tq.threads), tq.threads, dout_s, out_s, delta)
         n_sub = blocks(bq, tq.rows)
         launch(
-            dq_kernel(tq, bf16), blocks(lq, bq) * n_sub * n_batch * hq, tq.threads, dout_s, q_s, k_s, v_s, lse,
+            dq_kernel(tq, bf16, user), blocks(lq, bq) * n_sub * n_batch * hq, tq.threads, dout_s, q_s, k_s, v_s, lse,
             delta, dq_s, *runs, lheads, bq, bk, n_sub, *mask, bias_grad_arg(dbias, q),
         )  # fmt: skip
-        tk = tiles("dkdv", max(d, dv))
+        tk = tiles("dkdv", max(d, dv), user=user is not None)
         n_sub = blocks(bk, tk.rows)
         launch(
-            dkdv_kernel(tk, bf16), blocks(lk, bk) * n_sub * n_batch * hk, tk.threads, dout_s, q_s, k_s, v_s, lse,
+            dkdv_kernel(tk, bf16, user), blocks(lk, bk) * n_sub * n_batch * hk, tk.threads, dout_s, q_s, k_s, v_s, lse,
             delta, dk_s, dv_s, *columns, lheads, bq, bk, n_sub, *mask,
         )  # fmt: skip
     return dq, dk, dv_out

@@ -11,6 +11,11 @@ layout block of ``bq`` query rows is cut into tiles of the kernel's row count
 The runs come from the GPU backends' one device cache
 (:mod:`npsparseattn.cuda.layout_runs`).  What it takes, refuses and its
 tolerances: :mod:`npsparseattn.cuda.numba_cuda`.
+
+ALiBi, softcap and an additive bias (:data:`SCORE_MODS`) are those of dense
+attention (:mod:`~npsparseattn.cuda.numba_cuda.exact`): runtime arguments of
+the same kernel instances, applied to the scores of the stored blocks; the
+backward writes the bias gradient of every visible stored pair.
 """
 
 from __future__ import annotations
@@ -18,11 +23,24 @@ from __future__ import annotations
 from typing import Any
 
 from npsparseattn.cuda.layout_runs import device_runs
-from npsparseattn.cuda.numba_cuda import DTYPES, KINDS, STRIDED_ROWS, TOLERANCE, compute_dtype, unsupported
+from npsparseattn.cuda.numba_cuda import DTYPES, KINDS, STRIDED_ROWS, TOLERANCE, compute_dtype, user_functions
+from npsparseattn.cuda.numba_cuda import unsupported as backend_reasons
 from npsparseattn.cuda.numba_cuda.attention_kernels import backward_runs, forward_runs
 from npsparseattn.layouts import BlockLayout
+from npsparseattn.problems.scores import ScoreMods
 
-__all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]
+__all__ = [
+    "DTYPES", "KINDS", "SCORE_MODS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward",
+    "unsupported",
+]  # fmt: skip
+
+SCORE_MODS = ("alibi_slopes", "softcap", "bias", "score_mod", "mask_mod")  # of problems/scores.py
+
+
+def unsupported(problem: Any) -> list[str]:
+    """The backend's reasons, then why a ``score_mod``/``mask_mod`` of ``problem`` cannot be compiled for the GPU."""
+    found = backend_reasons(problem)
+    return found or user_functions.reasons(problem.mods)
 
 
 def forward(
@@ -37,6 +55,7 @@ def forward(
     right: int | None,
     out: Any = None,
     lse: Any = None,
+    mods: ScoreMods | None = None,
 ) -> tuple[Any, Any]:
     """Block-sparse attention forward on canonical 4-D arrays.
 
@@ -51,12 +70,15 @@ def forward(
         As :func:`npsparseattn.cuda.numba_cuda.exact.forward`, applied inside the stored blocks.
     out, lse : arrays, optional
         Buffers (B, Hq, Lq, Dv) in the input dtype and (B, Hq, Lq) float32.
+    mods : ScoreMods, optional
+        ALiBi slopes, softcap and bias (:data:`SCORE_MODS`), as for
+        :func:`npsparseattn.cuda.numba_cuda.exact.forward`.
 
     Returns
     -------
     out, lse; rows with no visible stored key get 0 and ``-inf``.
     """
-    mask = dict(scale=scale, offset=offset, left=left, right=right)
+    mask = dict(scale=scale, offset=offset, left=left, right=right, mods=mods)
     return forward_runs(q, k, v, device_runs(layout, q), layout.heads, layout.block, mask, out, lse)
 
 
@@ -74,14 +96,20 @@ def backward(
     left: int | None,
     right: int | None,
     grads: tuple[Any, Any, Any] | None = None,
+    mods: ScoreMods | None = None,
+    dbias: Any = None,
 ) -> tuple[Any, Any, Any]:
     """Block-sparse attention backward on canonical 4-D arrays.
 
     ``dout``/``out`` (B, Hq, Lq, Dv) and ``lse`` (B, Hq, Lq) float32 come from
     :func:`forward` with the same layout and options; ``grads`` optionally
-    gives the ``(dq, dk, dv)`` buffers.  Returns ``(dq, dk, dv)`` shaped like
-    ``q``, ``k``, ``v``; ``dk``/``dv`` are summed over each GQA group.
+    gives the ``(dq, dk, dv)`` buffers; ``mods`` as for :func:`forward`, and
+    with a bias ``dbias``: a zeroed (B, Hq, Lq, Lk) buffer in the input dtype
+    that receives the gradient of each visible stored pair's biased score
+    (other pairs stay 0).  Returns ``(dq, dk, dv)`` shaped like ``q``, ``k``,
+    ``v``; ``dk``/``dv`` are summed over each GQA group.
     """
-    mask = dict(scale=scale, offset=offset, left=left, right=right)
+    mask = dict(scale=scale, offset=offset, left=left, right=right, mods=mods)
     rows, columns = device_runs(layout, q), device_runs(layout, q, transposed=True)
-    return backward_runs((dout, q, k, v, out, lse), rows, columns, layout.heads, layout.block, mask, grads)
+    arrays = (dout, q, k, v, out, lse)
+    return backward_runs(arrays, rows, columns, layout.heads, layout.block, mask, grads, dbias)

@@ -21,19 +21,17 @@ adds the registers, local memory and shared memory the driver reports.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 from npsparseattn._backend_table import entries
-from npsparseattn.cuda.numba_cuda.runtime import Launch, record_launches
+from npsparseattn.cuda.numba_cuda.runtime import Launch, record_launches, stand_in_device
 
 CAPABILITIES = ((8, 0), (9, 0))
 SHARED_LIMIT = 48 * 1024  # bytes of static shared memory per block
@@ -169,25 +167,6 @@ def representative_launches() -> list[Launch]:
     return launches
 
 
-@contextlib.contextmanager
-def _stand_in_device(cc: tuple[int, int]) -> Iterator[None]:
-    """Type device functions for compute capability ``cc`` without a GPU.
-
-    numba-cuda compiles a device function for "the current device" when a
-    kernel that calls it is typed, which needs a driver; inside this block
-    that device is a stand-in of capability ``cc`` (the final PTX is made for
-    the capability asked of :func:`compile_report`).
-    """
-    from numba.cuda import dispatcher
-
-    original = dispatcher.get_current_device
-    dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=cc)
-    try:
-        yield
-    finally:
-        dispatcher.get_current_device = original
-
-
 def compile_report(launch: Launch, capabilities: tuple[tuple[int, int], ...] = CAPABILITIES) -> list[PTXReport]:
     """Compile ``launch``'s kernel instance to PTX for each of ``capabilities`` and read the PTX.
 
@@ -199,7 +178,7 @@ def compile_report(launch: Launch, capabilities: tuple[tuple[int, int], ...] = C
     fn = launch.kernel.py_func
     signature = launch.signature()
     reports = []
-    with _stand_in_device(capabilities[0]):
+    with stand_in_device(capabilities[0]):
         start = time.perf_counter()
         library, _ = compiler._compile_pyfunc_with_fixup(fn, signature, device=False, cc=capabilities[0], abi="numba")
         for cc in capabilities:

@@ -18,7 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 from npsparseattn.cuda.layout_runs import single_run
-from npsparseattn.cuda.numba_cuda import DTYPES, KINDS, STRIDED_ROWS, TOLERANCE, compute_dtype, unsupported
+from npsparseattn.cuda.numba_cuda import DTYPES, KINDS, STRIDED_ROWS, TOLERANCE, compute_dtype, user_functions
+from npsparseattn.cuda.numba_cuda import unsupported as backend_reasons
 from npsparseattn.cuda.numba_cuda.attention_kernels import backward_runs, forward_runs
 from npsparseattn.problems.scores import ScoreMods
 
@@ -27,7 +28,13 @@ __all__ = [
     "unsupported",
 ]  # fmt: skip
 
-SCORE_MODS = ("alibi_slopes", "softcap", "bias")  # the modifications of problems/scores.py these kernels apply
+SCORE_MODS = ("alibi_slopes", "softcap", "bias", "score_mod", "mask_mod")  # of problems/scores.py
+
+
+def unsupported(problem: Any) -> list[str]:
+    """The backend's reasons, then why a ``score_mod``/``mask_mod`` of ``problem`` cannot be compiled for the GPU."""
+    found = backend_reasons(problem)
+    return found or user_functions.reasons(problem.mods)
 
 
 def _whole(q: Any, k: Any) -> tuple[int, int]:

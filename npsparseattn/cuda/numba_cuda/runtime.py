@@ -25,6 +25,7 @@ import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -135,6 +136,25 @@ def kernel_view(x: Any) -> Any:
 def blocks(n: int, size: int) -> int:
     """``ceil(n / size)``."""
     return -(-n // size)
+
+
+@contextlib.contextmanager
+def stand_in_device(cc: tuple[int, int]) -> Iterator[None]:
+    """Type device functions for compute capability ``cc`` without a GPU.
+
+    numba-cuda compiles a device function for "the current device" when a
+    kernel that calls it is typed, which needs a driver; inside this block
+    that device is a stand-in of capability ``cc`` (the PTX is made for the
+    capability the compiler is asked for).
+    """
+    from numba.cuda import dispatcher
+
+    original = dispatcher.get_current_device
+    dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=cc)
+    try:
+        yield
+    finally:
+        dispatcher.get_current_device = original
 
 
 # --------------------------------------------------------------------------- arrays

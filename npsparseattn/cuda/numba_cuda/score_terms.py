@@ -7,7 +7,7 @@ those units too: a softcap ``c`` becomes ``c2 = c * log2(e)`` (then
 the bias are multiplied by ``log2(e)``.
 
 Every kernel instance takes the modifications as *runtime* arguments,
-``flags, cap2, slopes, bias, sb, sh, si, sj`` (:func:`score_args`), with
+``flags, cap2, slopes, bias, sb, sh, si, sj, hm`` (:func:`score_args`), with
 small placeholders when a modification is absent, so one compiled kernel
 per storage dtype and tile size serves every call and a plain call pays a
 single uniform branch per score:
@@ -18,7 +18,12 @@ single uniform branch per score:
 * ``bias``: float32, one dimension, holding the caller's bias without its
   broadcast axes; element ``(b, h, i, j)`` is
   ``bias[b*sb + h*sh + i*si + j*sj]`` (a stride of 0 along a broadcast axis:
-  the (B, Hq, Lq, Lk) bias is never materialised).
+  the (B, Hq, Lq, Lk) bias is never materialised);
+* ``hm``: the query heads Hq of the problem the modifications are numbered
+  in.  The kernels' own head index may fold the batch into the heads
+  (sparse attention reads (B, Hq) as (1, B*Hq)); the pair ``(b, h)`` of the
+  modifications is ``divmod(b_k * Hq_k + h_k, hm)`` of the kernel's
+  ``(b_k, h_k)`` (:func:`bias_offset`), the same for an unfolded call.
 
 The backward writes the gradient of the biased score (``dS``) of each
 visible pair into a (B, Hq, Lq, Lk) ``dbias`` buffer (a 1-element
@@ -43,10 +48,10 @@ SOFTCAP = 4
 
 
 def score_args(mods: Any, like: Any, shape: tuple[int, int, int, int]) -> tuple[Any, ...]:
-    """The kernels' ``(flags, cap2, slopes, bias, sb, sh, si, sj)`` for ``mods`` (a ScoreMods or None).
+    """The kernels' ``(flags, cap2, slopes, bias, sb, sh, si, sj, hm)`` for ``mods`` (a ScoreMods or None).
 
     ``like``: an array of the kind and device the kernels read; ``shape``: the
-    problem's (B, Hq, Lq, Lk).
+    problem's (B, Hq, Lq, Lk) as the modifications number it (unfolded).
 
     >>> score_args(None, np.zeros(1), (1, 2, 3, 4))[:2]
     (0, 0.0)
@@ -65,7 +70,7 @@ def score_args(mods: Any, like: Any, shape: tuple[int, int, int, int]) -> tuple[
             bias, strides = _compact_bias(mods.canonical_bias(np.float32, shape), xp)
     slopes = xp.zeros(1, np.float32) if slopes is None else xp.ascontiguousarray(slopes)
     bias = xp.zeros(1, np.float32) if bias is None else bias
-    return (flags, cap2, slopes, bias, *strides)
+    return (flags, cap2, slopes, bias, *strides, shape[1])
 
 
 def _compact_bias(view: Any, xp: Any) -> tuple[Any, tuple[int, ...]]:
@@ -88,6 +93,21 @@ def bias_grad_arg(dbias: Any, like: Any) -> Any:
     if dbias is None:
         dbias = empty(like, (1, 1, 1, 1), like.dtype)
     return kernel_view(dbias)
+
+
+@cache
+def bias_offset() -> Any:
+    """The device function ``bias_offset(bh, hm, sb, sh)``: where head ``bh = b * Hq + h`` starts in the flat bias.
+
+    ``bh`` counts the kernel's (possibly folded) heads; ``hm`` is the
+    unfolded Hq, so ``(b, h) = divmod(bh, hm)`` (one division per thread block and head).
+    """
+
+    def offset(bh, hm, sb, sh):
+        b = bh // hm
+        return b * sb + (bh - b * hm) * sh
+
+    return device_function(offset)
 
 
 @cache

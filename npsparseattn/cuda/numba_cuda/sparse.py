@@ -11,6 +11,11 @@ query that sees no key gets output 0 and ``lse = -inf``.  The backward is
 the block-sparse one, deterministic: dQ by blocks that own query rows, dK/dV
 by blocks that own keys over the transposed index, no atomics.
 
+ALiBi, softcap and an additive bias (:data:`SCORE_MODS`) are those of the
+block-sparse kernels; they are numbered by the unfolded ``(b, h)`` (the
+kernels' ``heads`` argument), and the backward writes the bias gradient of
+every visible selected pair into the caller's ``dbias``, folded like q.
+
 Refused, with the reason (:func:`unsupported`): what the backend refuses for
 any operation (no numba-cuda, CuPy or GPU, head dimensions above 128), and
 blocks below 16 (token mode ``kv_block=1``, ``q_block=1``: most of every
@@ -22,17 +27,24 @@ from __future__ import annotations
 from typing import Any
 
 from npsparseattn.cuda import index_runs
-from npsparseattn.cuda.numba_cuda import DTYPES, KINDS, STRIDED_ROWS, TOLERANCE, compute_dtype
+from npsparseattn.cuda.numba_cuda import DTYPES, KINDS, STRIDED_ROWS, TOLERANCE, compute_dtype, user_functions
 from npsparseattn.cuda.numba_cuda import unsupported as backend_reasons
 from npsparseattn.cuda.numba_cuda.attention_kernels import backward_runs, forward_runs
 from npsparseattn.cuda.numba_cuda.runtime import on_device
+from npsparseattn.problems.scores import ScoreMods
 
-__all__ = ["DTYPES", "KINDS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward", "unsupported"]
+__all__ = [
+    "DTYPES", "KINDS", "SCORE_MODS", "STRIDED_ROWS", "TOLERANCE", "backward", "compute_dtype", "forward",
+    "unsupported",
+]  # fmt: skip
+
+SCORE_MODS = ("alibi_slopes", "softcap", "bias", "score_mod", "mask_mod")  # of problems/scores.py
 
 
 def unsupported(problem: Any) -> list[str]:
     """Reasons this backend cannot take the :class:`~npsparseattn.problems.sparse.SparseProblem` ``problem``."""
-    return backend_reasons(problem) + index_runs.block_reasons(problem)
+    found = backend_reasons(problem) + index_runs.block_reasons(problem)
+    return found or user_functions.reasons(problem.dense.mods)
 
 
 def _layout(q: Any, k: Any, kv_idx: Any, q_block: int, kv_block: int) -> index_runs.IndexRuns:
@@ -55,6 +67,7 @@ def forward(
     right: int | None,
     out: Any = None,
     lse: Any = None,
+    mods: ScoreMods | None = None,
 ) -> tuple[Any, Any]:
     """Sparse attention forward on canonical arrays.
 
@@ -71,13 +84,16 @@ def forward(
         As :func:`npsparseattn.cuda.numba_cuda.exact.forward`, applied inside the selected blocks.
     out, lse : arrays, optional
         Buffers (B, Hq, Lq, Dv) in the input dtype and (B, Hq, Lq) float32.
+    mods : ScoreMods, optional
+        ALiBi slopes, softcap and bias (:data:`SCORE_MODS`), as for
+        :func:`npsparseattn.cuda.numba_cuda.exact.forward`.
 
     Returns
     -------
     out, lse; rows with no visible selected key get 0 and ``-inf``.
     """
     layout = _layout(q, k, kv_idx, q_block, kv_block)
-    mask = dict(scale=scale, offset=offset, left=left, right=right)
+    mask = dict(scale=scale, offset=offset, left=left, right=right, mods=mods, heads=q.shape[1])
     fold, out_f, lse_f = index_runs.fold, index_runs.fold_buffer(out), index_runs.fold_buffer(lse)
     o, s = forward_runs(fold(q), fold(k), fold(v), layout.rows, layout.heads, layout.block, mask, out_f, lse_f)
     shape = q.shape[:3]
@@ -101,16 +117,23 @@ def backward(
     left: int | None,
     right: int | None,
     grads: tuple[Any, Any, Any] | None = None,
+    mods: ScoreMods | None = None,
+    dbias: Any = None,
 ) -> tuple[Any, Any, Any]:
     """Sparse attention backward on canonical arrays, deterministic.
 
     ``dout``/``out`` (B, Hq, Lq, Dv) and ``lse`` (B, Hq, Lq) float32 come from
     :func:`forward` with the same index and options; ``grads`` optionally
-    gives the ``(dq, dk, dv)`` buffers.  Returns ``(dq, dk, dv)`` shaped like
-    ``q``, ``k``, ``v``; ``dk``/``dv`` are summed over each GQA group.
+    gives the ``(dq, dk, dv)`` buffers; ``mods`` as for :func:`forward`, and
+    with a bias ``dbias``: a zeroed C-contiguous (B, Hq, Lq, Lk) buffer in
+    the input dtype that receives the gradient of each visible selected
+    pair's biased score (other pairs stay 0).  Returns ``(dq, dk, dv)``
+    shaped like ``q``, ``k``, ``v``; ``dk``/``dv`` are summed over each GQA group.
     """
+    if dbias is not None and not dbias.flags.c_contiguous:
+        raise ValueError("dbias must be a C-contiguous (B, Hq, Lq, Lk) buffer: the kernels write it folded in place")
     layout = _layout(q, k, kv_idx, q_block, kv_block)
-    mask = dict(scale=scale, offset=offset, left=left, right=right)
+    mask = dict(scale=scale, offset=offset, left=left, right=right, mods=mods, heads=q.shape[1])
     targets = (None, None, None) if grads is None else grads
     folded = tuple(index_runs.fold(x) for x in (dout, q, k, v, out, lse))
     buffers = tuple(index_runs.fold_buffer(g) for g in targets)
@@ -122,6 +145,7 @@ def backward(
         layout.block,
         mask,
         None if any(b is None for b in buffers) else buffers,
+        None if dbias is None else index_runs.fold(dbias),
     )
     shapes = (q.shape, k.shape, v.shape)
     return tuple(index_runs.unfold(*r, s) for *r, s in zip(results, targets, buffers, shapes))

@@ -24,7 +24,7 @@ memory a block may use (the compile checks read it from the PTX).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from types import SimpleNamespace
 
@@ -75,11 +75,16 @@ _GPU_TILES = {
 }
 
 
-def tiles(kernel: str, head_dim: int, simulated: bool | None = None) -> Tiles:
+def tiles(kernel: str, head_dim: int, simulated: bool | None = None, user: bool = False) -> Tiles:
     """The tiles of ``kernel`` ("forward", "dq", "dkdv") for head dimensions up to ``head_dim``.
 
     Under the simulator every kernel takes 4 x 4 threads with 2 x 2 cells
     each: the same code at a size whose per-thread Python runs in seconds.
+    ``user``: a kernel with a user's ``score_mod``/``mask_mod`` inlined into
+    its score loops takes the register tiles of the widest heads (fewer
+    score cells per thread, with the head dimension's own capacity): with the
+    larger tiles the loops grow past what the compiler unrolls, and the
+    register tiles go to local memory.
     """
     simulated = _env.simulator() if simulated is None else simulated
     dims = SIM_HEAD_DIMS if simulated else HEAD_DIMS
@@ -88,6 +93,8 @@ def tiles(kernel: str, head_dim: int, simulated: bool | None = None) -> Tiles:
         raise ValueError(f"head dimension {head_dim} is wider than the widest tiles ({dims[-1]})")
     if simulated:
         return Tiles(4, 4, 2, 2, capacity)
+    if user:
+        return replace(_GPU_TILES[(kernel, HEAD_DIMS[-1])], dp=capacity)
     return _GPU_TILES[(kernel, capacity)]
 
 
