@@ -118,7 +118,7 @@ class Implementation:
         if not reasons and mods is not None:
             missing = [name for name in mods.features() if name not in getattr(self.module, "SCORE_MODS", ())]
             if missing:
-                reasons.append(f"does not apply {', '.join(missing)} (score modifications)")
+                reasons.append(f"does not apply {', '.join(missing)}")
         if not reasons:
             reasons.extend(self.module.unsupported(problem))
         return reasons

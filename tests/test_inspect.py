@@ -89,13 +89,13 @@ def test_coverage_of_a_sparse_index(rng, batch, hq, hk, lq, lk, causal, window, 
     got = inspect.coverage(q, k, kv_idx, causal=causal, window=window, q_block=bq, kv_block=bk)
     flat = kv_idx.reshape((-1, hk, nqb, kv_idx.shape[-1]))
     keep = token_mask(flat, np.full(flat.shape[:3], flat.shape[3]), hq, lq, lk, bq, bk, 0, None, None, np)
-    expected = _dense_coverage(q, k, keep.reshape((*batch, hq, lq, lk)), causal=causal, window=window)
+    expected = _dense_coverage(q, k, keep, causal=causal, window=window)  # keep: (flattened batch, Hq, Lq, Lk)
     assert got.shape == q.shape[:-1] and np.abs(got - expected).max() < 1e-12
     kv_idx2, kv_cnt = routing.select_topk_blocks(q, k, q_block=bq, kv_block=bk, topk=2, causal=causal)
     pair = inspect.coverage(q, k, (kv_idx2, kv_cnt), causal=causal, q_block=bq, kv_block=bk)
     flat = kv_idx2.reshape((-1, hk, nqb, kv_idx2.shape[-1]))
     keep = token_mask(flat, kv_cnt.reshape(flat.shape[:3]), hq, lq, lk, bq, bk, 0, None, None, np)
-    expected = _dense_coverage(q, k, keep.reshape((*batch, hq, lq, lk)), causal=causal)
+    expected = _dense_coverage(q, k, keep, causal=causal)
     assert np.abs(pair - expected).max() < 1e-12
 
 
