@@ -2,7 +2,7 @@
 
     NUMBA_NUM_THREADS=2 python tools/scores_bench.py --seq 2048 --dim 64
 
-Each round times, in turn, plain attention and the same call with each
+Each round times, in turn (interleaved), plain attention and the same call with each
 modification (ALiBi + softcap, a (B, 1, 1, Lk) padding bias, a numba
 ``score_mod`` with its derivative, a ``mask_mod``), forward and backward;
 the best of the rounds is printed as time relative to plain.  The table in
@@ -12,12 +12,12 @@ the best of the rounds is printed as time relative to plain.  The table in
 from __future__ import annotations
 
 import argparse
-import time
 
 import numba
 import numpy as np
 
 import npsparseattn as nsa
+from npsparseattn.bench.common import interleaved_best
 from npsparseattn.bench.isa import describe_cpu
 
 
@@ -45,16 +45,6 @@ def document_causal(b, h, q_idx, kv_idx):
     return DOCS[q_idx] == DOCS[kv_idx] and kv_idx <= q_idx
 
 
-def best(fn, rounds: int) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=len(DOCS))
@@ -75,21 +65,10 @@ def main() -> None:
         "mask_mod": {"mask_mod": every_other_head_local},
     }
     print(describe_cpu())
-    print(f"B1 H{args.heads} L{args.seq} D{args.dim} float32 causal, best of {args.rounds}, time / plain")
-    print("| modification | forward | backward |")
-    print("|---|---|---|")
-    base = None
-    for name, kw in cases.items():
-        fwd = {key: val for key, val in kw.items() if key != "score_mod_grad"}
-        out, lse = nsa.attention(q, k, v, causal=True, return_lse=True, **fwd)
-        times = (
-            best(lambda fwd=fwd: nsa.attention(q, k, v, causal=True, **fwd), args.rounds),
-            best(
-                lambda kw=kw, o=out, s=lse: nsa.attention_backward(dout, q, k, v, o, s, causal=True, **kw), args.rounds
-            ),
-        )
-        base = times if base is None else base
-        print(f"| {name} | {times[0] / base[0]:.2f} | {times[1] / base[1]:.2f} |")
+    shape_line = f"B1 H{args.heads} L{args.seq} D{args.dim} float32 causal"
+    print(f"{shape_line}, best of {args.rounds} interleaved rounds, time / plain")
+    _table(cases, lambda kw: nsa.attention(q, k, v, causal=True, return_lse=True, **kw),
+           lambda kw, o, s: nsa.attention_backward(dout, q, k, v, o, s, causal=True, **kw), args.rounds)  # fmt: skip
     if args.seq == len(DOCS):
         mask_mod_layout(q, k, v, dout, args.rounds)
 
@@ -99,27 +78,24 @@ def mask_mod_layout(q, k, v, dout, rounds: int) -> None:
     lay = nsa.layouts.from_mask_mod(document_causal, len(DOCS), 64)
     plain = nsa.layouts.BlockLayout(lay.indptr, lay.indices, lay.block, lay.seq, lay.heads)
     runs = {
-        "plain CSR, causal=True": (plain, {"causal": True}),
-        "mask_mod layout + mask_mod": (lay, {"mask_mod": document_causal}),
+        "plain CSR, causal=True": {"layout": plain, "causal": True},
+        "mask_mod layout + mask_mod": {"layout": lay, "mask_mod": document_causal},
     }
     print(f"\nblock-sparse, {lay!r}, time / plain CSR")
-    print("| layout | forward | backward |")
+    _table(runs, lambda kw: nsa.block_sparse_attention(q, k, v, return_lse=True, **kw),
+           lambda kw, o, s: nsa.block_sparse_attention_backward(dout, q, k, v, o, s, **kw), rounds)  # fmt: skip
+
+
+def _table(cases: dict, forward, backward, rounds: int) -> None:
+    """Forward and backward of every case (keywords without ``score_mod_grad`` for the forward), interleaved."""
+    fwd = {name: {key: val for key, val in kw.items() if key != "score_mod_grad"} for name, kw in cases.items()}
+    results = {name: forward(fwd[name]) for name in cases}  # compiles each case's kernels
+    t_fwd = interleaved_best({name: (lambda kw=kw: forward(kw)) for name, kw in fwd.items()}, rounds)
+    t_bwd = interleaved_best(
+        {name: (lambda kw=kw, r=results[name]: backward(kw, *r)) for name, kw in cases.items()}, rounds
+    )
+    base = next(iter(cases))
+    print("| case | forward | backward |")
     print("|---|---|---|")
-    base = None
-    for name, (layout, kw) in runs.items():
-        out, lse = nsa.block_sparse_attention(q, k, v, layout, return_lse=True, **kw)
-        times = (
-            best(lambda la=layout, kw=kw: nsa.block_sparse_attention(q, k, v, la, **kw), rounds),
-            best(
-                lambda la=layout, kw=kw, o=out, s=lse: nsa.block_sparse_attention_backward(
-                    dout, q, k, v, o, s, la, **kw
-                ),
-                rounds,
-            ),
-        )
-        base = times if base is None else base
-        print(f"| {name} | {times[0] / base[0]:.2f} | {times[1] / base[1]:.2f} |")
-
-
-if __name__ == "__main__":
-    main()
+    for name in cases:
+        print(f"| {name} | {t_fwd[name] / t_fwd[base]:.2f} | {t_bwd[name] / t_bwd[base]:.2f} |")

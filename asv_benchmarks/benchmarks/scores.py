@@ -8,25 +8,14 @@ the same call (which cancels the machine's speed out of the history).
 # ruff: noqa: RUF012  (asv reads params and param_names from class attributes)
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 import npsparseattn as nsa
+from npsparseattn.bench.common import best_time
 
 from .common import sizes
 
 HEADS = 4
-
-
-def _best(fn, rounds: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 class Scores:
@@ -59,10 +48,10 @@ class Scores:
         self.backward(**self.mods)
 
     def track_forward_vs_plain(self, seq, mods):
-        return _best(lambda: self.forward(**self.mods)) / _best(self.forward)
+        return best_time(lambda: self.forward(**self.mods)) / best_time(self.forward)
 
     def track_backward_vs_plain(self, seq, mods):
-        return _best(lambda: self.backward(**self.mods)) / _best(self.backward)
+        return best_time(lambda: self.backward(**self.mods)) / best_time(self.backward)
 
     track_forward_vs_plain.unit = "ratio"
     track_backward_vs_plain.unit = "ratio"
