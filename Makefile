@@ -21,7 +21,7 @@ demo: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/npsparseattn compile
-	$(BIN)/python -m pytest -n auto
+	$(BIN)/python -m pytest -n auto --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check npsparseattn tests asv_benchmarks docs/conf.py

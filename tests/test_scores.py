@@ -13,6 +13,10 @@ from npsparseattn.cpu import exact as cpu_kernels
 from npsparseattn.problems import attention_problem
 from npsparseattn.problems.scores import bias_grad_buffer, with_score_mods
 
+# Each type of score modifications is a compiled version of the dense kernels: the tests that build the same
+# versions run on one pytest-xdist worker (``--dist loadgroup``), which compiles each once, not once per worker.
+pytestmark = pytest.mark.xdist_group("scores_dense")
+
 
 @numba.njit
 def tempered(score, b, h, q_idx, kv_idx):

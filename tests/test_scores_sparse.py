@@ -17,6 +17,10 @@ from npsparseattn.problems.scores import bias_grad_buffer, with_score_mods
 
 SHAPE = dict(batch=(2,), hq=4, hk=2, lq=150, lk=139, d=16, dv=8)
 
+# Each type of score modifications is a compiled version of the walk kernels: the tests that build the same
+# versions run on one pytest-xdist worker (``--dist loadgroup``), which compiles each once, not once per worker.
+pytestmark = pytest.mark.xdist_group("scores_walk")
+
 
 @numba.njit
 def local_causal(b, h, q_idx, kv_idx):

@@ -63,7 +63,9 @@ def test_float16_error_within_twice_naive_float16(rng):
 @pytest.mark.parametrize(("d", "dv"), [(40, 24), (72, 100)], ids=["gpu-tiles-64", "gpu-tiles-128"])
 def test_gpu_tile_sizes(rng, monkeypatch, d, dv):
     """The GPU's own tile instances (64 or 128 head-dimension columns, 64 threads) on a few partial tiles."""
-    monkeypatch.setattr(attention_kernels, "tiles", lambda kernel, width: tiles.tiles(kernel, width, False))
+    monkeypatch.setattr(
+        attention_kernels, "tiles", lambda kernel, width, user=False: tiles.tiles(kernel, width, False, user=user)
+    )
     q, k, v = random_qkv(rng, hq=2, hk=1, lq=40, lk=37, d=d, dv=dv, dtype=np.float32)
     check_against_reference(q, k, v, dict(causal=True), np.float32, CUDA)
 
